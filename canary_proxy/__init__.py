@@ -1,0 +1,3 @@
+"""canary-proxy: canary releases without a service mesh."""
+
+__version__ = "0.1.0"

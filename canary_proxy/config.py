@@ -1,0 +1,281 @@
+"""Config parsing: a flat mapping of string keys -> one frozen ``Config``. Pure, no I/O.
+
+The keys follow ingress-nginx's canary annotations so its users can bring their
+settings over unchanged, and the shape (a flat string mapping) is a ConfigMap's
+``data``, so a file and a ConfigMap are one format.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+# The sticky bucket space: a split is precise to 1/BUCKETS (0.01 %).
+BUCKETS = 10_000
+
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 token: header/cookie names
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_TRUE = frozenset({"true", "yes", "on", "1"})
+_FALSE = frozenset({"false", "no", "off", "0"})
+
+
+class ConfigError(ValueError):
+    """One or more invalid keys. ``errors`` holds one human-readable line per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("; ".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """A parsed ``http(s)://host:port`` base URL."""
+
+    url: str  # normalised, no trailing slash
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The effective configuration. Built once per (re)load, never mutated, swapped whole."""
+
+    stable: Upstream
+    canary: Upstream
+    canary_weight: float = 0.0
+    canary_weight_total: int = 100
+    canary_by_header: str | None = None
+    canary_by_header_value: str | None = None
+    canary_by_header_pattern: str | None = None
+    canary_by_cookie: str | None = None
+    sticky_cookie: str = "canary_proxy_bucket"
+    sticky_max_age: int = 86400
+    upstream_connect_timeout: float = 2.0
+    upstream_timeout: float = 60.0
+    canary_failover: bool = True
+    version_header: str = "X-Canary-Version"
+    # Derived once here so the request path does no arithmetic or regex compilation.
+    canary_buckets: int = field(default=0, compare=False)
+    header_regex: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def weight_ratio(self) -> float:
+        return self.canary_weight / self.canary_weight_total
+
+    def effective(self) -> dict[str, Any]:
+        """The flat mapping ``check`` prints and ``/config`` serves; it parses back to ``self``."""
+        return {
+            "stable-url": self.stable.url,
+            "canary-url": self.canary.url,
+            "canary-weight": _number_out(self.canary_weight),
+            "canary-weight-total": self.canary_weight_total,
+            "canary-by-header": self.canary_by_header,
+            "canary-by-header-value": self.canary_by_header_value,
+            "canary-by-header-pattern": self.canary_by_header_pattern,
+            "canary-by-cookie": self.canary_by_cookie,
+            "sticky-cookie": self.sticky_cookie,
+            "sticky-max-age": self.sticky_max_age,
+            "upstream-connect-timeout": format_duration(self.upstream_connect_timeout),
+            "upstream-timeout": format_duration(self.upstream_timeout),
+            "canary-failover": self.canary_failover,
+            "version-header": self.version_header,
+        }
+
+
+def canary_buckets(weight: float, total: int) -> int:
+    """Buckets (of BUCKETS) that go to the canary: round half up, so 0.005 % -> 1 bucket."""
+    return min(BUCKETS, max(0, math.floor(weight / total * BUCKETS + 0.5)))
+
+
+def _number_out(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def format_duration(seconds: float) -> str:
+    ms = round(seconds * 1000)
+    if ms % 60_000 == 0 and ms >= 60_000:
+        return f"{ms // 60_000}m"
+    if ms % 1000 == 0:
+        return f"{ms // 1000}s"
+    return f"{ms}ms"
+
+
+def parse_duration(value: Any) -> float:
+    """``500ms``, ``2s``, ``1m``, ``1h``; a plain number means seconds. Raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError("a duration such as 500ms, 2s or 1m")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        m = _DURATION.match(str(value))
+        if not m:
+            raise ValueError("a duration such as 500ms, 2s or 1m")
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError("a duration greater than 0, such as 500ms, 2s or 1m")
+    return seconds
+
+
+def parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError("true or false")
+
+
+def _parse_number(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("a number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError("a number") from None
+    if not math.isfinite(number):
+        raise ValueError("a finite number")
+    return number
+
+
+def _parse_whole(value: Any, *, minimum: int) -> int:
+    number = _parse_number(value)
+    if not number.is_integer() or number < minimum:
+        raise ValueError(f"a whole number >= {minimum}")
+    return int(number)
+
+
+def parse_upstream(value: Any) -> Upstream:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("a URL such as http://host:port")
+    text = value.strip().rstrip("/")
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"a URL such as http://host:port ({exc})") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("a URL with scheme http or https, such as http://host:port")
+    if not parts.hostname:
+        raise ValueError("a URL with a host, such as http://host:port")
+    if parts.path or parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError("a bare http(s)://host:port, without path, query or credentials")
+    if port is None:
+        port = 443 if parts.scheme == "https" else 80
+    return Upstream(url=text, scheme=parts.scheme, host=parts.hostname, port=port)
+
+
+def _optional_token(value: Any, *, allow_empty: bool) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str | int) or isinstance(value, bool):
+        raise ValueError("a header or cookie name")
+    text = str(value).strip()
+    if text == "":
+        if allow_empty:
+            return ""
+        return None
+    if not _TOKEN.match(text):
+        raise ValueError("a header or cookie name made of letters, digits and -_.!#$%&'*+^`|~")
+    return text
+
+
+def _optional_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _regex(value: Any) -> str | None:
+    text = _optional_text(value)
+    if text is None or text == "":
+        return None
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise ValueError(f"a valid regular expression ({exc})") from None
+    return text
+
+
+_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "stable-url": parse_upstream,
+    "canary-url": parse_upstream,
+    "canary-weight": _parse_number,
+    "canary-weight-total": lambda v: _parse_whole(v, minimum=1),
+    "canary-by-header": lambda v: _optional_token(v, allow_empty=False),
+    "canary-by-header-value": _optional_text,
+    "canary-by-header-pattern": _regex,
+    "canary-by-cookie": lambda v: _optional_token(v, allow_empty=False),
+    "sticky-cookie": lambda v: _optional_token(v, allow_empty=True) or "",
+    "sticky-max-age": lambda v: _parse_whole(v, minimum=0),
+    "upstream-connect-timeout": parse_duration,
+    "upstream-timeout": parse_duration,
+    "canary-failover": parse_bool,
+    "version-header": lambda v: _optional_token(v, allow_empty=True) or "",
+}
+
+KEYS: tuple[str, ...] = tuple(_PARSERS)
+REQUIRED = ("stable-url", "canary-url")
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def parse_config(raw: Mapping[str, Any]) -> Config:
+    """Validate every key of ``raw`` and build a Config, or raise ConfigError listing all problems."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(["the config must be a mapping of keys to values"])
+    errors: list[str] = []
+    values: dict[str, Any] = {}
+    for key in sorted(set(raw) - set(_PARSERS), key=str):
+        errors.append(f"{key}: unknown key; expected one of {', '.join(KEYS)}")
+    for key in REQUIRED:
+        if raw.get(key) in (None, ""):
+            errors.append(f"{key}: required; expected a URL such as http://host:port")
+    for key, parser in _PARSERS.items():
+        if key not in raw or (key in REQUIRED and raw[key] in (None, "")):
+            continue
+        try:
+            values[key] = parser(raw[key])
+        except ValueError as exc:
+            errors.append(f"{key}: invalid value {_describe(raw[key])}; expected {exc}")
+    total = values.get("canary-weight-total", 100)
+    weight = values.get("canary-weight", 0.0)
+    if "canary-weight" in values and not 0 <= weight <= total:
+        errors.append(
+            f"canary-weight: invalid value {_describe(raw['canary-weight'])}; "
+            f"expected a number from 0 to {total} (canary-weight-total)"
+        )
+    if errors:
+        raise ConfigError(errors)
+    return _build(values)
+
+
+def _build(values: dict[str, Any]) -> Config:
+    weight = float(values.get("canary-weight", 0.0))
+    total = int(values.get("canary-weight-total", 100))
+    pattern = values.get("canary-by-header-pattern")
+    kwargs = {k.replace("-", "_"): v for k, v in values.items() if k not in ("stable-url", "canary-url")}
+    kwargs.update(canary_weight=weight, canary_weight_total=total)
+    return Config(
+        stable=values["stable-url"],
+        canary=values["canary-url"],
+        canary_buckets=canary_buckets(weight, total),
+        header_regex=re.compile(pattern) if pattern else None,
+        **kwargs,
+    )
