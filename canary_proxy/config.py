@@ -110,7 +110,7 @@ def format_duration(seconds: float) -> str:
     return f"{ms}ms"
 
 
-def parse_duration(value: Any) -> float:
+def parse_duration(value: Any, *, allow_zero: bool = False) -> float:
     """``500ms``, ``2s``, ``1m``, ``1h``; a plain number means seconds. Raises ValueError."""
     if isinstance(value, bool):
         raise ValueError("a duration such as 500ms, 2s or 1m")
@@ -121,7 +121,7 @@ def parse_duration(value: Any) -> float:
         if not m:
             raise ValueError("a duration such as 500ms, 2s or 1m")
         seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    if not math.isfinite(seconds) or seconds <= 0:
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
         raise ValueError("a duration greater than 0, such as 500ms, 2s or 1m")
     return seconds
 
@@ -237,7 +237,7 @@ def _describe(value: Any) -> str:
 
 
 def parse_config(raw: Mapping[str, Any]) -> Config:
-    """Validate every key of ``raw`` and build a Config, or raise ConfigError listing all problems."""
+    """Validate every key of ``raw`` and build a Config, or raise ConfigError listing all errors."""
     if not isinstance(raw, Mapping):
         raise ConfigError(["the config must be a mapping of keys to values"])
     errors: list[str] = []
@@ -270,7 +270,9 @@ def _build(values: dict[str, Any]) -> Config:
     weight = float(values.get("canary-weight", 0.0))
     total = int(values.get("canary-weight-total", 100))
     pattern = values.get("canary-by-header-pattern")
-    kwargs = {k.replace("-", "_"): v for k, v in values.items() if k not in ("stable-url", "canary-url")}
+    kwargs = {
+        k.replace("-", "_"): v for k, v in values.items() if k not in ("stable-url", "canary-url")
+    }
     kwargs.update(canary_weight=weight, canary_weight_total=total)
     return Config(
         stable=values["stable-url"],

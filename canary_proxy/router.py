@@ -64,10 +64,9 @@ def decide(
     returns a uniformly random bucket in 0..BUCKETS-1.
     """
     stickiness = config.sticky_cookie != ""
-    bucket = parse_bucket(sticky) if stickiness else None
-    fresh = bucket is None
-    if fresh:
-        bucket = draw()
+    kept = parse_bucket(sticky) if stickiness else None
+    fresh = kept is None
+    bucket = draw() if kept is None else kept
     set_cookie = stickiness and fresh
     keep = bucket if stickiness else None
 
@@ -106,4 +105,3 @@ def random_bucket_source() -> Callable[[], int]:
 
     rng = random.Random()
     return lambda: rng.randrange(BUCKETS)
-

@@ -1,0 +1,299 @@
+"""Wiring: build the servers from settings, follow the config source, and own the lifecycle.
+
+One process (``--workers 1``) runs everything here. With more workers, ``supervisor`` runs
+the control plane (config source, admin port) and each ``worker`` runs the data plane with
+the same ``serve_public`` / ``drain`` code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from .accesslog import AccessLog
+from .config import Config, ConfigError, parse_config
+from .metrics import Metrics
+from .proxy import Proxy
+from .sources.file import RawConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_address(text: str) -> Address:
+    """``host:port``, ``[v6]:port`` or ``:port`` (all interfaces)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return Address(host, int(port))
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Process settings from the CLI (the config itself comes from the source)."""
+
+    listen: Address = Address("0.0.0.0", 8080)
+    admin_listen: Address = Address("0.0.0.0", 9090)
+    workers: int = 1
+    drain_delay: float = 5.0
+    shutdown_timeout: float = 30.0
+    access_log: bool = True
+    config_path: str | None = None
+    log_format: str = "json"
+    log_level: str = "info"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ConfigControl:
+    """Validates each raw config the source offers; swaps in good ones, counts bad ones once.
+
+    An invalid update never replaces the last good config: it is logged with the reason and
+    counted as one ``failure`` per distinct content, however often it is re-read.
+    """
+
+    def __init__(
+        self, metrics: Metrics, on_change: list[Callable[[Config, dict[str, Any]], None]]
+    ) -> None:
+        self.metrics = metrics
+        self.on_change = on_change
+        self.current: Config | None = None
+        self.current_raw: dict[str, Any] | None = None
+        self._last_rejected: str | None = None
+
+    def offer(self, raw: RawConfig, *, origin: str) -> bool:
+        try:
+            if raw.error is not None:
+                raise raw.error
+            assert raw.data is not None
+            config = parse_config(raw.data)
+        except ConfigError as exc:
+            if raw.digest != self._last_rejected:
+                self._last_rejected = raw.digest
+                self.metrics.config_reloads.labels("failure").inc()
+                log.error(
+                    "rejected new config from %s, keeping the last good one: %s",
+                    origin,
+                    "; ".join(exc.errors),
+                    extra={"errors": exc.errors},
+                )
+            return False
+        self._last_rejected = None
+        changed = config != self.current
+        self.current = config
+        self.current_raw = dict(raw.data)
+        self.metrics.config_reloads.labels("success").inc()
+        self.metrics.config_last_success.set(time.time())
+        self.metrics.weight_ratio.set(config.weight_ratio)
+        if changed:
+            for callback in self.on_change:
+                callback(config, self.current_raw)
+        effective = config.effective()
+        log.info(
+            "config loaded from %s: canary-weight %s/%s",
+            origin,
+            effective["canary-weight"],
+            config.canary_weight_total,
+            extra={"effective": effective},
+        )
+        return True
+
+    async def follow(self, updates: AsyncIterator[RawConfig], *, origin: str) -> None:
+        async for raw in updates:
+            self.offer(raw, origin=origin)
+
+
+# -- admin port ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class AdminState:
+    control: ConfigControl
+    registry: CollectorRegistry
+    ready: Callable[[], bool]
+
+
+ADMIN_STATE = web.AppKey("admin_state", AdminState)
+
+
+def admin_app(state: AdminState) -> web.Application:
+    app = web.Application()
+    app[ADMIN_STATE] = state
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/config", _config)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    if request.app[ADMIN_STATE].ready():
+        return web.Response(text="ready\n")
+    return web.Response(status=503, text="not ready\n")
+
+
+async def _config(request: web.Request) -> web.Response:
+    config = request.app[ADMIN_STATE].control.current
+    if config is None:
+        return web.json_response({"error": "no config loaded yet"}, status=503)
+    return web.json_response(config.effective())
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    registry = request.app[ADMIN_STATE].registry
+    body = await asyncio.to_thread(generate_latest, registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def start_admin(state: AdminState, address: Address) -> tuple[web.AppRunner, Address]:
+    runner = web.AppRunner(admin_app(state), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, address.host, address.port)
+    await site.start()
+    bound = _bound(site._server)
+    log.info("admin port listening on %s", bound, extra={"admin": str(bound)})
+    return runner, bound
+
+
+def _bound(server: Any) -> Address:
+    sockname = server.sockets[0].getsockname()
+    return Address(sockname[0], sockname[1])
+
+
+# -- public port ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Public:
+    server: asyncio.Server
+    handler: web.Server
+    address: Address
+
+
+def public_socket(address: Address, *, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((address.host, address.port))
+    sock.setblocking(False)
+    return sock
+
+
+async def serve_public(proxy: Proxy, address: Address, *, reuse_port: bool = False) -> Public:
+    handler = web.Server(
+        proxy.handle,
+        handler_cancellation=True,  # a client that leaves cancels its upstream request (499)
+        access_log=None,  # we write our own JSON access log
+        keepalive_timeout=75,
+    )
+    sock = public_socket(address, reuse_port=reuse_port)
+    server = await asyncio.get_running_loop().create_server(handler, sock=sock, backlog=1024)
+    bound = _bound(server)
+    log.info("proxy listening on %s", bound, extra={"public": str(bound)})
+    return Public(server, handler, bound)
+
+
+async def drain(
+    public: Public, proxy: Proxy, *, drain_delay: float, shutdown_timeout: float
+) -> None:
+    """The pod-termination sequence after /readyz has turned 503 (done by the caller).
+
+    Keep serving for ``drain_delay`` so endpoint controllers take us out of rotation (telling
+    keep-alive clients to reconnect elsewhere), stop accepting, let in-flight HTTP requests
+    finish for up to ``shutdown_timeout``, close WebSockets with 1001, and close the rest.
+    """
+    proxy.closing = True
+    log.info("draining: serving for %.1fs before closing the listener", drain_delay)
+    await asyncio.sleep(drain_delay)
+    public.server.close()
+    deadline = asyncio.get_running_loop().time() + shutdown_timeout
+    await proxy.wait_http_idle(deadline)
+    await proxy.close_websockets()
+    remaining = max(0.1, deadline - asyncio.get_running_loop().time())
+    await public.handler.shutdown(timeout=min(remaining, 2.0))
+    await proxy.close()
+    log.info("drained; exiting")
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+def access_log_for(settings: Settings) -> AccessLog | None:
+    return AccessLog() if settings.access_log else None
+
+
+async def run_single(
+    settings: Settings,
+    *,
+    initial: RawConfig,
+    updates: Callable[[], AsyncIterator[RawConfig]],
+    origin: str,
+) -> int:
+    """``--workers 1``: control plane and data plane in this one process."""
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.init_data_plane()
+    metrics.init_control_plane()
+    proxy = Proxy(metrics=metrics, access_log=access_log_for(settings))
+    control = ConfigControl(metrics, [lambda config, _raw: proxy.apply(config)])
+    if not control.offer(initial, origin=origin):
+        return 2
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    stopping = False
+    public = await serve_public(proxy, settings.listen)
+    admin, admin_address = await start_admin(
+        AdminState(control, registry, lambda: not stopping and control.current is not None),
+        settings.admin_listen,
+    )
+    log.info("ready", extra={"public": str(public.address), "admin": str(admin_address)})
+    follower = asyncio.create_task(control.follow(updates(), origin=origin))
+    try:
+        await stop.wait()
+        stopping = True
+        log.info("SIGTERM: /readyz is now 503")
+        await drain(
+            public,
+            proxy,
+            drain_delay=settings.drain_delay,
+            shutdown_timeout=settings.shutdown_timeout,
+        )
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+        await admin.cleanup()
+    return 0
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+AwaitableFactory = Callable[[], Awaitable[None]]

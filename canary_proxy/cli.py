@@ -1,0 +1,215 @@
+"""The command line: flags (each also read from ``CANARY_PROXY_<FLAG>``), logging, uvloop.
+
+This is the only module that exits the process. Exit codes: 0 success, 2 bad arguments or
+an invalid config, 3 the Kubernetes API or ConfigMap is unavailable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from . import __version__
+from .config import ConfigError, parse_config, parse_duration
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+
+
+def env_name(flag: str) -> str:
+    return "CANARY_PROXY_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+class _Parser(argparse.ArgumentParser):
+    def add_env(self, flag: str, *, default: Any = None, **kwargs: Any) -> None:
+        """A flag whose default comes from its environment variable; the command line wins."""
+        env = env_name(flag)
+        value = os.environ.get(env, default)
+        shown = "none" if default is None else default
+        help_text = kwargs.pop("help", "")
+        self.add_argument(
+            flag, default=value, help=f"{help_text} [env {env}; default: {shown}]", **kwargs
+        )
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text, allow_zero=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {exc}") from None
+
+
+def _workers(text: str) -> int:
+    if str(text) == "auto":
+        return len(os.sched_getaffinity(0))
+    if not str(text).isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive whole number or 'auto'")
+    return int(text)
+
+
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected on or off")
+    return text == "on"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="canary-proxy",
+        description="Canary releases without a service mesh: a weighted, sticky reverse proxy.",
+    )
+    parser.add_argument("--version", action="version", version=f"canary-proxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_env("--config", help="YAML config file (reloaded when it changes)")
+    serve.add_env("--configmap", help="watch this [NAMESPACE/]NAME ConfigMap instead of a file")
+    serve.add_env(
+        "--kubeconfig", help="kubeconfig path (default: in-cluster, $KUBECONFIG, ~/.kube/config)"
+    )
+    serve.add_env("--listen", default="0.0.0.0:8080", help="public HOST:PORT")
+    serve.add_env(
+        "--admin-listen",
+        default="0.0.0.0:9090",
+        help="admin HOST:PORT (/metrics, /healthz, /readyz, /config); port 0 picks a free one",
+    )
+    serve.add_env(
+        "--workers",
+        default="1",
+        type=_workers,
+        help="worker processes, or 'auto' for one per usable CPU",
+    )
+    serve.add_env(
+        "--drain-delay", default="5s", type=_duration, help="keep serving this long after SIGTERM"
+    )
+    serve.add_env(
+        "--shutdown-timeout",
+        default="30s",
+        type=_duration,
+        help="then wait this long for in-flight requests",
+    )
+    serve.add_env(
+        "--access-log", default="on", type=_on_off, help="JSON access log on stdout: on|off"
+    )
+    _logging_flags(serve)
+
+    check = sub.add_parser("check", help="validate a config file and print the effective config")
+    check.add_env("--config", help="YAML config file")
+    return parser
+
+
+def _logging_flags(parser: _Parser) -> None:
+    parser.add_env(
+        "--log-format", default="json", choices=("json", "text"), help="stderr log format"
+    )
+    parser.add_env(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="log level",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    handler = {"serve": cmd_serve, "check": cmd_check}[args.command]
+    sys.exit(handler(args))
+
+
+def _print_errors(errors: list[str]) -> None:
+    for line in errors:
+        print(f"error: {line}", file=sys.stderr)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .sources.file import load_file
+
+    if not args.config:
+        _print_errors(["--config: required"])
+        return EXIT_USAGE
+    raw = load_file(args.config)
+    try:
+        if raw.error is not None:
+            raise raw.error
+        assert raw.data is not None
+        config = parse_config(raw.data)
+    except ConfigError as exc:
+        _print_errors(exc.errors)
+        return EXIT_USAGE
+    sys.stdout.write(yaml.safe_dump(config.effective(), sort_keys=False, default_flow_style=False))
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if bool(args.config) == bool(args.configmap):
+        _print_errors(["exactly one of --config and --configmap is required"])
+        return EXIT_USAGE
+    if args.configmap:
+        _print_errors(["--configmap: not available in this build yet"])
+        return EXIT_USAGE
+    from .logs import setup_logging
+
+    setup_logging(args.log_format, args.log_level)
+    if args.workers > 1:
+        # prometheus_client picks its value store at import time, so this must come first.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="canary-proxy-metrics-")
+    from .app import Settings, parse_address
+    from .sources.file import load_file, watch_file
+
+    try:
+        settings = Settings(
+            listen=parse_address(args.listen),
+            admin_listen=parse_address(args.admin_listen),
+            workers=args.workers,
+            drain_delay=args.drain_delay,
+            shutdown_timeout=args.shutdown_timeout,
+            access_log=args.access_log,
+            config_path=args.config,
+            log_format=args.log_format,
+            log_level=args.log_level,
+        )
+    except ValueError as exc:
+        _print_errors([str(exc)])
+        return EXIT_USAGE
+    initial = load_file(args.config)
+    errors = _validate(initial)
+    if errors:
+        _print_errors(errors)
+        return EXIT_USAGE
+    path = args.config
+
+    def updates() -> Any:
+        return watch_file(path, initial=initial)
+
+    if settings.workers > 1:
+        from .supervisor import run_supervisor
+
+        return run_async(run_supervisor(settings, initial=initial, updates=updates, origin=path))
+    from .app import run_single
+
+    return run_async(run_single(settings, initial=initial, updates=updates, origin=path))
+
+
+def _validate(raw: Any) -> list[str]:
+    if raw.error is not None:
+        return list(raw.error.errors)
+    try:
+        parse_config(raw.data)
+    except ConfigError as exc:
+        return exc.errors
+    return []
+
+
+def run_async(coro: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop where it is installed, else on the standard asyncio loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)

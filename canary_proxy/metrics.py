@@ -1,0 +1,136 @@
+"""Every Prometheus collector canary-proxy exports, built in one place on a registry passed in.
+
+Label values come only from fixed sets (versions, rules, reasons, a method allow-list and
+HTTP status codes), so no client input can create a new series.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .router import VERSIONS
+
+NAMESPACE: Final = "canary_proxy"
+
+# Prometheus' classic latency buckets span 5 ms .. 10 s. They resolve the p99 limits a
+# rollout compares (hundreds of ms) with interpolation error well under a bucket, and 14
+# buckets keep each histogram observation and scrape cheap.
+DURATION_BUCKETS: Final = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+)  # fmt: skip
+
+KNOWN_METHODS: Final = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
+)
+UPSTREAM_ERROR_REASONS: Final = ("connect", "timeout", "reset", "protocol")
+
+
+def method_label(method: str) -> str:
+    return method if method in KNOWN_METHODS else "OTHER"
+
+
+class Metrics:
+    """The collectors, with the label sets that must exist from the first scrape at zero.
+
+    In multi-worker mode prometheus_client runs in multiprocess mode: each gauge states how
+    the workers' values combine, always without a ``pid`` label.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "requests",
+            "Requests answered, by the version that served (or was tried), status and method.",
+            ["version", "code", "method"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "request_duration_seconds",
+            "Time from request received to last response byte sent.",
+            ["version"],
+            namespace=NAMESPACE,
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "upstream_errors",
+            "Upstream failures by version and reason (connect, timeout, reset, protocol).",
+            ["version", "reason"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.decisions = Counter(
+            "routing_decisions",
+            "Routing decisions by the version chosen and the rule that chose it.",
+            ["version", "rule"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "in_flight_requests",
+            "Requests being proxied now.",
+            ["version"],
+            namespace=NAMESPACE,
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.websockets = Gauge(
+            "websocket_connections",
+            "WebSocket connections open now.",
+            ["version"],
+            namespace=NAMESPACE,
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.weight_ratio = Gauge(
+            "canary_weight_ratio",
+            "The canary's configured share of weighted traffic, 0..1.",
+            namespace=NAMESPACE,
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.config_reloads = Counter(
+            "config_reloads",
+            "Config loads by result; the initial load counts as one success.",
+            ["result"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.config_last_success = Gauge(
+            "config_last_success_timestamp_seconds",
+            "Unix time of the last config load that succeeded.",
+            namespace=NAMESPACE,
+            registry=registry,
+            multiprocess_mode="max",
+        )
+        self.worker_restarts = Counter(
+            "worker_restarts",
+            "Worker processes that died and were restarted by the supervisor.",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self._request_children: dict[tuple[str, int, str], Counter] = {}
+
+    def init_data_plane(self) -> None:
+        """Create the per-version series at zero so rate() works from the first scrape."""
+        for version in VERSIONS:
+            self.duration.labels(version)
+            self.in_flight.labels(version)
+            self.websockets.labels(version)
+            self.decisions.labels(version, "weight")
+
+    def init_control_plane(self) -> None:
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result)
+
+    def count_request(self, version: str, code: int, method: str, seconds: float) -> None:
+        # Keyed by the *label* so that random client methods cannot grow this cache.
+        key = (version, code, method_label(method))
+        child = self._request_children.get(key)
+        if child is None:
+            child = self.requests.labels(version, str(code), key[2])
+            self._request_children[key] = child
+        child.inc()
+        self.duration.labels(version).observe(seconds)

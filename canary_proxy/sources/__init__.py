@@ -1,0 +1,1 @@
+"""Where config comes from: a local file or a Kubernetes ConfigMap. Each yields raw mappings."""
