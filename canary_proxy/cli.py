@@ -31,9 +31,7 @@ class _Parser(argparse.ArgumentParser):
         value = os.environ.get(env, default)
         shown = "none" if default is None else default
         help_text = kwargs.pop("help", "")
-        self.add_argument(
-            flag, default=value, help=f"{help_text} [env {env}; default: {shown}]", **kwargs
-        )
+        self.add_argument(flag, default=value, help=f"{help_text} [env {env}; default: {shown}]", **kwargs)
 
 
 def _duration(text: str) -> float:
@@ -68,9 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the proxy")
     serve.add_env("--config", help="YAML config file (reloaded when it changes)")
     serve.add_env("--configmap", help="watch this [NAMESPACE/]NAME ConfigMap instead of a file")
-    serve.add_env(
-        "--kubeconfig", help="kubeconfig path (default: in-cluster, $KUBECONFIG, ~/.kube/config)"
-    )
+    serve.add_env("--kubeconfig", help="kubeconfig path (default: in-cluster, $KUBECONFIG, ~/.kube/config)")
     serve.add_env("--listen", default="0.0.0.0:8080", help="public HOST:PORT")
     serve.add_env(
         "--admin-listen",
@@ -83,29 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=_workers,
         help="worker processes, or 'auto' for one per usable CPU",
     )
-    serve.add_env(
-        "--drain-delay", default="5s", type=_duration, help="keep serving this long after SIGTERM"
-    )
+    serve.add_env("--drain-delay", default="5s", type=_duration, help="keep serving this long after SIGTERM")
     serve.add_env(
         "--shutdown-timeout",
         default="30s",
         type=_duration,
         help="then wait this long for in-flight requests",
     )
-    serve.add_env(
-        "--access-log", default="on", type=_on_off, help="JSON access log on stdout: on|off"
-    )
+    serve.add_env("--access-log", default="on", type=_on_off, help="JSON access log on stdout: on|off")
     _logging_flags(serve)
 
     check = sub.add_parser("check", help="validate a config file and print the effective config")
     check.add_env("--config", help="YAML config file")
+
+    sub.add_parser("demo", help="run two demo apps behind the proxy on loopback and show the routing")
     return parser
 
 
 def _logging_flags(parser: _Parser) -> None:
-    parser.add_env(
-        "--log-format", default="json", choices=("json", "text"), help="stderr log format"
-    )
+    parser.add_env("--log-format", default="json", choices=("json", "text"), help="stderr log format")
     parser.add_env(
         "--log-level",
         default="info",
@@ -116,7 +108,7 @@ def _logging_flags(parser: _Parser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    handler = {"serve": cmd_serve, "check": cmd_check}[args.command]
+    handler = {"serve": cmd_serve, "check": cmd_check, "demo": cmd_demo}[args.command]
     sys.exit(handler(args))
 
 
@@ -144,6 +136,15 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     sys.stdout.write(yaml.safe_dump(config.effective(), sort_keys=False, default_flow_style=False))
     return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    try:
+        return run_async(run_demo())
+    except KeyboardInterrupt:
+        return 130
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
