@@ -221,9 +221,9 @@ def request_target(raw_path: str) -> str:
 
 
 def is_websocket(request: web.BaseRequest) -> bool:
-    return request.headers.get(
-        "Upgrade", ""
-    ).lower() == "websocket" and "upgrade" in connection_tokens(request.headers)
+    return request.headers.get("Upgrade", "").lower() == "websocket" and "upgrade" in connection_tokens(
+        request.headers
+    )
 
 
 class Proxy:
@@ -311,6 +311,12 @@ class Proxy:
         except UpstreamFailure as failure:
             ex.status = failure.status
             return self._error(runtime, decision, ex, failure.status, str(failure))
+        except ConnectionResetError:
+            # The client went away while we wrote to it (aiohttp's ClientConnectionResetError
+            # is a ConnectionResetError): nothing to answer, and not worth a traceback.
+            if not ex.started:
+                ex.status = 499
+            raise
         except Exception:
             if ex.started:
                 log.exception("proxying failed after the response started; aborting")
@@ -415,9 +421,7 @@ class Proxy:
             return await self._open(runtime, ex, open_)
         except UpstreamFailure as failure:
             config = runtime.config
-            if not (
-                failure.reason == "connect" and ex.version == CANARY and config.canary_failover
-            ):
+            if not (failure.reason == "connect" and ex.version == CANARY and config.canary_failover):
                 raise
         log.warning("canary unreachable, failing over to stable (request %s)", ex.request_id)
         self._move(ex, STABLE, "failover")
@@ -434,32 +438,24 @@ class Proxy:
         started = time.monotonic()
         try:
             result = await open_(pool)
+        except aiohttp.WSServerHandshakeError:
+            raise  # the upstream answered, but refused the upgrade: the caller relays its status
         except aiohttp.ConnectionTimeoutError as exc:
-            raise self._failure(
-                ex, 502, "connect", f"connect timeout to {pool.upstream.url}"
-            ) from exc
+            raise self._failure(ex, 502, "connect", f"connect timeout to {pool.upstream.url}") from exc
         except aiohttp.ClientConnectorError as exc:
-            raise self._failure(
-                ex, 502, "connect", f"cannot connect to {pool.upstream.url}"
-            ) from exc
+            raise self._failure(ex, 502, "connect", f"cannot connect to {pool.upstream.url}") from exc
         except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
-            raise self._failure(
-                ex, 504, "timeout", f"no response from {pool.upstream.url}"
-            ) from exc
+            raise self._failure(ex, 504, "timeout", f"no response from {pool.upstream.url}") from exc
         except aiohttp.ClientResponseError as exc:
             raise self._failure(ex, 502, "protocol", f"bad response: {exc.message}") from exc
         except (aiohttp.ClientError, OSError) as exc:
-            raise self._failure(
-                ex, 502, "reset", f"upstream closed the connection: {exc!r}"
-            ) from exc
+            raise self._failure(ex, 502, "reset", f"upstream closed the connection: {exc!r}") from exc
         ex.upstream_seconds = time.monotonic() - started
         return result
 
     def _failure(self, ex: Exchange, status: int, reason: str, detail: str) -> UpstreamFailure:
         self.metrics.upstream_errors.labels(ex.version, reason).inc()
-        log.warning(
-            "upstream %s failed (%s): %s [request %s]", ex.version, reason, detail, ex.request_id
-        )
+        log.warning("upstream %s failed (%s): %s [request %s]", ex.version, reason, detail, ex.request_id)
         return UpstreamFailure(status, reason, detail)
 
     async def _relay(
@@ -471,9 +467,7 @@ class Proxy:
         upstream: aiohttp.ClientResponse,
     ) -> web.StreamResponse:
         headers = self._response_headers(runtime.config, decision, ex, downstream_headers(upstream))
-        response = web.StreamResponse(
-            status=upstream.status, reason=upstream.reason, headers=headers
-        )
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         ex.status = upstream.status
         await response.prepare(request)
         ex.started = True
@@ -505,9 +499,7 @@ class Proxy:
     ) -> web.StreamResponse:
         headers = upstream_headers(request, ex.request_id, websocket=True)
         protocols = [
-            p.strip()
-            for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
-            if p.strip()
+            p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()
         ]
         target = request_target(request.raw_path)
         timeout = runtime.config.upstream_timeout
@@ -523,8 +515,6 @@ class Proxy:
 
         try:
             upstream = await self._open_with_failover(runtime, ex, connect)
-        except UpstreamFailure:
-            raise
         except aiohttp.WSServerHandshakeError as exc:
             ex.status = exc.status if 400 <= exc.status < 600 else 502
             return self._error(runtime, decision, ex, ex.status, "upstream refused the WebSocket")

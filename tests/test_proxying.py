@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import aiohttp
+import pytest
 
 from .conftest import Backend, ProxyFactory, base_config, peak_rss_mib, port_of, raw_request
 
@@ -181,3 +182,17 @@ async def test_websocket_is_relayed_both_ways_to_the_chosen_version(
         await ws.send_str("hi")
         assert (await ws.receive_str()) == "stable:hi"
     assert canary.hits == 1 and stable.hits == 1
+
+
+async def test_an_upstream_that_refuses_the_websocket_upgrade_is_reported_not_hidden(
+    backends: tuple[Backend, Backend], proxy_factory: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
+    stable, canary = backends
+    proxy = await proxy_factory(base_config(stable, canary))
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await client.ws_connect(proxy.url + "/not-a-websocket")
+    assert info.value.status == 502  # the upstream answered 200 instead of 101
+    stable.fail_status = 403
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await client.ws_connect(proxy.url + "/not-a-websocket")
+    assert info.value.status == 403  # an upstream refusal keeps its status
