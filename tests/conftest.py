@@ -22,6 +22,8 @@ import pytest
 import yaml
 from aiohttp import web
 
+pytest_plugins = ["tests.fakekube"]  # the fake Kubernetes API server fixture, ``fake_kube``
+
 # -- backends --------------------------------------------------------------------------------
 
 
@@ -75,6 +77,8 @@ async def _bytes(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     response.content_length = total
     await response.prepare(request)
+    if request.method == "HEAD":  # a correct server sends no body; aiohttp would write one
+        return response
     chunk = b"x" * 65536
     sent = 0
     while sent < total:
