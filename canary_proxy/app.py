@@ -13,7 +13,7 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,9 +70,7 @@ class ConfigControl:
     counted as one ``failure`` per distinct content, however often it is re-read.
     """
 
-    def __init__(
-        self, metrics: Metrics, on_change: list[Callable[[Config, dict[str, Any]], None]]
-    ) -> None:
+    def __init__(self, metrics: Metrics, on_change: list[Callable[[Config, dict[str, Any]], None]]) -> None:
         self.metrics = metrics
         self.on_change = on_change
         self.current: Config | None = None
@@ -217,9 +215,7 @@ async def serve_public(proxy: Proxy, address: Address, *, reuse_port: bool = Fal
     return Public(server, handler, bound)
 
 
-async def drain(
-    public: Public, proxy: Proxy, *, drain_delay: float, shutdown_timeout: float
-) -> None:
+async def drain(public: Public, proxy: Proxy, *, drain_delay: float, shutdown_timeout: float) -> None:
     """The pod-termination sequence after /readyz has turned 503 (done by the caller).
 
     Keep serving for ``drain_delay`` so endpoint controllers take us out of rotation (telling
@@ -252,18 +248,22 @@ def access_log_for(settings: Settings) -> AccessLog | None:
 async def run_single(
     settings: Settings,
     *,
-    initial: RawConfig,
+    initial: RawConfig | None,
     updates: Callable[[], AsyncIterator[RawConfig]],
     origin: str,
 ) -> int:
-    """``--workers 1``: control plane and data plane in this one process."""
+    """``--workers 1``: control plane and data plane in this one process.
+
+    ``initial`` is None when the source has nothing yet (a ConfigMap behind an API that is
+    down): the ports open at once, /readyz says 503 and requests get 503 until it loads.
+    """
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     metrics.init_data_plane()
     metrics.init_control_plane()
     proxy = Proxy(metrics=metrics, access_log=access_log_for(settings))
     control = ConfigControl(metrics, [lambda config, _raw: proxy.apply(config)])
-    if not control.offer(initial, origin=origin):
+    if initial is not None and not control.offer(initial, origin=origin):
         return 2
     stop = asyncio.Event()
     install_stop_signals(stop)
@@ -273,7 +273,12 @@ async def run_single(
         AdminState(control, registry, lambda: not stopping and control.current is not None),
         settings.admin_listen,
     )
-    log.info("ready", extra={"public": str(public.address), "admin": str(admin_address)})
+    ports = {"public": str(public.address), "admin": str(admin_address)}
+    if control.current is not None:
+        log.info("ready", extra=ports)
+    else:
+        log.warning("waiting for a valid config from %s; /readyz is 503 until then", origin)
+        control.on_change.append(_once(lambda: log.info("ready", extra=ports)))
     follower = asyncio.create_task(control.follow(updates(), origin=origin))
     try:
         await stop.wait()
@@ -292,8 +297,17 @@ async def run_single(
     return 0
 
 
+def _once(action: Callable[[], None]) -> Callable[[Config, dict[str, Any]], None]:
+    done = False
+
+    def callback(_config: Config, _raw: dict[str, Any]) -> None:
+        nonlocal done
+        if not done:
+            done = True
+            action()
+
+    return callback
+
+
 def dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"))
-
-
-AwaitableFactory = Callable[[], Awaitable[None]]

@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_env("--config", help="YAML config file")
 
     sub.add_parser("demo", help="run two demo apps behind the proxy on loopback and show the routing")
+
+    from .configmap_cli import add_configmap_commands
+
+    add_configmap_commands(sub)
     return parser
 
 
@@ -108,7 +112,16 @@ def _logging_flags(parser: _Parser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    handler = {"serve": cmd_serve, "check": cmd_check, "demo": cmd_demo}[args.command]
+    from .configmap_cli import cmd_get, cmd_weight
+
+    handlers = {
+        "serve": cmd_serve,
+        "check": cmd_check,
+        "demo": cmd_demo,
+        "weight": cmd_weight,
+        "get": cmd_get,
+    }
+    handler = handlers[args.command]
     sys.exit(handler(args))
 
 
@@ -151,9 +164,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if bool(args.config) == bool(args.configmap):
         _print_errors(["exactly one of --config and --configmap is required"])
         return EXIT_USAGE
-    if args.configmap:
-        _print_errors(["--configmap: not available in this build yet"])
-        return EXIT_USAGE
     from .logs import setup_logging
 
     setup_logging(args.log_format, args.log_level)
@@ -161,7 +171,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # prometheus_client picks its value store at import time, so this must come first.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="canary-proxy-metrics-")
     from .app import Settings, parse_address
-    from .sources.file import load_file, watch_file
 
     try:
         settings = Settings(
@@ -178,23 +187,49 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         _print_errors([str(exc)])
         return EXIT_USAGE
-    initial = load_file(args.config)
+    source = _file_source(args.config) if args.config else _configmap_source(args.configmap, args.kubeconfig)
+    if isinstance(source, int):
+        return source
+    initial, updates, origin = source
+    if settings.workers > 1:
+        from .supervisor import run_supervisor
+
+        return run_async(run_supervisor(settings, initial=initial, updates=updates, origin=origin))
+    from .app import run_single
+
+    return run_async(run_single(settings, initial=initial, updates=updates, origin=origin))
+
+
+def _file_source(path: str) -> Any:
+    """A file must be valid at start-up (exit 2 otherwise); it is then followed for changes."""
+    from .sources.file import load_file, watch_file
+
+    initial = load_file(path)
     errors = _validate(initial)
     if errors:
         _print_errors(errors)
         return EXIT_USAGE
-    path = args.config
+    return initial, lambda: watch_file(path, initial=initial), path
 
-    def updates() -> Any:
-        return watch_file(path, initial=initial)
 
-    if settings.workers > 1:
-        from .supervisor import run_supervisor
+def _configmap_source(ref: str, kubeconfig: str | None) -> Any:
+    """A ConfigMap is followed from the start; until it loads, /readyz says 503.
 
-        return run_async(run_supervisor(settings, initial=initial, updates=updates, origin=path))
-    from .app import run_single
+    Only a kubeconfig that cannot be loaded at all is fatal: an API that is down, or a
+    ConfigMap that does not exist yet, is waited for.
+    """
+    from .k8s import load_config, parse_ref
+    from .sources.configmap import follow_configmap
 
-    return run_async(run_single(settings, initial=initial, updates=updates, origin=path))
+    try:
+        parse_ref(ref)
+        config = asyncio.run(load_config(kubeconfig))
+    except Exception as exc:  # any loader failure (missing file, bad YAML, no context)
+        _print_errors([f"--configmap {ref}: cannot load Kubernetes client config: {exc}"])
+        return EXIT_USAGE
+    namespace, name = parse_ref(ref)
+    origin = f"configmap {namespace or config.namespace}/{name}"
+    return None, lambda: follow_configmap(ref, kubeconfig=kubeconfig), origin
 
 
 def _validate(raw: Any) -> list[str]:

@@ -96,8 +96,8 @@ class Supervisor:
             os.close(write_fd)
         worker = Worker(slot, process)
         self.workers[slot] = worker
-        assert self.raw is not None
-        self._send(worker, self.raw)
+        if self.raw is not None:  # else it gets the first config when the source has one
+            self._send(worker, self.raw)
         task = asyncio.create_task(self._watch(worker, read_fd))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -107,9 +107,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         status = os.fdopen(read_fd, "rb", buffering=0)
-        transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), status
-        )
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), status)
         try:
             if await reader.readline() == b"ready\n":
                 worker.ready.set()
@@ -151,10 +149,17 @@ class Supervisor:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+async def _announce_ready(supervisor: Supervisor, settings: Settings, port: int, admin: object) -> None:
+    while not supervisor.ready():
+        await asyncio.gather(*(w.ready.wait() for w in list(supervisor.workers.values())))
+    public = f"{settings.listen.host}:{port}"
+    log.info("ready", extra={"public": public, "admin": str(admin), "workers": settings.workers})
+
+
 async def run_supervisor(
     settings: Settings,
     *,
-    initial: RawConfig,
+    initial: RawConfig | None,
     updates: Callable[[], AsyncIterator[RawConfig]],
     origin: str,
 ) -> int:
@@ -168,7 +173,7 @@ async def run_supervisor(
 async def _supervise(
     settings: Settings,
     *,
-    initial: RawConfig,
+    initial: RawConfig | None,
     updates: Callable[[], AsyncIterator[RawConfig]],
     origin: str,
 ) -> int:
@@ -180,7 +185,7 @@ async def _supervise(
     port = reservation.getsockname()[1]
     supervisor = Supervisor(settings, metrics, port)
     control = ConfigControl(metrics, [supervisor.broadcast])
-    if not control.offer(initial, origin=origin):
+    if initial is not None and not control.offer(initial, origin=origin):
         return 2
     stop = asyncio.Event()
     install_stop_signals(stop)
@@ -189,21 +194,21 @@ async def _supervise(
     admin, admin_address = await start_admin(
         AdminState(control, scrape, supervisor.ready), settings.admin_listen
     )
+    follower = asyncio.create_task(control.follow(updates(), origin=origin))
     for slot in range(settings.workers):
         await supervisor.spawn(slot)
-    await asyncio.gather(*(w.ready.wait() for w in supervisor.workers.values()))
-    public = f"{settings.listen.host}:{port}"
-    log.info(
-        "ready", extra={"public": public, "admin": str(admin_address), "workers": settings.workers}
-    )
-    follower = asyncio.create_task(control.follow(updates(), origin=origin))
+    if control.current is None:
+        log.warning("waiting for a valid config from %s; /readyz is 503 until then", origin)
+    # Workers listen only once they hold a config; announce when every one of them does.
+    announce = asyncio.create_task(_announce_ready(supervisor, settings, port, admin_address))
     try:
         await stop.wait()
         log.info("SIGTERM: /readyz is now 503; draining %d workers", settings.workers)
         await supervisor.stop()
     finally:
-        follower.cancel()
-        await asyncio.gather(follower, return_exceptions=True)
+        for task in (follower, announce):
+            task.cancel()
+        await asyncio.gather(follower, announce, return_exceptions=True)
         await admin.cleanup()
         reservation.close()
     return 0

@@ -254,17 +254,20 @@ async def start_proxy(
     config_path: Path | None = None,
     wait_ready: bool = True,
     env: dict[str, str] | None = None,
+    use_config: bool = True,
 ) -> ProxyProcess:
+    """Start ``canary-proxy serve`` on free loopback ports; ``use_config=False`` leaves the
+    source to ``args`` (e.g. ``--configmap``)."""
     path = config_path or tmp_path / f"canary-{os.urandom(4).hex()}.yaml"
     if config is not None:
         write_config_file(path, config)
+    source = ["--config", str(path)] if use_config else []
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "canary_proxy",
         "serve",
-        "--config",
-        str(path),
+        *source,
         "--listen",
         "127.0.0.1:0",
         "--admin-listen",
