@@ -26,7 +26,7 @@ async def test_reload_when_written_in_place(
     proxy = await proxy_factory(base_config(stable, canary))
     mark = len(proxy.logs)
     started = time.monotonic()
-    with open(proxy.config_path, "w") as f:  # truncate + write, same inode
+    with open(proxy.config_path, "w") as f:  # noqa: ASYNC230 - truncate + write, same inode
         f.write(yaml.safe_dump(base_config(stable, canary, canary_weight=100)))
     await proxy.wait_log(lambda e: str(e.get("msg")).startswith("config loaded"), since=mark)
     assert time.monotonic() - started < 1.0
