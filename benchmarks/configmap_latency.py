@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from canary_proxy.k8s import KubeClient, load_config  # noqa: E402
-from tests.conftest import start_backend, start_proxy, stop_proxy  # noqa: E402
-from tests.fakekube import run_fake_kube  # noqa: E402
+from canary_proxy.k8s import KubeClient, load_config
+from tests.conftest import start_backend, start_proxy, stop_proxy
+from tests.fakekube import run_fake_kube
 
 
 def log_time(entry: dict[str, object]) -> float:
