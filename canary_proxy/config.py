@@ -270,9 +270,7 @@ def _build(values: dict[str, Any]) -> Config:
     weight = float(values.get("canary-weight", 0.0))
     total = int(values.get("canary-weight-total", 100))
     pattern = values.get("canary-by-header-pattern")
-    kwargs = {
-        k.replace("-", "_"): v for k, v in values.items() if k not in ("stable-url", "canary-url")
-    }
+    kwargs = {k.replace("-", "_"): v for k, v in values.items() if k not in ("stable-url", "canary-url")}
     kwargs.update(canary_weight=weight, canary_weight_total=total)
     return Config(
         stable=values["stable-url"],

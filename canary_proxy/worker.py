@@ -73,9 +73,7 @@ async def run_worker(status_fd: int) -> int:
     public = await serve_public(proxy, settings.listen, reuse_port=True)
     os.write(status_fd, b"ready\n")
     await stop.wait()
-    await drain(
-        public, proxy, drain_delay=settings.drain_delay, shutdown_timeout=settings.shutdown_timeout
-    )
+    await drain(public, proxy, drain_delay=settings.drain_delay, shutdown_timeout=settings.shutdown_timeout)
     reader.cancel()
     await asyncio.gather(reader, return_exceptions=True)
     return 0

@@ -42,9 +42,7 @@ def load_file(path: str | Path) -> RawConfig:
     try:
         content = Path(path).read_bytes()
     except OSError as exc:
-        return RawConfig(
-            f"oserror:{exc.errno}", None, ConfigError([f"{path}: cannot read ({exc.strerror})"])
-        )
+        return RawConfig(f"oserror:{exc.errno}", None, ConfigError([f"{path}: cannot read ({exc.strerror})"]))
     return parse_yaml(content, origin=str(path))
 
 
@@ -57,9 +55,7 @@ def parse_yaml(content: bytes, *, origin: str) -> RawConfig:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        return RawConfig(
-            digest, None, ConfigError([f"{origin}: expected a mapping of keys to values"])
-        )
+        return RawConfig(digest, None, ConfigError([f"{origin}: expected a mapping of keys to values"]))
     return RawConfig(digest, {str(k): v for k, v in data.items()})
 
 
