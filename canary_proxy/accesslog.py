@@ -5,10 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from aiohttp import web
+from typing import Protocol
 
 # A path longer than this is cut in the log, so one line stays within PIPE_BUF-ish sizes and
 # lines from several workers sharing stdout never interleave.
@@ -16,10 +13,14 @@ MAX_LOGGED_PATH = 2048
 
 
 class _Exchange(Protocol):
+    method: str
+    path: str
+    client: str
     version: str
     rule: str
     status: int
     upstream_seconds: float | None
+    bytes_in: int
     bytes_out: int
     request_id: str
 
@@ -36,20 +37,20 @@ class AccessLog:
     def __init__(self, fd: int = 1) -> None:
         self._fd = fd
 
-    def write(self, request: web.BaseRequest, ex: _Exchange, seconds: float) -> None:
-        path = request.raw_path
+    def write(self, ex: _Exchange, seconds: float) -> None:
+        path = ex.path
         record = {
             "time": rfc3339(time.time()),
-            "method": request.method,
+            "method": ex.method,
             "path": path if len(path) <= MAX_LOGGED_PATH else path[:MAX_LOGGED_PATH] + "...",
             "status": ex.status,
             "version": ex.version,
             "rule": ex.rule,
             "upstream_seconds": _round(ex.upstream_seconds),
             "duration_seconds": _round(seconds),
-            "bytes_in": request.content.total_bytes,
+            "bytes_in": ex.bytes_in,
             "bytes_out": ex.bytes_out,
-            "client": request.remote,
+            "client": ex.client,
             "request_id": ex.request_id,
         }
         # json.dumps escapes CR, LF and every other control character: no log injection.

@@ -22,8 +22,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from .accesslog import AccessLog
 from .config import Config, ConfigError, parse_config
+from .http1 import ProxyServer
 from .metrics import Metrics
-from .proxy import Proxy
 from .sources.file import RawConfig
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,6 @@ def _bound(server: Any) -> Address:
 @dataclass(slots=True)
 class Public:
     server: asyncio.Server
-    handler: web.Server
     address: Address
 
 
@@ -201,21 +200,15 @@ def public_socket(address: Address, *, reuse_port: bool) -> socket.socket:
     return sock
 
 
-async def serve_public(proxy: Proxy, address: Address, *, reuse_port: bool = False) -> Public:
-    handler = web.Server(
-        proxy.handle,
-        handler_cancellation=True,  # a client that leaves cancels its upstream request (499)
-        access_log=None,  # we write our own JSON access log
-        keepalive_timeout=75,
-    )
+async def serve_public(proxy: ProxyServer, address: Address, *, reuse_port: bool = False) -> Public:
     sock = public_socket(address, reuse_port=reuse_port)
-    server = await asyncio.get_running_loop().create_server(handler, sock=sock, backlog=1024)
+    server = await asyncio.get_running_loop().create_server(proxy.protocol, sock=sock, backlog=1024)
     bound = _bound(server)
     log.info("proxy listening on %s", bound, extra={"public": str(bound)})
-    return Public(server, handler, bound)
+    return Public(server, bound)
 
 
-async def drain(public: Public, proxy: Proxy, *, drain_delay: float, shutdown_timeout: float) -> None:
+async def drain(public: Public, proxy: ProxyServer, *, drain_delay: float, shutdown_timeout: float) -> None:
     """The pod-termination sequence after /readyz has turned 503 (done by the caller).
 
     Keep serving for ``drain_delay`` so endpoint controllers take us out of rotation (telling
@@ -226,12 +219,11 @@ async def drain(public: Public, proxy: Proxy, *, drain_delay: float, shutdown_ti
     log.info("draining: serving for %.1fs before closing the listener", drain_delay)
     await asyncio.sleep(drain_delay)
     public.server.close()
-    deadline = asyncio.get_running_loop().time() + shutdown_timeout
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + shutdown_timeout
     await proxy.wait_http_idle(deadline)
     await proxy.close_websockets()
-    remaining = max(0.1, deadline - asyncio.get_running_loop().time())
-    await public.handler.shutdown(timeout=min(remaining, 2.0))
-    await proxy.close()
+    await proxy.close(timeout=min(max(0.1, deadline - loop.time()), 2.0))
     log.info("drained; exiting")
 
 
@@ -261,7 +253,7 @@ async def run_single(
     metrics = Metrics(registry)
     metrics.init_data_plane()
     metrics.init_control_plane()
-    proxy = Proxy(metrics=metrics, access_log=access_log_for(settings))
+    proxy = ProxyServer(metrics=metrics, access_log=access_log_for(settings))
     control = ConfigControl(metrics, [lambda config, _raw: proxy.apply(config)])
     if initial is not None and not control.offer(initial, origin=origin):
         return 2

@@ -19,8 +19,8 @@ from prometheus_client import CollectorRegistry
 
 from .app import Address, Settings, access_log_for, drain, install_stop_signals, serve_public
 from .config import parse_config
+from .http1 import ProxyServer
 from .metrics import Metrics
-from .proxy import Proxy
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def settings_to_env(settings: Settings, *, port: int) -> str:
     )
 
 
-async def _read_configs(proxy: Proxy, stop: asyncio.Event, first: asyncio.Event) -> None:
+async def _read_configs(proxy: ProxyServer, stop: asyncio.Event, first: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=16 * 1024 * 1024)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -65,7 +65,7 @@ async def run_worker(status_fd: int) -> int:
     )
     metrics = Metrics(CollectorRegistry())  # values go to the shared multiprocess directory
     metrics.init_data_plane()
-    proxy = Proxy(metrics=metrics, access_log=access_log_for(settings))
+    proxy = ProxyServer(metrics=metrics, access_log=access_log_for(settings))
     stop, first = asyncio.Event(), asyncio.Event()
     install_stop_signals(stop)
     reader = asyncio.create_task(_read_configs(proxy, stop, first))

@@ -184,15 +184,19 @@ async def test_websocket_is_relayed_both_ways_to_the_chosen_version(
     assert canary.hits == 1 and stable.hits == 1
 
 
-async def test_an_upstream_that_refuses_the_websocket_upgrade_is_reported_not_hidden(
+async def test_an_upstream_that_refuses_the_websocket_upgrade_is_relayed_as_it_answered(
     backends: tuple[Backend, Backend], proxy_factory: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     stable, canary = backends
     proxy = await proxy_factory(base_config(stable, canary))
     with pytest.raises(aiohttp.WSServerHandshakeError) as info:
         await client.ws_connect(proxy.url + "/not-a-websocket")
-    assert info.value.status == 502  # the upstream answered 200 instead of 101
+    assert info.value.status == 200  # the upstream answered 200 instead of 101: relayed as is
     stable.fail_status = 403
     with pytest.raises(aiohttp.WSServerHandshakeError) as info:
         await client.ws_connect(proxy.url + "/not-a-websocket")
-    assert info.value.status == 403  # an upstream refusal keeps its status
+    assert info.value.status == 403
+    stable.fail_status = None
+    async with client.ws_connect(proxy.url + "/ws") as ws:  # and the proxy still works
+        await ws.send_str("again")
+        assert (await ws.receive_str()) == "stable:again"

@@ -1,0 +1,1020 @@
+"""The data path: HTTP/1.1 on an asyncio Protocol with httptools (llhttp), no framework.
+
+Each client connection parses requests with the C parser, routes each one once, and relays
+it to a pooled upstream connection. Bodies are relayed as they arrive in both directions,
+with backpressure: a slow reader pauses the other side's socket, so memory stays flat
+whatever the body size. Response bytes are written from the upstream's ``data_received``
+callback straight to the client transport: no task switch per chunk.
+
+The exception ladder: a client that leaves cancels its request (499 if nothing was sent);
+a connect failure is 502 (or a failover to stable); no response headers within
+``upstream-timeout`` is 504; a reset or malformed answer before the headers is 502; an
+unexpected bug is a logged 500. Once response bytes went out no error page is written:
+the client connection is aborted, so a truncated body never poses as a complete one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+import httptools
+
+from .accesslog import AccessLog
+from .config import Config, Upstream
+from .metrics import Metrics
+from .router import CANARY, STABLE, Decision, decide, random_bucket_source
+from .upstream import ConnectFailed, UpstreamConnection, UpstreamPool
+
+log = logging.getLogger(__name__)
+
+# RFC 9110 7.6.1 hop-by-hop fields, plus the legacy Proxy-Connection and Keep-Alive.
+HOP_BY_HOP: Final = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
+     b"te", b"trailer", b"transfer-encoding", b"upgrade"}
+)  # fmt: skip
+# Set from what the proxy saw (it is the edge), or handled by the proxy itself.
+_REPLACED: Final = frozenset(
+    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id", b"expect",
+     b"content-length", b"host"}
+)  # fmt: skip
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+_MAX_REQUEST_ID = 200
+_BODY_BUFFER_LIMIT = 1 << 20  # buffered request body before the upstream is ready; then pause
+_STATUS_TEXT: Final = {400: b"Bad Request", 405: b"Method Not Allowed", 417: b"Expectation Failed",
+                       431: b"Request Header Fields Too Large", 499: b"Client Closed Request",
+                       500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
+                       503: b"Service Unavailable", 504: b"Gateway Timeout"}  # fmt: skip
+WS_CLOSE_GOING_AWAY_TO_CLIENT: Final = b"\x88\x02\x03\xe9"  # unmasked close frame, code 1001
+
+
+class UpstreamFailure(Exception):
+    """Failed before any response byte went to the client; ``status`` is what we answer."""
+
+    def __init__(self, status: int, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """What one request needs, swapped as a whole when the config changes."""
+
+    config: Config
+    stable: UpstreamPool
+    canary: UpstreamPool
+
+    def pool(self, version: str) -> UpstreamPool:
+        return self.canary if version == CANARY else self.stable
+
+
+@dataclass(slots=True)
+class Exchange:
+    """Per-request facts for the metrics and the access log."""
+
+    start: float
+    method: str
+    path: str
+    client: str
+    version: str
+    rule: str
+    request_id: str
+    status: int = 0
+    upstream_seconds: float | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    started: bool = False  # response headers sent to the client
+
+
+def new_request_id() -> str:
+    return os.urandom(16).hex()
+
+
+def valid_request_id(value: bytes) -> bool:
+    # Printable ASCII only: a client-chosen id must not inject into logs or headers.
+    return 0 < len(value) <= _MAX_REQUEST_ID and all(32 < b < 127 for b in value)
+
+
+def connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return tokens
+
+
+def request_target(url: bytes) -> bytes:
+    """Path and query byte for byte. An absolute-form target is routed by its path only, so
+    its host is never contacted: this proxy forwards to the configured upstreams, nowhere else.
+    """
+    if url.startswith(b"/"):
+        return url
+    scheme_end = url.find(b"://")
+    if scheme_end < 0:
+        return b"/" + url
+    slash = url.find(b"/", scheme_end + 3)
+    query = url.find(b"?", scheme_end + 3)
+    if slash < 0 or 0 <= query < slash:
+        return b"/" + (url[query:] if query >= 0 else b"")
+    return url[slash:]
+
+
+def cookie_value(cookie_header: bytes | None, name: str) -> str | None:
+    """One cookie's value from a Cookie header, without parsing the others."""
+    if not cookie_header or not name:
+        return None
+    wanted = name.encode()
+    for part in cookie_header.split(b";"):
+        key, sep, value = part.strip().partition(b"=")
+        if sep and key == wanted:
+            return value.strip(b'"').decode("latin-1")
+    return None
+
+
+def simple_response(status: int, body: bytes, *, extra: bytes = b"", close: bool = False) -> bytes:
+    head = b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % (
+        status,
+        _STATUS_TEXT.get(status, b"Error"),
+        len(body),
+    )
+    return head + extra + (b"Connection: close\r\n" if close else b"") + b"\r\n" + body
+
+
+class Request:
+    """A parsed request head, and its body as it arrives."""
+
+    __slots__ = (
+        "body_done",
+        "buffer",
+        "buffered",
+        "chunked",
+        "content_length",
+        "headers",
+        "keep_alive",
+        "lookup",
+        "method",
+        "sink",
+        "upgrade",
+        "upgrade_rest",
+        "url",
+        "version",
+    )
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.lookup: dict[bytes, bytes] = {}  # lower-case name -> last value, for the few we read
+        self.method = ""
+        self.version = "1.1"
+        self.keep_alive = True
+        self.upgrade = False
+        self.upgrade_rest = b""
+        self.chunked = False
+        self.content_length: int | None = None
+        self.buffer: list[bytes] = []
+        self.buffered = 0
+        self.body_done = False
+        self.sink: Callable[[bytes], None] | None = None
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection: parses requests and runs them one at a time, in order."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.client = ""
+        self.secure = False
+        self.parser = httptools.HttpRequestParser(self)
+        self.request: Request | None = None  # being parsed
+        self.queue: deque[Request] = deque()  # parsed, waiting for the one in flight (pipelining)
+        self.cycle: Cycle | None = None
+        self.tunnel: UpstreamConnection | None = None  # after a WebSocket upgrade: raw bytes
+        self.writable = True
+        self.closing = False
+        self._paused: set[str] = set()
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._bad: int = 0  # status to answer once the request in flight is done
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport subclass
+        peer = transport.get_extra_info("peername")
+        self.client = str(peer[0]) if peer else "unknown"
+        self.secure = transport.get_extra_info("sslcontext") is not None
+        self.server.connections.add(self)
+        self._arm_idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self._cancel_idle()
+        if self.cycle is not None:
+            self.cycle.client_gone()
+        self.queue.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            return
+        if self.request is not None and self.request.upgrade and self.request.body_done:
+            self.request.upgrade_rest += data  # bytes sent before the upstream answered 101
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._on_upgrade_request(data[exc.args[0] :])
+        except httptools.HttpParserCallbackError:
+            pass  # a callback already answered (e.g. 501) and closed
+        except httptools.HttpParserError as exc:
+            log.debug("malformed request from %s: %s", self.client, exc)
+            self.fail(400)
+
+    def pause_writing(self) -> None:
+        self.writable = False
+        if self.cycle is not None:
+            self.cycle.client_writable(False)
+
+    def resume_writing(self) -> None:
+        self.writable = True
+        if self.cycle is not None:
+            self.cycle.client_writable(True)
+
+    # -- httptools callbacks --------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._cancel_idle()
+        self.request = Request()
+
+    def on_url(self, url: bytes) -> None:
+        assert self.request is not None
+        self.request.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        request = self.request
+        if request is None or request.method:  # trailers after a chunked body are dropped
+            return
+        request.headers.append((name, value))
+        request.lookup[name.lower()] = value
+
+    def on_headers_complete(self) -> None:
+        request = self.request
+        assert request is not None
+        parser = self.parser
+        request.method = parser.get_method().decode("ascii", "replace")
+        request.version = parser.get_http_version()
+        request.keep_alive = parser.should_keep_alive()
+        request.upgrade = parser.should_upgrade()
+        te = request.lookup.get(b"transfer-encoding")
+        if te is not None:
+            if te.strip().lower() != b"chunked":  # gzip, chunked etc.: we relay no other coding
+                self.fail(501)
+                raise RuntimeError("unsupported transfer coding")
+            request.chunked = True
+        length = request.lookup.get(b"content-length")
+        if length is not None:
+            request.content_length = int(length)  # llhttp validated it
+        self.queue.append(request)
+        if self.cycle is None:
+            self._start_next()
+
+    def on_body(self, body: bytes) -> None:
+        request = self.request
+        assert request is not None
+        if request.sink is not None:
+            request.sink(body)
+            return
+        request.buffer.append(body)
+        request.buffered += len(body)
+        if request.buffered > _BODY_BUFFER_LIMIT:
+            self.pause_reading("body")
+
+    def on_message_complete(self) -> None:
+        request = self.request
+        assert request is not None
+        request.body_done = True
+        if request.sink is not None:
+            request.sink(b"")
+        if not request.upgrade:
+            self.request = None
+
+    # -- running requests -------------------------------------------------------------------
+
+    def _on_upgrade_request(self, rest: bytes) -> None:
+        request = self.request
+        if request is None:
+            return
+        if request.method == "CONNECT" or not _is_websocket(request):
+            # Not a WebSocket: treat as a plain request; later bytes need a fresh parser.
+            request.upgrade = False
+            self.request = None
+            self.parser = httptools.HttpRequestParser(self)
+            if rest:
+                self.data_received(rest)
+            return
+        request.upgrade_rest = rest
+
+    def _start_next(self) -> None:
+        if self.cycle is not None or not self.queue or self.transport is None:
+            return
+        request = self.queue.popleft()
+        self.cycle = Cycle(self, request)
+        self.cycle.task = asyncio.get_running_loop().create_task(self.cycle.run())
+
+    def cycle_done(self, *, close: bool) -> None:
+        self.cycle = None
+        self.resume_reading("body")
+        self.resume_reading("upstream")
+        if close or self.draining or self.transport is None:
+            self.close()
+            return
+        if self._bad:
+            self.fail(self._bad)
+            return
+        if self.queue:
+            self._start_next()
+        else:
+            self._arm_idle()
+
+    def fail(self, status: int) -> None:
+        """Answer a protocol error and close; after the request in flight, if there is one."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.request.body_done:
+            cycle.bad_body(status)  # the request in flight itself is malformed
+            return
+        if cycle is not None:
+            self._bad = status  # a later, pipelined request is malformed
+            self.pause_reading("bad")
+            return
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(simple_response(status, b"%d\n" % status, close=True))
+        self.close()
+
+    def pause_reading(self, reason: str) -> None:
+        if not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        if reason in self._paused:
+            self._paused.discard(reason)
+            if not self._paused and self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def close(self) -> None:
+        self._cancel_idle()
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def draining(self) -> bool:
+        """Answer with ``Connection: close`` and close after the response: we are shutting down."""
+        return self.closing or self.server.closing
+
+    def close_if_idle(self) -> None:
+        self.closing = True
+        if self.cycle is None:
+            self.close()
+
+    def _arm_idle(self) -> None:
+        self._cancel_idle()
+        loop = asyncio.get_running_loop()
+        self._idle_timer = loop.call_later(self.server.keepalive_timeout, self.close)
+
+    def _cancel_idle(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+
+def _is_websocket(request: Request) -> bool:
+    upgrade = request.lookup.get(b"upgrade", b"").strip().lower()
+    return upgrade == b"websocket" and b"upgrade" in connection_tokens(request.headers)
+
+
+class Cycle:
+    """One request's trip through the proxy: route, relay, account."""
+
+    def __init__(self, connection: ClientConnection, request: Request) -> None:
+        self.connection = connection
+        self.server = connection.server
+        self.request = request
+        self.task: asyncio.Task[None] | None = None
+        self.conn: UpstreamConnection | None = None
+        self.ex: Exchange | None = None
+        self.decision: Decision | None = None
+        self.runtime: Runtime | None = None
+        self.finished: asyncio.Future[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.last_activity = 0.0
+        self.body_framing = b""  # b"chunked", b"length", b"close" or b"" (no body)
+        self.close_after = False
+        self.websocket = False
+        self.forwarded = 0  # request body bytes written upstream
+        self.bytes_in = 0  # request body bytes received from the client
+        self.bad_status = 0  # set when the request's own body is malformed
+
+    # -- the coroutine ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        request, connection, server = self.request, self.connection, self.server
+        close = not request.keep_alive
+        try:
+            if request.method == "CONNECT":
+                self._send(simple_response(405, b"405: CONNECT is not allowed\n", close=True))
+                close = True
+                return
+            runtime = server.runtime
+            if runtime is None:
+                self._send(simple_response(503, b"503: no config loaded yet\n"))
+                return
+            await self._proxy(runtime)
+            close = close or self.close_after
+        except Exception:
+            log.exception("proxying failed")
+            close = True
+        finally:
+            connection.cycle_done(close=close or connection.draining)
+
+    async def _proxy(self, runtime: Runtime) -> None:
+        request, server = self.request, self.server
+        config = runtime.config
+        self.runtime = runtime
+        self.decision = decision = self._decide(config)
+        rid = request.lookup.get(b"x-request-id")
+        self.ex = ex = Exchange(
+            start=time.monotonic(),
+            method=request.method,
+            path=request.url.decode("latin-1"),
+            client=self.connection.client,
+            version=decision.version,
+            rule=decision.rule,
+            request_id=rid.decode("ascii") if rid is not None and valid_request_id(rid) else new_request_id(),
+        )
+        server.enter(ex)
+        pool = runtime.pool(ex.version)
+        pool.active += 1
+        try:
+            await self._exchange(runtime)
+        except asyncio.CancelledError:
+            self._drop_upstream()
+            if not ex.started:
+                ex.status = 499  # nginx's code for a client that left before the response
+        except UpstreamFailure as failure:
+            ex.status = failure.status
+            self.close_after = self.close_after or (self.request.has_body and not self.request.body_done)
+            self._send_error(failure.status, str(failure))
+        except Exception:
+            self._drop_upstream()
+            if ex.started:
+                log.exception("proxying failed after the response started; aborting")
+                self.connection.abort()
+            else:
+                log.exception("proxying failed")
+                ex.status = 500
+                self._send_error(500, "internal proxy error")
+            self.close_after = True
+        finally:
+            self._cancel_timer()
+            server.websocket_closed(self)
+            pool.active -= 1
+            server.pool_idle(pool)
+            ex.bytes_in = self.bytes_in
+            server.leave(ex)
+
+    def _decide(self, config: Config) -> Decision:
+        lookup = self.request.lookup
+        cookies = lookup.get(b"cookie")
+        header = None
+        if config.canary_by_header:
+            raw = lookup.get(config.canary_by_header.lower().encode())
+            header = raw.decode("latin-1") if raw is not None else None
+        return decide(
+            config,
+            header=header,
+            cookie=cookie_value(cookies, config.canary_by_cookie) if config.canary_by_cookie else None,
+            sticky=cookie_value(cookies, config.sticky_cookie),
+            draw=self.server.draw,
+        )
+
+    async def _exchange(self, runtime: Runtime) -> None:
+        request = self.request
+        if self.bad_status:  # malformed before we even started
+            raise UpstreamFailure(self.bad_status, "client", "malformed request body")
+        expect = request.lookup.get(b"expect")
+        if expect is not None and expect.strip().lower() != b"100-continue":
+            raise UpstreamFailure(417, "client", "unsupported expectation")
+        self.websocket = request.upgrade
+        loop = asyncio.get_running_loop()
+        retried = False
+        while True:
+            conn, reused = await self._connect(runtime)
+            if self.bad_status:  # the body turned out malformed while we connected
+                conn.pool.release(conn)
+                raise UpstreamFailure(self.bad_status, "client", "malformed request body")
+            self.finished = loop.create_future()
+            self.conn = conn
+            conn.start(self)
+            conn.write(self._upstream_head(runtime, conn.pool))
+            if expect is not None and request.version == "1.1" and not request.body_done:
+                self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._attach_body(conn)
+            self._cancel_timer()
+            self._arm_timer(runtime.config.upstream_timeout)
+            try:
+                await self.finished
+                return
+            except UpstreamFailure as failure:
+                if not self._retryable(failure, reused, retried):
+                    raise
+                retried = True
+                log.info(
+                    "stale pooled connection to %s; retrying once on a fresh one", conn.pool.upstream.url
+                )
+
+    def _retryable(self, failure: UpstreamFailure, reused: bool, retried: bool) -> bool:
+        """A pooled connection the upstream had closed: retry once, when it is safe to."""
+        conn = self.conn
+        safe = self.request.method in IDEMPOTENT or (self.request.has_body and self.forwarded == 0)
+        return (
+            failure.reason == "reset"
+            and reused
+            and not retried
+            and conn is not None
+            and not conn.got_bytes
+            and safe
+            and not self.request.buffer  # nothing consumed from the body is lost
+        )
+
+    async def _connect(self, runtime: Runtime) -> tuple[UpstreamConnection, bool]:
+        ex = self.ex
+        assert ex is not None
+        try:
+            return await self._open(runtime.pool(ex.version), runtime)
+        except UpstreamFailure as failure:
+            config = runtime.config
+            if not (failure.reason == "connect" and ex.version == CANARY and config.canary_failover):
+                raise
+        log.warning("canary unreachable, failing over to stable (request %s)", ex.request_id)
+        self.server.move(ex, STABLE, "failover")
+        return await self._open(runtime.pool(STABLE), runtime)
+
+    async def _open(self, pool: UpstreamPool, runtime: Runtime) -> tuple[UpstreamConnection, bool]:
+        conn = pool.take_idle()
+        if conn is not None:
+            return conn, True
+        try:
+            return await pool.connect(runtime.config.upstream_connect_timeout), False
+        except ConnectFailed as exc:
+            raise self._failure(502, "connect", str(exc)) from None
+
+    def _failure(self, status: int, reason: str, detail: str) -> UpstreamFailure:
+        ex = self.ex
+        assert ex is not None
+        self.server.metrics.upstream_errors.labels(ex.version, reason).inc()
+        log.warning("upstream %s failed (%s): %s [request %s]", ex.version, reason, detail, ex.request_id)
+        return UpstreamFailure(status, reason, detail)
+
+    # -- the request head and body, upstream ----------------------------------------------
+
+    def _upstream_head(self, runtime: Runtime, pool: UpstreamPool) -> bytes:
+        request, ex = self.request, self.ex
+        assert ex is not None
+        drop = HOP_BY_HOP | _REPLACED | connection_tokens(request.headers)
+        parts = [request.method.encode(), b" ", request_target(request.url), b" HTTP/1.1\r\n"]
+        host = request.lookup.get(b"host")
+        parts += [b"Host: ", host if host is not None else pool.host_header, b"\r\n"]
+        forwarded_for = []
+        for name, value in request.headers:
+            low = name.lower()
+            if low == b"x-forwarded-for":
+                forwarded_for.append(value)
+            elif low not in drop:
+                parts += [name, b": ", value, b"\r\n"]
+        forwarded_for.append(self.connection.client.encode())
+        parts += [b"X-Forwarded-For: ", b", ".join(forwarded_for), b"\r\n"]
+        parts.append(
+            b"X-Forwarded-Proto: https\r\n" if self.connection.secure else b"X-Forwarded-Proto: http\r\n"
+        )
+        if host is not None:
+            parts += [b"X-Forwarded-Host: ", host, b"\r\n"]
+        parts += [b"X-Request-Id: ", ex.request_id.encode(), b"\r\n"]
+        if self.websocket:
+            parts += [b"Connection: Upgrade\r\nUpgrade: ", request.lookup[b"upgrade"], b"\r\n"]
+        if request.chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        elif request.content_length is not None:
+            parts.append(b"Content-Length: %d\r\n" % request.content_length)
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def _attach_body(self, conn: UpstreamConnection) -> None:
+        """Send what the client sent so far; then relay each new chunk as it is parsed."""
+        request = self.request
+        if not request.has_body:
+            return
+        chunked = request.chunked
+
+        def sink(data: bytes) -> None:
+            if not data:  # end of body
+                if chunked:
+                    conn.write(b"0\r\n\r\n")
+                return
+            self.bytes_in += len(data)
+            self.forwarded += len(data)
+            if chunked:
+                conn.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))  # type: ignore[union-attr]
+            else:
+                conn.write(data)
+
+        buffered, request.buffer = request.buffer, []
+        request.buffered = 0
+        request.sink = sink
+        for data in buffered:
+            sink(data)
+        if request.body_done:
+            sink(b"")
+        self.connection.resume_reading("body")
+
+    # -- upstream callbacks (ResponseSink) ------------------------------------------------
+
+    def on_response_head(self, conn: UpstreamConnection) -> None:
+        ex, runtime = self.ex, self.runtime
+        assert ex is not None and runtime is not None
+        ex.upstream_seconds = time.monotonic() - ex.start
+        ex.status = conn.status
+        self.last_activity = time.monotonic()
+        if self.request.method == "HEAD":
+            # llhttp cannot be told this response has no body: give the connection a fresh
+            # parser and finish now; the Content-Length describes the GET body, not this one.
+            conn.parser = httptools.HttpResponseParser(conn)
+            self._send(self._client_head(conn, runtime.config))
+            ex.started = True
+            self.on_response_complete()
+            return
+        if conn.status == 101 and not self.websocket:
+            conn.abort()  # an upgrade we did not ask for
+            self._resolve(self._failure(502, "protocol", "unexpected 101 from upstream"))
+            return
+        if self.websocket and conn.status != 101:
+            self.close_after = True  # refused: our parser is past the upgrade, start afresh
+        self._send(self._client_head(conn, runtime.config))
+        ex.started = True
+
+    def on_response_body(self, data: bytes) -> None:
+        ex = self.ex
+        assert ex is not None
+        ex.bytes_out += len(data)
+        self.last_activity = time.monotonic()
+        transport = self.connection.transport
+        if transport is None:
+            return
+        if self.body_framing == b"chunked":
+            transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            transport.write(data)
+
+    def on_response_complete(self) -> None:
+        conn = self.conn
+        if self.body_framing == b"chunked" and self.connection.transport is not None:
+            self.connection.transport.write(b"0\r\n\r\n")
+        if conn is not None:
+            self.conn = None
+            if self.request.body_done or not self.request.has_body:
+                conn.pool.release(conn)
+            else:
+                conn.close()  # the upstream answered before reading the whole body
+                self.close_after = True
+        self._resolve(None)
+
+    def on_upstream_upgraded(self, rest: bytes) -> None:
+        """The upstream switched protocols: from here on, splice raw bytes both ways."""
+        conn, connection, ex = self.conn, self.connection, self.ex
+        assert conn is not None and ex is not None
+        self._cancel_timer()
+        connection.tunnel = conn
+        self.server.websocket_opened(self)
+        if rest:
+            self.on_upstream_raw(rest)
+        early = self.request.upgrade_rest
+        if early:
+            conn.write(early)
+
+    def on_upstream_raw(self, data: bytes) -> None:
+        if self.ex is not None:
+            self.ex.bytes_out += len(data)
+        if self.connection.transport is not None:
+            self.connection.transport.write(data)
+
+    def on_upstream_error(self, reason: str, detail: str) -> None:
+        ex = self.ex
+        assert ex is not None
+        self.conn = None
+        if reason == "closed":  # an upgraded connection ended: that is the end of the session
+            self.close_after = True
+            self.server.websocket_closed(self)
+            self._resolve(None)
+            return
+        if ex.started:
+            self._mid_body_failure(reason, detail)
+            return
+        status = 502
+        self._resolve(self._failure(status, reason, detail))
+
+    def on_upstream_writable(self, writable: bool) -> None:
+        if writable:
+            self.connection.resume_reading("upstream")
+        else:
+            self.connection.pause_reading("upstream")
+
+    # -- client side ------------------------------------------------------------------------
+
+    def client_writable(self, writable: bool) -> None:
+        conn = self.conn if self.conn is not None else self.connection.tunnel
+        if conn is None or conn.transport is None:
+            return
+        if writable:
+            conn.transport.resume_reading()
+        else:
+            conn.transport.pause_reading()
+
+    def bad_body(self, status: int) -> None:
+        """The client's body turned out malformed mid-stream: the upstream must not take an
+        incomplete request for a whole one, so its connection is aborted."""
+        log.debug("malformed request body from %s", self.connection.client)
+        self._drop_upstream()
+        self.close_after = True
+        self.bad_status = status
+        self._resolve(UpstreamFailure(status, "client", "malformed request body"))
+
+    def client_gone(self) -> None:
+        if self.websocket and self.connection.tunnel is not None:
+            self.connection.tunnel.close()
+            return
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    def _client_head(self, conn: UpstreamConnection, config: Config) -> bytes:
+        request, ex, decision = self.request, self.ex, self.decision
+        assert ex is not None and decision is not None
+        status = conn.status
+        drop = HOP_BY_HOP | connection_tokens(conn.headers)
+        parts = [b"HTTP/1.1 %d " % status, conn.reason, b"\r\n"]
+        length = None
+        for name, value in conn.headers:
+            low = name.lower()
+            if low == b"content-length":
+                length = value
+            elif low not in drop:
+                parts += [name, b": ", value, b"\r\n"]
+        if status == 101:
+            parts += [b"Connection: Upgrade\r\nUpgrade: ", _header(conn.headers, b"upgrade"), b"\r\n"]
+        elif request.method == "HEAD" or status in (204, 304) or status < 200:
+            if length is not None and status != 204:
+                parts += [b"Content-Length: ", length, b"\r\n"]
+        elif length is not None:
+            self.body_framing = b"length"
+            parts += [b"Content-Length: ", length, b"\r\n"]
+        elif request.version == "1.1":
+            self.body_framing = b"chunked"
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            self.body_framing = b"close"
+            self.close_after = True
+        parts.append(self._own_headers(config, decision))
+        if status != 101 and (self.close_after or self.connection.draining or not request.keep_alive):
+            self.close_after = True
+            parts.append(b"Connection: close\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def _own_headers(self, config: Config, decision: Decision) -> bytes:
+        ex = self.ex
+        assert ex is not None
+        own = b""
+        if config.version_header:
+            own += b"%s: %s\r\n" % (config.version_header.encode(), ex.version.encode())
+        own += b"X-Request-Id: %s\r\n" % ex.request_id.encode()
+        if decision.set_cookie and decision.bucket is not None:
+            own += b"Set-Cookie: %s=%d; Path=/; Max-Age=%d; HttpOnly; SameSite=Lax\r\n" % (
+                config.sticky_cookie.encode(),
+                decision.bucket,
+                config.sticky_max_age,
+            )
+        return own
+
+    def _send(self, data: bytes) -> None:
+        transport = self.connection.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def _send_error(self, status: int, detail: str) -> None:
+        runtime, decision = self.runtime, self.decision
+        assert runtime is not None and decision is not None
+        own = self._own_headers(runtime.config, decision)
+        close = self.close_after or self.connection.draining or not self.request.keep_alive
+        self._send(simple_response(status, f"{status}: {detail}\n".encode(), extra=own, close=close))
+
+    def _mid_body_failure(self, reason: str, detail: str) -> None:
+        ex = self.ex
+        assert ex is not None
+        self.server.metrics.upstream_errors.labels(ex.version, reason).inc()
+        log.warning(
+            "upstream %s broke mid-body (%s: %s); aborting the client connection", ex.version, reason, detail
+        )
+        self.connection.abort()
+        self.close_after = True
+        self._resolve(None)
+
+    def _drop_upstream(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort()
+
+    def _resolve(self, error: UpstreamFailure | None) -> None:
+        finished = self.finished
+        if finished is None or finished.done():
+            return
+        if error is None:
+            finished.set_result(None)
+        else:
+            finished.set_exception(error)
+
+    # -- timeouts -------------------------------------------------------------------------
+
+    def _arm_timer(self, timeout: float) -> None:
+        self.last_activity = time.monotonic()
+        self.timer = asyncio.get_running_loop().call_later(timeout, self._on_timer, timeout)
+
+    def _on_timer(self, timeout: float) -> None:
+        """Fires at most once per ``timeout``: cheaper than re-arming a timer per chunk."""
+        idle = time.monotonic() - self.last_activity
+        if idle < timeout:
+            self.timer = asyncio.get_running_loop().call_later(timeout - idle, self._on_timer, timeout)
+            return
+        ex = self.ex
+        assert ex is not None
+        self._drop_upstream()
+        if ex.started:
+            self._mid_body_failure("timeout", f"no data for {timeout:g}s")
+        else:
+            self._resolve(self._failure(504, "timeout", f"no response within {timeout:g}s"))
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+def masked_close_frame(code: int) -> bytes:
+    """A client-to-server WebSocket close frame (RFC 6455 5.3: a client must mask)."""
+    mask = os.urandom(4)
+    payload = code.to_bytes(2, "big")
+    return b"\x88\x82" + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes:
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return b""
+
+
+class ProxyServer:
+    """The public port's state: the current config, pools, connections, in-flight counts."""
+
+    def __init__(
+        self,
+        *,
+        metrics: Metrics,
+        access_log: AccessLog | None,
+        draw: Callable[[], int] | None = None,
+        keepalive_timeout: float = 75.0,
+    ) -> None:
+        self.metrics = metrics
+        self.access_log = access_log
+        self.draw = draw or random_bucket_source()
+        self.keepalive_timeout = keepalive_timeout
+        self.runtime: Runtime | None = None
+        self.pools: dict[str, UpstreamPool] = {}
+        self.connections: set[ClientConnection] = set()
+        self.websockets: set[Cycle] = set()
+        self.in_flight = 0  # requests in progress, WebSockets included
+        self.closing = False
+        self._changed = asyncio.Event()
+
+    def protocol(self) -> ClientConnection:
+        return ClientConnection(self)
+
+    def apply(self, config: Config) -> None:
+        stable, canary = self._pool(config.stable), self._pool(config.canary)
+        self.runtime = Runtime(config, stable, canary)
+        for url in [u for u in self.pools if u not in (config.stable.url, config.canary.url)]:
+            pool = self.pools.pop(url)
+            pool.retired = True
+            self.pool_idle(pool)
+
+    def _pool(self, upstream: Upstream) -> UpstreamPool:
+        pool = self.pools.get(upstream.url)
+        if pool is None:
+            pool = self.pools[upstream.url] = UpstreamPool(upstream)
+        return pool
+
+    def pool_idle(self, pool: UpstreamPool) -> None:
+        if pool.retired and pool.active == 0:
+            pool.close()
+
+    # -- accounting -------------------------------------------------------------------------
+
+    def enter(self, ex: Exchange) -> None:
+        self.in_flight += 1
+        self.metrics.in_flight.labels(ex.version).inc()
+
+    def move(self, ex: Exchange, version: str, rule: str) -> None:
+        self.metrics.in_flight.labels(ex.version).dec()
+        ex.version, ex.rule = version, rule
+        self.metrics.in_flight.labels(version).inc()
+
+    def leave(self, ex: Exchange) -> None:
+        seconds = time.monotonic() - ex.start
+        m = self.metrics
+        m.in_flight.labels(ex.version).dec()
+        m.count_request(ex.version, ex.status, ex.method, seconds)
+        m.decisions.labels(ex.version, ex.rule).inc()
+        if self.access_log is not None:
+            self.access_log.write(ex, seconds)
+        self.in_flight -= 1
+        self._changed.set()
+
+    def websocket_opened(self, cycle: Cycle) -> None:
+        assert cycle.ex is not None
+        self.websockets.add(cycle)
+        self.metrics.websockets.labels(cycle.ex.version).inc()
+        self._changed.set()
+
+    def websocket_closed(self, cycle: Cycle) -> None:
+        if cycle in self.websockets:
+            self.websockets.discard(cycle)
+            assert cycle.ex is not None
+            self.metrics.websockets.labels(cycle.ex.version).dec()
+            self._changed.set()
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    async def wait_http_idle(self, deadline: float) -> None:
+        """Wait until only WebSockets are left in flight, or until the loop time ``deadline``."""
+        loop = asyncio.get_running_loop()
+        for connection in list(self.connections):
+            connection.close_if_idle()
+        while self.in_flight > len(self.websockets):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                log.warning("shutdown timeout: %d requests still in flight", self.in_flight)
+                return
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    async def close_websockets(self) -> None:
+        """Tell both ends of every WebSocket we are going away (close code 1001)."""
+        for cycle in list(self.websockets):
+            tunnel = cycle.connection.tunnel
+            cycle.connection.tunnel = None  # stop relaying the client's own close frame
+            cycle._send(WS_CLOSE_GOING_AWAY_TO_CLIENT)
+            if tunnel is not None:
+                tunnel.write(masked_close_frame(1001))
+                tunnel.close()
+            cycle.connection.close()
+
+    async def close(self, timeout: float = 1.0) -> None:
+        for connection in list(self.connections):
+            connection.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.connections and loop.time() < deadline:
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), deadline - loop.time())
+            except TimeoutError:
+                break
+        for connection in list(self.connections):
+            connection.abort()
+        for pool in self.pools.values():
+            pool.close()

@@ -1,0 +1,256 @@
+"""Upstream connections: one keep-alive pool per upstream URL, and the protocol that parses
+each response with httptools (llhttp, the C parser) and hands it to the request in flight.
+
+The pool is a LIFO of idle connections: the most recently used one is the least likely to
+have been closed by the upstream's idle timeout. A connection the upstream closed while idle
+is noticed (``connection_lost``) and skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections import deque
+from typing import Protocol
+
+import httptools
+
+from .config import Upstream
+
+log = logging.getLogger(__name__)
+
+IDLE_TIMEOUT = 15.0  # seconds; below common upstream keep-alive timeouts (nginx 75 s, node 5 s -> retried)
+MAX_IDLE = 512  # idle connections kept per upstream
+
+
+class ConnectFailed(Exception):
+    """The TCP (or TLS) connection could not be made: refused, unreachable or timed out."""
+
+    def __init__(self, detail: str, *, timeout: bool = False) -> None:
+        super().__init__(detail)
+        self.timeout = timeout
+
+
+class ResponseSink(Protocol):
+    """What an upstream connection reports to the request it serves."""
+
+    def on_response_head(self, conn: UpstreamConnection) -> None: ...
+    def on_response_body(self, data: bytes) -> None: ...
+    def on_response_complete(self) -> None: ...
+    def on_upstream_upgraded(self, rest: bytes) -> None: ...
+    def on_upstream_raw(self, data: bytes) -> None: ...
+    def on_upstream_error(self, reason: str, detail: str) -> None: ...
+    def on_upstream_writable(self, writable: bool) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One connection to an upstream; serves one request at a time."""
+
+    __slots__ = (
+        "_writable",
+        "closed",
+        "got_bytes",
+        "headers",
+        "idle_since",
+        "parser",
+        "pool",
+        "reason",
+        "sink",
+        "status",
+        "transport",
+        "upgraded",
+    )
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.sink: ResponseSink | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.upgraded = False
+        self.got_bytes = False  # any response byte for the current request
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.idle_since = 0.0
+        self._writable = True
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport subclass
+
+    def data_received(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is None:  # bytes with no request in flight: the connection is not reusable
+            self.close()
+            return
+        self.got_bytes = True
+        if self.upgraded:
+            sink.on_upstream_raw(data)
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self.upgraded = True
+            sink.on_upstream_upgraded(data[exc.args[0] :])
+        except httptools.HttpParserError as exc:
+            self.close()
+            sink.on_upstream_error("protocol", f"malformed response: {exc}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        sink, self.sink = self.sink, None
+        if sink is None:
+            return
+        if self.upgraded:
+            sink.on_upstream_error("closed", "upstream closed the upgraded connection")
+        elif self.status and not self.parser.should_keep_alive() and _close_delimited(self):
+            sink.on_response_complete()  # a body delimited by the close itself
+        else:
+            sink.on_upstream_error("reset", f"upstream closed the connection ({exc or 'EOF'})")
+
+    def pause_writing(self) -> None:
+        self._writable = False
+        if self.sink is not None:
+            self.sink.on_upstream_writable(False)
+
+    def resume_writing(self) -> None:
+        self._writable = True
+        if self.sink is not None:
+            self.sink.on_upstream_writable(True)
+
+    # -- httptools callbacks --------------------------------------------------------------
+
+    def on_status(self, status: bytes) -> None:
+        self.reason = status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.status:  # trailers after a chunked body are dropped
+            self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self.sink is None:  # a second response nobody asked for: never reuse this connection
+            self.close()
+            return
+        code = self.parser.get_status_code()
+        if 100 <= code < 200 and code != 101:
+            self.headers = []  # 100 Continue and other interim answers are not relayed
+            self.reason = b""
+            return
+        self.status = code
+        self.sink.on_response_head(self)
+
+    def on_body(self, body: bytes) -> None:
+        if self.sink is not None:
+            self.sink.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.status and self.status != 101 and self.sink is not None:  # 101: raw bytes follow
+            sink, self.sink = self.sink, None
+            sink.on_response_complete()
+
+    # -- use --------------------------------------------------------------------------------
+
+    def start(self, sink: ResponseSink) -> None:
+        self.sink = sink
+        self.status = 0
+        self.reason = b""
+        self.headers = []
+        self.got_bytes = False
+
+    @property
+    def writable(self) -> bool:
+        return self._writable
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def reusable(self) -> bool:
+        return not self.closed and not self.upgraded and self.parser.should_keep_alive()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        self.sink = None
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def _close_delimited(conn: UpstreamConnection) -> bool:
+    """A response with neither Content-Length nor chunked coding ends when the upstream closes."""
+    for name, value in conn.headers:
+        low = name.lower()
+        if low == b"content-length" or (low == b"transfer-encoding" and b"chunked" in value.lower()):
+            return False
+    return True
+
+
+class UpstreamPool:
+    """Keep-alive connections to one upstream, created lazily and reused LIFO."""
+
+    def __init__(self, upstream: Upstream, *, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.upstream = upstream
+        self.idle: deque[UpstreamConnection] = deque()
+        self.active = 0  # requests using this pool now; a retired pool closes when it hits 0
+        self.retired = False
+        self._ssl = ssl_context if upstream.tls else None
+        if upstream.tls and self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        self.host_header = (
+            upstream.host
+            if upstream.port == (443 if upstream.tls else 80)
+            else f"{upstream.host}:{upstream.port}"
+        ).encode()
+
+    def take_idle(self) -> UpstreamConnection | None:
+        now = time.monotonic()
+        while self.idle:
+            conn = self.idle.pop()
+            if conn.closed:
+                continue
+            if now - conn.idle_since > IDLE_TIMEOUT:
+                conn.close()
+                continue
+            return conn
+        return None
+
+    async def connect(self, timeout: float) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        upstream = self.upstream
+        try:
+            async with asyncio.timeout(timeout):
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(self),
+                    upstream.host,
+                    upstream.port,
+                    ssl=self._ssl,
+                    server_hostname=upstream.host if self._ssl else None,
+                )
+        except TimeoutError:
+            raise ConnectFailed(f"connect timeout to {upstream.url}", timeout=True) from None
+        except (OSError, ssl.SSLError) as exc:
+            raise ConnectFailed(f"cannot connect to {upstream.url}: {exc.strerror or exc}") from None
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        conn.sink = None
+        if self.retired or not conn.reusable() or len(self.idle) >= MAX_IDLE:
+            conn.close()
+            return
+        transport = conn.transport
+        if transport is not None and not transport.is_reading():
+            transport.resume_reading()  # paused for a slow client; idle, it must see a close
+        conn.idle_since = time.monotonic()
+        self.idle.append(conn)
+
+    def close(self) -> None:
+        while self.idle:
+            self.idle.pop().close()
