@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from .accesslog import AccessLog
 from .config import Config, ConfigError, parse_config
-from .http1 import ProxyServer
+from .http1 import Limits, ProxyServer
 from .metrics import Metrics
 from .sources.file import RawConfig
 
@@ -60,6 +60,7 @@ class Settings:
     config_path: str | None = None
     log_format: str = "json"
     log_level: str = "info"
+    limits: Limits = field(default_factory=Limits)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -253,7 +254,7 @@ async def run_single(
     metrics = Metrics(registry)
     metrics.init_data_plane()
     metrics.init_control_plane()
-    proxy = ProxyServer(metrics=metrics, access_log=access_log_for(settings))
+    proxy = ProxyServer(metrics=metrics, access_log=access_log_for(settings), limits=settings.limits)
     control = ConfigControl(metrics, [lambda config, _raw: proxy.apply(config)])
     if initial is not None and not control.offer(initial, origin=origin):
         return 2

@@ -15,7 +15,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from . import __version__
-from .config import ConfigError, parse_config, parse_duration
+from .config import ConfigError, parse_config, parse_duration, parse_size
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
@@ -46,6 +46,19 @@ def _workers(text: str) -> int:
         return len(os.sched_getaffinity(0))
     if not str(text).isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a positive whole number or 'auto'")
+    return int(text)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {exc}") from None
+
+
+def _count(text: str) -> int:
+    if not str(text).isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive whole number")
     return int(text)
 
 
@@ -87,6 +100,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="then wait this long for in-flight requests",
     )
     serve.add_env("--access-log", default="on", type=_on_off, help="JSON access log on stdout: on|off")
+    serve.add_env(
+        "--client-header-timeout",
+        default="10s",
+        type=_duration,
+        help="close a client that has not sent its request head by then",
+    )
+    serve.add_env(
+        "--keepalive-timeout",
+        default="75s",
+        type=_duration,
+        help="close idle keep-alive client connections after this",
+    )
+    serve.add_env(
+        "--max-header-size", default="8KiB", type=_size, help="request line + headers; beyond it 431"
+    )
+    serve.add_env(
+        "--max-headers", default="100", type=_count, help="header fields per request; beyond it 431"
+    )
+    serve.add_env(
+        "--max-body-size", default="0", type=_size, help="request body; beyond it 413; 0 = no limit"
+    )
+    serve.add_env(
+        "--max-connections", default="10000", type=_count, help="open client connections; beyond it 503"
+    )
     _logging_flags(serve)
 
     check = sub.add_parser("check", help="validate a config file and print the effective config")
@@ -171,6 +208,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # prometheus_client picks its value store at import time, so this must come first.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="canary-proxy-metrics-")
     from .app import Settings, parse_address
+    from .http1 import Limits
 
     try:
         settings = Settings(
@@ -183,6 +221,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config_path=args.config,
             log_format=args.log_format,
             log_level=args.log_level,
+            limits=Limits(
+                client_header_timeout=args.client_header_timeout,
+                keepalive_timeout=args.keepalive_timeout,
+                max_header_size=args.max_header_size,
+                max_headers=args.max_headers,
+                max_body_size=args.max_body_size,
+                max_connections=args.max_connections,
+            ),
         )
     except ValueError as exc:
         _print_errors([str(exc)])

@@ -126,6 +126,27 @@ def parse_duration(value: Any, *, allow_zero: bool = False) -> float:
     return seconds
 
 
+_SIZE = re.compile(r"^\s*(\d+)\s*(KiB|MiB|GiB)?\s*$")
+_SIZE_UNITS = {None: 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+
+def parse_size(value: Any) -> int:
+    """``8KiB``, ``1MiB``, ``2GiB`` or plain bytes. Raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError("a size such as 8KiB, 1MiB or a number of bytes")
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError("a size such as 8KiB, 1MiB or a number of bytes")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+
+
+def format_size(size: int) -> str:
+    for unit in ("GiB", "MiB", "KiB"):
+        if size and size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]}{unit}"
+    return str(size)
+
+
 def parse_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value

@@ -47,10 +47,12 @@ _REPLACED: Final = frozenset(
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _MAX_REQUEST_ID = 200
 _BODY_BUFFER_LIMIT = 1 << 20  # buffered request body before the upstream is ready; then pause
-_STATUS_TEXT: Final = {400: b"Bad Request", 405: b"Method Not Allowed", 417: b"Expectation Failed",
+_STATUS_TEXT: Final = {400: b"Bad Request", 405: b"Method Not Allowed", 413: b"Content Too Large",
+                       417: b"Expectation Failed",
                        431: b"Request Header Fields Too Large", 499: b"Client Closed Request",
                        500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
                        503: b"Service Unavailable", 504: b"Gateway Timeout"}  # fmt: skip
+_BODY_ERRORS: Final = {400: "malformed request body", 413: "request body too large"}
 WS_CLOSE_GOING_AWAY_TO_CLIENT: Final = b"\x88\x02\x03\xe9"  # unmasked close frame, code 1001
 
 
@@ -61,6 +63,18 @@ class UpstreamFailure(Exception):
         super().__init__(detail)
         self.status = status
         self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one client may cost us; each is a ``serve`` flag (nginx's defaults where it has one)."""
+
+    client_header_timeout: float = 10.0  # whole request head within this: stops slowloris
+    keepalive_timeout: float = 75.0  # idle keep-alive connections are closed after this
+    max_header_size: int = 8 << 10  # request line + headers, bytes; beyond it 431
+    max_headers: int = 100  # header fields; beyond it 431
+    max_body_size: int = 0  # request body bytes; beyond it 413; 0 = no limit
+    max_connections: int = 10_000  # open client connections; beyond it new ones get 503
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +174,7 @@ class Request:
         "keep_alive",
         "lookup",
         "method",
+        "received",
         "sink",
         "upgrade",
         "upgrade_rest",
@@ -180,6 +195,7 @@ class Request:
         self.content_length: int | None = None
         self.buffer: list[bytes] = []
         self.buffered = 0
+        self.received = 0  # body bytes, counted only when there is a size limit to enforce
         self.body_done = False
         self.sink: Callable[[bytes], None] | None = None
 
@@ -204,8 +220,10 @@ class ClientConnection(asyncio.Protocol):
         self.writable = True
         self.closing = False
         self._paused: set[str] = set()
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # header or keep-alive timeout
         self._bad: int = 0  # status to answer once the request in flight is done
+        self._reading_head = True
+        self._head_bytes = 0
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -214,12 +232,17 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client = str(peer[0]) if peer else "unknown"
         self.secure = transport.get_extra_info("sslcontext") is not None
+        limits = self.server.limits
+        if len(self.server.connections) >= limits.max_connections:
+            transport.write(simple_response(503, b"503: too many connections\n", close=True))  # type: ignore[attr-defined]
+            transport.close()
+            return
         self.server.connections.add(self)
-        self._arm_idle()
+        self._arm_timer(limits.client_header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
-        self._cancel_idle()
+        self._cancel_timer()
         if self.cycle is not None:
             self.cycle.client_gone()
         self.queue.clear()
@@ -231,8 +254,12 @@ class ClientConnection(asyncio.Protocol):
         if self.request is not None and self.request.upgrade and self.request.body_done:
             self.request.upgrade_rest += data  # bytes sent before the upstream answered 101
             return
+        if self._reading_head:
+            self._head_bytes += len(data)
         try:
             self.parser.feed_data(data)
+            if self._reading_head and self._head_bytes > self.server.limits.max_header_size:
+                self.fail(431)  # a head still incomplete past the limit: stop buffering it
         except httptools.HttpParserUpgrade as exc:
             self._on_upgrade_request(data[exc.args[0] :])
         except httptools.HttpParserCallbackError:
@@ -254,7 +281,7 @@ class ClientConnection(asyncio.Protocol):
     # -- httptools callbacks --------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._cancel_idle()
+        self._arm_timer(self.server.limits.client_header_timeout)
         self.request = Request()
 
     def on_url(self, url: bytes) -> None:
@@ -267,10 +294,20 @@ class ClientConnection(asyncio.Protocol):
             return
         request.headers.append((name, value))
         request.lookup[name.lower()] = value
+        if len(request.headers) > self.server.limits.max_headers:
+            self.fail(431)
+            raise RuntimeError("too many headers")
 
     def on_headers_complete(self) -> None:
         request = self.request
         assert request is not None
+        self._cancel_timer()
+        self._reading_head = False
+        limits = self.server.limits
+        head = len(request.url) + sum(len(n) + len(v) + 4 for n, v in request.headers)
+        if head > limits.max_header_size:
+            self.fail(431)
+            raise RuntimeError("request head too large")
         parser = self.parser
         request.method = parser.get_method().decode("ascii", "replace")
         request.version = parser.get_http_version()
@@ -285,6 +322,9 @@ class ClientConnection(asyncio.Protocol):
         length = request.lookup.get(b"content-length")
         if length is not None:
             request.content_length = int(length)  # llhttp validated it
+            if limits.max_body_size and request.content_length > limits.max_body_size:
+                self.fail(413)
+                raise RuntimeError("request body too large")
         self.queue.append(request)
         if self.cycle is None:
             self._start_next()
@@ -292,6 +332,12 @@ class ClientConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         request = self.request
         assert request is not None
+        limit = self.server.limits.max_body_size
+        if limit and request.chunked:
+            request.received += len(body)
+            if request.received > limit:
+                self.fail(413)
+                raise RuntimeError("request body too large")
         if request.sink is not None:
             request.sink(body)
             return
@@ -304,6 +350,8 @@ class ClientConnection(asyncio.Protocol):
         request = self.request
         assert request is not None
         request.body_done = True
+        self._reading_head = True
+        self._head_bytes = 0
         if request.sink is not None:
             request.sink(b"")
         if not request.upgrade:
@@ -344,8 +392,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.queue:
             self._start_next()
-        else:
-            self._arm_idle()
+        elif self.request is None:
+            self._arm_timer(self.server.limits.keepalive_timeout)
 
     def fail(self, status: int) -> None:
         """Answer a protocol error and close; after the request in flight, if there is one."""
@@ -373,7 +421,7 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.resume_reading()
 
     def close(self) -> None:
-        self._cancel_idle()
+        self._cancel_timer()
         if self.transport is not None:
             self.transport.close()
 
@@ -391,15 +439,16 @@ class ClientConnection(asyncio.Protocol):
         if self.cycle is None:
             self.close()
 
-    def _arm_idle(self) -> None:
-        self._cancel_idle()
-        loop = asyncio.get_running_loop()
-        self._idle_timer = loop.call_later(self.server.keepalive_timeout, self.close)
+    def _arm_timer(self, seconds: float) -> None:
+        """One timer per connection: the header timeout while a head is being read, the
+        keep-alive timeout while idle. Either way, when it fires the connection is closed."""
+        self._cancel_timer()
+        self._timer = asyncio.get_running_loop().call_later(seconds, self.close)
 
-    def _cancel_idle(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def _is_websocket(request: Request) -> bool:
@@ -515,7 +564,9 @@ class Cycle:
     async def _exchange(self, runtime: Runtime) -> None:
         request = self.request
         if self.bad_status:  # malformed before we even started
-            raise UpstreamFailure(self.bad_status, "client", "malformed request body")
+            raise UpstreamFailure(
+                self.bad_status, "client", _BODY_ERRORS.get(self.bad_status, "bad request body")
+            )
         expect = request.lookup.get(b"expect")
         if expect is not None and expect.strip().lower() != b"100-continue":
             raise UpstreamFailure(417, "client", "unsupported expectation")
@@ -526,7 +577,9 @@ class Cycle:
             conn, reused = await self._connect(runtime)
             if self.bad_status:  # the body turned out malformed while we connected
                 conn.pool.release(conn)
-                raise UpstreamFailure(self.bad_status, "client", "malformed request body")
+                raise UpstreamFailure(
+                    self.bad_status, "client", _BODY_ERRORS.get(self.bad_status, "bad request body")
+                )
             self.finished = loop.create_future()
             self.conn = conn
             conn.start(self)
@@ -756,11 +809,12 @@ class Cycle:
     def bad_body(self, status: int) -> None:
         """The client's body turned out malformed mid-stream: the upstream must not take an
         incomplete request for a whole one, so its connection is aborted."""
-        log.debug("malformed request body from %s", self.connection.client)
+        log.debug("rejected the request body from %s with %d", self.connection.client, status)
         self._drop_upstream()
         self.close_after = True
         self.bad_status = status
-        self._resolve(UpstreamFailure(status, "client", "malformed request body"))
+        self.connection.pause_reading("bad")
+        self._resolve(UpstreamFailure(status, "client", _BODY_ERRORS.get(status, "bad request body")))
 
     def client_gone(self) -> None:
         if self.websocket and self.connection.tunnel is not None:
@@ -904,12 +958,12 @@ class ProxyServer:
         metrics: Metrics,
         access_log: AccessLog | None,
         draw: Callable[[], int] | None = None,
-        keepalive_timeout: float = 75.0,
+        limits: Limits | None = None,
     ) -> None:
         self.metrics = metrics
         self.access_log = access_log
         self.draw = draw or random_bucket_source()
-        self.keepalive_timeout = keepalive_timeout
+        self.limits = limits or Limits()
         self.runtime: Runtime | None = None
         self.pools: dict[str, UpstreamPool] = {}
         self.connections: set[ClientConnection] = set()

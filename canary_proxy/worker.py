@@ -9,6 +9,7 @@ is gone, so the worker drains and exits rather than linger as an orphan.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from .app import Address, Settings, access_log_for, drain, install_stop_signals, serve_public
 from .config import parse_config
-from .http1 import ProxyServer
+from .http1 import Limits, ProxyServer
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ def settings_to_env(settings: Settings, *, port: int) -> str:
             "drain_delay": settings.drain_delay,
             "shutdown_timeout": settings.shutdown_timeout,
             "access_log": settings.access_log,
+            "limits": dataclasses.asdict(settings.limits),
         }
     )
 
@@ -62,10 +64,11 @@ async def run_worker(status_fd: int) -> int:
         drain_delay=raw["drain_delay"],
         shutdown_timeout=raw["shutdown_timeout"],
         access_log=raw["access_log"],
+        limits=Limits(**raw["limits"]),
     )
     metrics = Metrics(CollectorRegistry())  # values go to the shared multiprocess directory
     metrics.init_data_plane()
-    proxy = ProxyServer(metrics=metrics, access_log=access_log_for(settings))
+    proxy = ProxyServer(metrics=metrics, access_log=access_log_for(settings), limits=settings.limits)
     stop, first = asyncio.Event(), asyncio.Event()
     install_stop_signals(stop)
     reader = asyncio.create_task(_read_configs(proxy, stop, first))
