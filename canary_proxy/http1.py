@@ -59,10 +59,11 @@ WS_CLOSE_GOING_AWAY_TO_CLIENT: Final = b"\x88\x02\x03\xe9"  # unmasked close fra
 class UpstreamFailure(Exception):
     """Failed before any response byte went to the client; ``status`` is what we answer."""
 
-    def __init__(self, status: int, reason: str, detail: str) -> None:
+    def __init__(self, status: int, reason: str, detail: str, *, counted: bool = False) -> None:
         super().__init__(detail)
         self.status = status
         self.reason = reason
+        self.counted = counted  # already in upstream_errors_total and the log
 
 
 @dataclass(frozen=True, slots=True)
@@ -593,26 +594,23 @@ class Cycle:
                 await self.finished
                 return
             except UpstreamFailure as failure:
-                if not self._retryable(failure, reused, retried):
+                if not self._retryable(failure, conn, reused=reused, retried=retried):
+                    if not failure.counted and failure.reason != "client":
+                        self._count_failure(failure)
                     raise
                 retried = True
                 log.info(
                     "stale pooled connection to %s; retrying once on a fresh one", conn.pool.upstream.url
                 )
 
-    def _retryable(self, failure: UpstreamFailure, reused: bool, retried: bool) -> bool:
-        """A pooled connection the upstream had closed: retry once, when it is safe to."""
-        conn = self.conn
-        safe = self.request.method in IDEMPOTENT or (self.request.has_body and self.forwarded == 0)
-        return (
-            failure.reason == "reset"
-            and reused
-            and not retried
-            and conn is not None
-            and not conn.got_bytes
-            and safe
-            and not self.request.buffer  # nothing consumed from the body is lost
-        )
+    def _retryable(
+        self, failure: UpstreamFailure, conn: UpstreamConnection, *, reused: bool, retried: bool
+    ) -> bool:
+        """A pooled connection the upstream had closed: retry once, when it is safe to:
+        idempotent methods, and requests none of whose body has been sent yet."""
+        request = self.request
+        safe = request.method in IDEMPOTENT or self.forwarded == 0
+        return failure.reason == "reset" and reused and not retried and not conn.got_bytes and safe
 
     async def _connect(self, runtime: Runtime) -> tuple[UpstreamConnection, bool]:
         ex = self.ex
@@ -637,11 +635,17 @@ class Cycle:
             raise self._failure(502, "connect", str(exc)) from None
 
     def _failure(self, status: int, reason: str, detail: str) -> UpstreamFailure:
+        failure = UpstreamFailure(status, reason, detail, counted=True)
+        self._count_failure(failure)
+        return failure
+
+    def _count_failure(self, failure: UpstreamFailure) -> None:
         ex = self.ex
         assert ex is not None
-        self.server.metrics.upstream_errors.labels(ex.version, reason).inc()
-        log.warning("upstream %s failed (%s): %s [request %s]", ex.version, reason, detail, ex.request_id)
-        return UpstreamFailure(status, reason, detail)
+        self.server.metrics.upstream_errors.labels(ex.version, failure.reason).inc()
+        log.warning(
+            "upstream %s failed (%s): %s [request %s]", ex.version, failure.reason, failure, ex.request_id
+        )
 
     # -- the request head and body, upstream ----------------------------------------------
 
@@ -786,8 +790,8 @@ class Cycle:
         if ex.started:
             self._mid_body_failure(reason, detail)
             return
-        status = 502
-        self._resolve(self._failure(status, reason, detail))
+        # Counted by _exchange unless it retries: a stale pooled connection is no upstream error.
+        self._resolve(UpstreamFailure(502, reason, detail))
 
     def on_upstream_writable(self, writable: bool) -> None:
         if writable:

@@ -112,3 +112,49 @@ async def test_garbage_from_the_upstream_is_502(
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.fixture
+async def one_shot_upstream() -> AsyncIterator[tuple[str, list[int]]]:
+    """Answers the first request on each connection (keep-alive), then closes the connection
+    when a second request arrives on it, unanswered: a stale pooled connection."""
+    served: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)  # fmt: skip
+        await reader.readexactly(length)
+        served.append(1)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")  # the next request on this connection...
+        writer.transport.abort()  # ...is never answered
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", served
+    server.close()
+    await server.wait_closed()
+
+
+async def test_a_stale_pooled_connection_is_retried_once_for_idempotent_requests(
+    backends: tuple[Backend, Backend],
+    proxy_factory: ProxyFactory,
+    one_shot_upstream: tuple[str, list[int]],
+) -> None:
+    url, served = one_shot_upstream
+    _, canary = backends
+    proxy = await proxy_factory({"stable-url": url, "canary-url": canary.url})
+    connector = aiohttp.TCPConnector(limit=1)  # one client connection: one pooled upstream one
+    async with aiohttp.ClientSession(connector=connector) as client:
+        for _ in range(3):
+            async with client.get(proxy.url + "/") as r:
+                assert r.status == 200 and await r.read() == b"ok"
+        assert len(served) == 3  # each retry went to a fresh connection and was answered
+        metrics = await proxy.metrics_text()
+        assert 'canary_proxy_upstream_errors_total{reason="reset",version="stable"}' not in metrics
+        async with client.post(proxy.url + "/", data=b"body") as r:
+            await r.read()
+            assert r.status == 502  # its body went out on the stale connection: not replayed
+    metrics = await proxy.metrics_text()
+    assert 'canary_proxy_upstream_errors_total{reason="reset",version="stable"} 1.0' in metrics
