@@ -36,6 +36,9 @@ class AccessLog:
 
     def __init__(self, fd: int = 1) -> None:
         self._fd = fd
+        # A non-blocking stdout would make a full pipe drop lines or spin; blocking, a slow
+        # log reader slows us down instead (like any log shipper's backpressure).
+        os.set_blocking(fd, True)
 
     def write(self, ex: _Exchange, seconds: float) -> None:
         path = ex.path
@@ -61,8 +64,6 @@ class AccessLog:
         while view:
             try:
                 written = os.write(self._fd, view)
-            except BlockingIOError:
-                continue
             except OSError:
                 return  # stdout is gone (closed pipe): logging must never break serving
             view = view[written:]

@@ -50,8 +50,18 @@ async def _start_proxy(config_path: Path) -> tuple[asyncio.subprocess.Process, s
     while line := await asyncio.wait_for(process.stderr.readline(), 30):
         entry = json.loads(line)
         if entry.get("msg") == "ready":
+            # Keep reading its log, or a full pipe would one day stall the proxy.
+            _background.add(asyncio.create_task(_drain(process.stderr)))
             return process, "http://" + entry["public"], "http://" + entry["admin"]
     raise RuntimeError("the proxy exited before it was ready")
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.read(65536):
+        pass
 
 
 async def _split(session: aiohttp.ClientSession, url: str, n: int) -> Counter[str]:
