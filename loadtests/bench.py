@@ -1,0 +1,843 @@
+"""Benchmark canary-proxy against nginx and the bare backend, in one invocation, on one machine.
+
+Three targets behind the same wrk and the same backends:
+
+- **backend direct**: wrk to the stable backend, no proxy: the ceiling of the rig;
+- **nginx**: the reference, ``split_clients`` on ``$request_id`` (``$remote_addr`` would put
+  all loopback traffic in one bucket) over upstreams with keep-alive, ``proxy_buffering off``
+  as ingress-nginx sets it (streaming, like canary-proxy) with 64 KiB reads, an access log
+  on, ``X-Forwarded-*``/``X-Request-Id`` set and the version returned in a header, like
+  canary-proxy;
+- **canary-proxy**: ``canary-proxy serve`` with its access log on (written to a file) and
+  its metrics on, as in production.
+
+The backends are two nginx servers (stable and canary) that answer fixed bodies of 2 B,
+16 KiB and 1 MiB from memory or the page cache, so they are never the bottleneck; each
+counts its requests (``stub_status``), which gives the observed split. The canary weight is
+10 %. wrk runs with ``--latency``: req/s and p50/p99 at 64 connections, p50/p99 at one.
+
+Two sections. *Pinned*: the proxy (canary-proxy ``--workers 1``, then nginx
+``worker_processes 1``) on CPU 1, wrk and the backends on CPU 0: one core against one core.
+*Unpinned*: canary-proxy ``--workers auto`` against nginx ``worker_processes auto``, nothing
+pinned. The proxy's CPU time per request comes from ``/proc/<pid>/stat`` (utime + stime,
+summed over all its processes) across each run. Every cell is the median of ``--repeats``
+runs; the targets take turns within each repeat so machine noise hits them alike. Prints a
+Markdown table for the README, with the machine and the exact command line. Every process
+it starts is stopped by pid, on errors and Ctrl-C too.
+
+    .venv/bin/python loadtests/bench.py [--duration 10] [--repeats 3] [--quick]
+
+Needs the Debian packages ``nginx`` and ``wrk``, and 2+ CPUs for the pinned section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from canary_checks import bernstein_tolerance  # loadtests/ is not a package
+
+ROOT = Path(__file__).resolve().parent.parent
+CANARY_WEIGHT = 10  # percent
+BODIES = {"small": ("/small", "2 B"), "16k": ("/16k", "16 KiB"), "1m": ("/1m", "1 MiB")}
+CONNECTIONS = (64, 1)
+TARGETS = ("direct", "nginx", "canary-proxy")
+TARGET_LABELS = {"direct": "backend direct", "nginx": "nginx", "canary-proxy": "canary-proxy"}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL
+SPLIT_DELTA = 1e-6
+
+
+class BenchError(Exception):
+    pass
+
+
+# -- processes -------------------------------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat from field 3 (state) on: the command name may hold spaces."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return text.rpartition(")")[2].split()
+
+
+def descendants(root: int) -> list[int]:
+    """``root`` and every process below it, found by parent pid."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _stat_fields(int(entry))) is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of these processes (field 14 and 15 of /proc/<pid>/stat)."""
+    ticks = 0
+    for pid in pids:
+        if (fields := _stat_fields(pid)) is not None:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / CLK_TCK
+
+
+def _start_time(pid: int) -> str | None:
+    fields = _stat_fields(pid)
+    return fields[19] if fields is not None else None  # field 22: start time, tells reused pids apart
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def tree(self) -> list[int]:
+        return descendants(self.pid)
+
+
+class Processes:
+    """Every process started; each stopped by pid: SIGTERM, then SIGKILL for the whole tree."""
+
+    def __init__(self) -> None:
+        self.running: list[Proc] = []
+
+    def start(self, name: str, argv: list[str], **kwargs: Any) -> Proc:
+        proc = Proc(name, subprocess.Popen(argv, stdin=subprocess.DEVNULL, **kwargs))
+        self.running.append(proc)
+        return proc
+
+    def stop(self, proc: Proc) -> None:
+        tree = [(pid, _start_time(pid)) for pid in proc.tree()]
+        if proc.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.popen.wait(STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            pass
+        for pid, started in tree:  # the children too: a killed nginx master leaves its workers
+            if started is not None and _start_time(pid) == started:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        proc.popen.wait(STOP_GRACE)
+        self.running.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in reversed(list(self.running)):
+            self.stop(proc)
+
+
+def pinned(cpu: str | None) -> list[str]:
+    return ["taskset", "-c", cpu] if cpu is not None else []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_until(check: Callable[[], Any], proc: Proc, what: str, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if (result := check()) is not None:
+                return result
+        if proc.popen.poll() is not None:
+            raise BenchError(f"{what} exited with {proc.popen.returncode}")
+        time.sleep(0.05)
+    raise BenchError(f"{what} did not start within {timeout:.0f}s")
+
+
+def port_open(port: int) -> bool | None:
+    with socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+
+
+# -- nginx: the backends and the reference proxy ------------------------------------------------
+
+NGINX_COMMON = """
+daemon off;
+worker_processes {workers};
+error_log {dir}/error.log warn;
+pid {dir}/nginx.pid;
+events {{ worker_connections 8192; }}
+"""
+HTTP_COMMON = """
+    client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+"""
+
+BACKEND_CONF = (
+    NGINX_COMMON
+    + """
+http {{
+    access_log off;
+    sendfile on;
+    default_type application/octet-stream;
+""".rstrip("\n")
+    + HTTP_COMMON
+    + """
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        root {www};
+        location = /small {{ return 200 "ok"; }}
+        location = /nginx_status {{ stub_status; }}
+    }}
+}}
+"""
+)
+
+PROXY_CONF = (
+    NGINX_COMMON
+    + """
+http {{
+    log_format canary '$remote_addr [$time_local] "$request" $status $body_bytes_sent '
+                      '$request_time $upstream_addr $canary_upstream $request_id';
+    access_log {dir}/access.log canary;
+""".rstrip("\n")
+    + HTTP_COMMON
+    + """
+    split_clients "${{request_id}}" $canary_upstream {{
+        {weight}% canary;
+        * stable;
+    }}
+    upstream stable {{ server 127.0.0.1:{stable}; keepalive 128; keepalive_requests 1000000; }}
+    upstream canary {{ server 127.0.0.1:{canary}; keepalive 128; keepalive_requests 1000000; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096 reuseport;
+        location / {{
+            proxy_pass http://$canary_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $http_host;
+            proxy_set_header X-Request-Id $request_id;
+            # Stream as canary-proxy does (and as ingress-nginx sets it), reading up to 64 KiB
+            # at a time: the 4 KiB default costs nginx 2.5x the CPU on a 1 MiB body.
+            proxy_buffering off;
+            proxy_buffer_size 64k;
+            proxy_buffers 8 64k;
+            proxy_busy_buffers_size 128k;
+            add_header X-Canary-Version $canary_upstream always;
+            add_header X-Request-Id $request_id always;
+        }}
+    }}
+}}
+"""
+)
+
+
+def start_nginx(procs: Processes, name: str, conf: str, directory: Path, cpu: str | None) -> Proc:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "nginx.conf").write_text(conf)
+    argv = [
+        *pinned(cpu), "nginx", "-p", str(directory), "-c", str(directory / "nginx.conf"),
+        "-e", str(directory / "error.log"),
+    ]  # fmt: skip
+    with (directory / "stderr.log").open("wb") as log:
+        return procs.start(name, argv, stdout=log, stderr=subprocess.STDOUT)
+
+
+@dataclass
+class Backend:
+    name: str
+    port: int
+    proc: Proc
+
+    def served(self) -> int:
+        """stub_status's request count, which already includes this very read."""
+        url = f"http://127.0.0.1:{self.port}/nginx_status"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            lines = response.read().decode().splitlines()
+        return int(lines[2].split()[2])
+
+
+def start_backends(procs: Processes, workdir: Path) -> tuple[Backend, Backend]:
+    www = workdir / "www"
+    www.mkdir()
+    (www / "16k").write_bytes(b"x" * 16384)
+    (www / "1m").write_bytes(b"x" * 1048576)
+    for path in (workdir, www, www / "16k", www / "1m"):
+        path.chmod(0o755)  # nginx workers run as nobody when we are root
+    backends = []
+    for name in ("stable", "canary"):
+        port = free_port()
+        directory = workdir / f"backend-{name}"
+        conf = BACKEND_CONF.format(workers=1, dir=directory, port=port, www=www)
+        proc = start_nginx(procs, f"backend-{name}", conf, directory, cpu=None)
+        wait_until(functools.partial(port_open, port), proc, f"backend {name}")
+        backends.append(Backend(name, port, proc))
+    return backends[0], backends[1]
+
+
+def set_affinity(proc: Proc, cpu: str | None) -> None:
+    cpus = {int(cpu)} if cpu is not None else set(range(os.cpu_count() or 1))
+    for pid in proc.tree():
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(pid, cpus)
+
+
+# -- the proxies under test -----------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    proc: Proc | None = None  # the proxy whose CPU is measured; None for the backend itself
+    logs: list[Path] = field(default_factory=list)  # access logs, truncated after each run
+
+
+def start_nginx_proxy(
+    procs: Processes, workdir: Path, backends: tuple[Backend, Backend], *, workers: str, cpu: str | None
+) -> Target:
+    port = free_port()
+    directory = workdir / f"nginx-proxy-{workers}"
+    conf = PROXY_CONF.format(
+        workers=workers,
+        dir=directory,
+        port=port,
+        weight=CANARY_WEIGHT,
+        stable=backends[0].port,
+        canary=backends[1].port,
+    )
+    proc = start_nginx(procs, "nginx-proxy", conf, directory, cpu)
+    wait_until(lambda: port_open(port), proc, "nginx proxy")
+    return Target("nginx", f"http://127.0.0.1:{port}", proc, [directory / "access.log"])
+
+
+def start_canary_proxy(
+    procs: Processes, workdir: Path, backends: tuple[Backend, Backend], *, workers: str, cpu: str | None
+) -> Target:
+    directory = workdir / f"canary-proxy-{workers}"
+    directory.mkdir()
+    config = directory / "canary.yaml"
+    config.write_text(
+        f"stable-url: http://127.0.0.1:{backends[0].port}\n"
+        f"canary-url: http://127.0.0.1:{backends[1].port}\n"
+        f"canary-weight: {CANARY_WEIGHT}\n"
+        "canary-by-header: X-Canary\n"
+    )
+    access, stderr = directory / "access.log", directory / "stderr.log"
+    argv = [
+        *pinned(cpu), sys.executable, "-m", "canary_proxy", "serve", "--config", str(config),
+        "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--workers", workers,
+        "--drain-delay", "0", "--shutdown-timeout", "2s",
+    ]  # fmt: skip
+    # O_APPEND, so truncating the file between runs keeps disk use flat while it stays on.
+    with access.open("ab") as out, stderr.open("ab") as err:
+        proc = procs.start("canary-proxy", argv, stdout=out, stderr=err, cwd=ROOT)
+
+    def ready() -> dict[str, Any] | None:
+        for line in stderr.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if entry.get("msg") == "ready":
+                    return dict(entry)
+        return None
+
+    entry = wait_until(ready, proc, "canary-proxy")
+    return Target("canary-proxy", "http://" + entry["public"], proc, [access])
+
+
+# -- wrk -------------------------------------------------------------------------------------
+
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    p50: float  # seconds
+    p99: float
+    requests: int
+    errors: int  # socket errors and non-2xx/3xx answers
+    error_text: str = ""
+
+
+def _seconds(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if not m:
+        raise BenchError(f"cannot read wrk latency {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_wrk(out: str) -> WrkResult:
+    def find(pattern: str) -> re.Match[str]:
+        m = re.search(pattern, out, re.MULTILINE)
+        if m is None:
+            raise BenchError(f"cannot read wrk output ({pattern!r}):\n{out}")
+        return m
+
+    errors, notes = 0, []
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
+        errors += sum(int(x) for x in m.groups())
+        notes.append(m.group(0))
+    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
+        errors += int(m.group(1))
+        notes.append(m.group(0))
+    return WrkResult(
+        rps=float(find(r"^Requests/sec:\s+([\d.]+)").group(1)),
+        p50=_seconds(find(r"^\s+50%\s+(\S+)").group(1)),
+        p99=_seconds(find(r"^\s+99%\s+(\S+)").group(1)),
+        requests=int(find(r"^\s+(\d+) requests in").group(1)),
+        errors=errors,
+        error_text="; ".join(notes),
+    )
+
+
+def run_wrk(
+    procs: Processes, url: str, *, connections: int, threads: int, duration: float, cpu: str | None
+) -> WrkResult:
+    argv = [
+        *pinned(cpu), "wrk", f"-t{min(threads, connections)}", f"-c{connections}",
+        f"-d{duration:g}s", "--latency", url,
+    ]  # fmt: skip
+    proc = procs.start("wrk", argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        out, _ = proc.popen.communicate(timeout=duration + 30)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"wrk on {url} did not finish") from None
+    finally:
+        procs.stop(proc)
+    if proc.popen.returncode != 0:
+        raise BenchError(f"wrk failed on {url}:\n{out.decode(errors='replace')}")
+    return parse_wrk(out.decode(errors="replace"))
+
+
+# -- one section -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Section:
+    key: str
+    title: str
+    proxy_cpu: str | None  # taskset for the proxy under test
+    load_cpu: str | None  # taskset for wrk and the backends
+    workers: str  # canary-proxy --workers; nginx worker_processes
+    wrk_threads: int
+
+
+@dataclass
+class Run:
+    section: str
+    target: str
+    body: str
+    connections: int
+    repeat: int
+    rps: float
+    p50: float
+    p99: float
+    requests: int
+    errors: int
+    cpu_per_request: float | None  # seconds
+    stable: int | None  # requests the backends counted during the run
+    canary: int | None
+
+
+def measure(
+    procs: Processes,
+    section: Section,
+    target: Target,
+    backends: tuple[Backend, Backend],
+    *,
+    body: str,
+    connections: int,
+    repeat: int,
+    duration: float,
+) -> Run:
+    tree = target.proc.tree() if target.proc is not None else []
+    before = (cpu_seconds(tree), backends[0].served(), backends[1].served())
+    result = run_wrk(
+        procs,
+        target.url + BODIES[body][0],
+        connections=connections,
+        threads=section.wrk_threads,
+        duration=duration,
+        cpu=section.load_cpu,
+    )
+    after = (cpu_seconds(tree), backends[0].served(), backends[1].served())
+    for log in target.logs:
+        with contextlib.suppress(FileNotFoundError):
+            os.truncate(log, 0)
+    proxied = target.proc is not None
+    if result.errors:
+        print(f"  ! {target.name} {body} @{connections}: {result.error_text}", file=sys.stderr)
+    return Run(
+        section=section.key,
+        target=target.name,
+        body=body,
+        connections=connections,
+        repeat=repeat,
+        rps=result.rps,
+        p50=result.p50,
+        p99=result.p99,
+        requests=result.requests,
+        errors=result.errors,
+        cpu_per_request=(after[0] - before[0]) / result.requests if proxied and result.requests else None,
+        # Less one: the "before" status read itself is counted in the "after" figure.
+        stable=after[1] - before[1] - 1 if proxied else None,
+        canary=after[2] - before[2] - 1 if proxied else None,
+    )
+
+
+def run_section(
+    procs: Processes,
+    section: Section,
+    workdir: Path,
+    backends: tuple[Backend, Backend],
+    args: argparse.Namespace,
+) -> list[Run]:
+    for backend in backends:
+        set_affinity(backend.proc, section.load_cpu)
+    proxies = [
+        start_nginx_proxy(procs, workdir, backends, workers=section.workers, cpu=section.proxy_cpu),
+        start_canary_proxy(procs, workdir, backends, workers=section.workers, cpu=section.proxy_cpu),
+    ]
+    targets = {
+        "direct": Target("direct", f"http://127.0.0.1:{backends[0].port}"),
+        "nginx": proxies[0],
+        "canary-proxy": proxies[1],
+    }
+    runs: list[Run] = []
+    try:
+        bodies = args.bodies.split(",")
+        if args.warmup > 0:
+            for body in bodies:
+                for name in TARGETS:
+                    run_wrk(
+                        procs,
+                        targets[name].url + BODIES[body][0],
+                        connections=CONNECTIONS[0],
+                        threads=section.wrk_threads,
+                        duration=args.warmup,
+                        cpu=section.load_cpu,
+                    )
+        for repeat in range(args.repeats):
+            order = TARGETS[repeat % 3 :] + TARGETS[: repeat % 3]  # take turns going first
+            for body in bodies:
+                for connections in CONNECTIONS:
+                    for name in order:
+                        run = measure(
+                            procs,
+                            section,
+                            targets[name],
+                            backends,
+                            body=body,
+                            connections=connections,
+                            repeat=repeat,
+                            duration=args.duration,
+                        )
+                        runs.append(run)
+                        print(
+                            f"  [{section.key} {repeat + 1}/{args.repeats}] {name:>12} {body:>5} "
+                            f"@{connections:<2}: {run.rps:9.0f} req/s  p50 {ms(run.p50)}  p99 {ms(run.p99)}",
+                            file=sys.stderr,
+                        )
+    finally:
+        for target in proxies:
+            if target.proc is not None:
+                procs.stop(target.proc)
+    return runs
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+def ms(seconds: float) -> str:
+    value = seconds * 1000
+    return f"{value:.2f} ms" if value < 10 else f"{value:.1f} ms" if value < 100 else f"{value:.0f} ms"
+
+
+def us(seconds: float) -> str:
+    value = seconds * 1e6
+    return f"{value:.1f} µs" if value < 100 else f"{value:.0f} µs"
+
+
+def median_of(runs: list[Run], attr: str) -> float | None:
+    values = [getattr(r, attr) for r in runs if getattr(r, attr) is not None]
+    return statistics.median(values) if values else None
+
+
+def cell(
+    value: float | None, reference: float | None, fmt: Callable[[float], str], is_reference: bool
+) -> str:
+    if value is None:
+        return "-"
+    if is_reference or not reference:
+        return fmt(value)
+    return f"{fmt(value)} ({value / reference:.2f}×)"  # noqa: RUF001  (a multiplication sign)
+
+
+def section_table(section: Section, runs: list[Run], bodies: list[str]) -> list[str]:
+    lines = [
+        f"#### {section.title}",
+        "",
+        "| body | target | req/s @64 | p50 @64 | p99 @64 | p50 @1 | p99 @1 | proxy CPU / request |",
+        "|---|---|--:|--:|--:|--:|--:|--:|",
+    ]
+
+    def pick(target: str, body: str, connections: int, attr: str) -> float | None:
+        chosen = [
+            r
+            for r in runs
+            if (r.target, r.body, r.connections, r.section) == (target, body, connections, section.key)
+        ]
+        return median_of(chosen, attr)
+
+    for body in bodies:
+        for target in TARGETS:
+            ref = target == "nginx"
+            cols = [
+                ("rps", 64, lambda v: f"{v:,.0f}"),
+                ("p50", 64, ms),
+                ("p99", 64, ms),
+                ("p50", 1, ms),
+                ("p99", 1, ms),
+                ("cpu_per_request", 64, us),
+            ]
+            cells = [
+                cell(pick(target, body, c, attr), pick("nginx", body, c, attr), fmt, ref)
+                for attr, c, fmt in cols
+            ]
+            label = BODIES[body][1] if target == TARGETS[0] else ""
+            lines.append(f"| {label} | {TARGET_LABELS[target]} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def split_lines(section: Section, runs: list[Run]) -> tuple[list[str], bool]:
+    lines, ok = [], True
+    p = CANARY_WEIGHT / 100
+    for target in ("canary-proxy", "nginx"):
+        chosen = [r for r in runs if r.section == section.key and r.target == target]
+        stable = sum(r.stable or 0 for r in chosen)
+        canary = sum(r.canary or 0 for r in chosen)
+        sent = sum(r.requests for r in chosen)
+        n = stable + canary
+        if not n:
+            continue
+        tolerance = bernstein_tolerance(p, n=n, sum_sq=n, max_cluster=1, delta=SPLIT_DELTA)
+        share = canary / n
+        good = abs(share - p) <= tolerance
+        ok &= good
+        lines.append(
+            f"- {TARGET_LABELS[target]}: {100 * share:.2f} % to the canary of {n:,} requests the "
+            f"backends counted (wrk completed {sent:,}); configured {CANARY_WEIGHT} %, "
+            f"tolerance ±{100 * tolerance:.2f} % (Bernstein, δ = {SPLIT_DELTA:g}): "
+            f"{'OK' if good else 'OFF'}"
+        )
+    return lines, ok
+
+
+def command_line() -> str:
+    """How this script was started, with the interpreter relative to the current directory."""
+    python = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable
+    return shlex.join([python, *sys.argv])
+
+
+def version_of(argv: list[str], pattern: str) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except OSError:
+        return "?"
+    m = re.search(pattern, out.stdout + out.stderr)
+    return m.group(1) if m else "?"
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def source_revision() -> str:
+    """The commit measured, and whether the work tree differs from it."""
+    git = ["git", "-C", str(ROOT)]
+    head = version_of([*git, "rev-parse", "--short", "HEAD"], r"(\w+)")
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return f"canary-proxy {head}{' + uncommitted changes' if dirty else ''}"
+
+
+def machine() -> str:
+    model = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    nproc = version_of(["nproc"], r"(\d+)")
+    loadavg = Path("/proc/loadavg").read_text().split()[:3]
+    libs = ", ".join(f"{name} {v}" for name in ("httptools", "uvloop", "aiohttp") if (v := _version(name)))
+    nginx = version_of(["nginx", "-v"], r"nginx/(\S+)")
+    wrk = version_of(["wrk", "-v"], r"wrk (\S+)")
+    return (
+        f"{nproc} CPUs (`nproc`), {model}; Linux {platform.release()}; Python {platform.python_version()} "
+        f"({libs}); nginx {nginx}; wrk {wrk}; {source_revision()}; load average at start {' '.join(loadavg)}"
+    )
+
+
+def report(
+    args: argparse.Namespace, sections: list[Section], runs: list[Run], machine_line: str
+) -> tuple[str, bool]:
+    bodies = args.bodies.split(",")
+    errors = sum(r.errors for r in runs)
+    lines = [
+        f"### canary-proxy vs nginx{' (SMOKE RUN: --quick, not for the README)' if args.quick else ''}",
+        "",
+        f"Machine: {machine_line}.",
+        "",
+        f"Command: `{command_line()}`",
+        "",
+        f"Each cell is the median of {args.repeats} wrk run{'s' * (args.repeats != 1)} "
+        f"of {args.duration:g} s "
+        "(`--latency`, keep-alive, GET). Ratios are to nginx in the same run. "
+        f"Canary weight {CANARY_WEIGHT} %; canary-proxy "
+        "with its access log (to a file) and metrics on; nginx with an access log too, "
+        "`split_clients` on `$request_id`, upstream keep-alive, `proxy_buffering off` with "
+        "`proxy_buffer_size 64k`. Backends: "
+        "nginx with fixed bodies. CPU / request: the proxy's utime + stime over all its processes "
+        "(the nginx master and worker; the canary-proxy supervisor and workers), at 64 connections.",
+        "",
+    ]
+    ok = errors == 0
+    for section in sections:
+        chosen = [r for r in runs if r.section == section.key]
+        if not chosen:
+            continue
+        lines += section_table(section, chosen, bodies)
+        split, good = split_lines(section, chosen)
+        ok &= good
+        lines += ["", "Observed split (counted by each backend):", *split, ""]
+    if errors:
+        lines.append(f"**{errors} failed requests** (socket errors or non-2xx/3xx): see stderr.")
+    return "\n".join(lines), ok
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def sections_for(keys: list[str]) -> Iterator[Section]:
+    nproc = len(os.sched_getaffinity(0))
+    for key in keys:
+        if key == "pinned":
+            if nproc < 2:
+                raise BenchError("the pinned section needs 2 CPUs (proxy on CPU 1, wrk + backends on CPU 0)")
+            yield Section(
+                "pinned",
+                "One core each: canary-proxy `--workers 1` and nginx `worker_processes 1` on CPU 1; "
+                "wrk (1 thread) and the backends on CPU 0",
+                proxy_cpu="1",
+                load_cpu="0",
+                workers="1",
+                wrk_threads=1,
+            )
+        elif key == "auto":
+            yield Section(
+                "auto",
+                f"Unpinned: canary-proxy `--workers auto` and nginx `worker_processes auto` ({nproc} CPUs), "
+                f"wrk ({nproc} threads) and the backends sharing the same CPUs",
+                proxy_cpu=None,
+                load_cpu=None,
+                workers="auto",
+                wrk_threads=nproc,
+            )
+        else:
+            raise BenchError(f"unknown section {key!r}: expected pinned or auto")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs per cell; the median is shown (default 3)"
+    )
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per target and body (2)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 s runs, 1 repeat, 1 s warm-up")
+    parser.add_argument("--sections", default="pinned,auto", help="pinned,auto (default both)")
+    parser.add_argument("--bodies", default="small,16k,1m", help="small,16k,1m (default all)")
+    parser.add_argument("--json", type=Path, help="also write every run as JSON here")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
+    args = parser.parse_args()
+    if args.quick:
+        args.duration, args.repeats, args.warmup = 2, 1, 1  # wrk takes whole seconds
+    for body in args.bodies.split(","):
+        if body not in BODIES:
+            parser.error(f"unknown body {body!r}: expected small, 16k or 1m")
+    for tool in ("nginx", "wrk", "taskset"):
+        if shutil.which(tool) is None:
+            parser.error(f"{tool} is not installed (Debian packages nginx, wrk, util-linux)")
+    # SIGTERM unwinds through the finally below like Ctrl-C, so every child is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    workdir = Path(tempfile.mkdtemp(prefix="canary-bench-"))
+    procs = Processes()
+    machine_line = machine()
+    runs: list[Run] = []
+    try:
+        sections = list(sections_for(args.sections.split(",")))
+        cells = len(sections) * len(args.bodies.split(",")) * len(CONNECTIONS) * len(TARGETS)
+        minutes = cells * (args.repeats * args.duration + args.warmup / len(CONNECTIONS)) / 60
+        plan = f"{cells} cells x {args.repeats} runs of {args.duration}s"
+        print(f"bench: {plan}: about {minutes:.0f} min", file=sys.stderr)
+        backends = start_backends(procs, workdir)
+        for section in sections:
+            print(f"== {section.key}", file=sys.stderr)
+            runs += run_section(procs, section, workdir, backends, args)
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted; every process it started is stopped", file=sys.stderr)
+        return 130
+    finally:
+        procs.stop_all()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in runs], indent=1))
+    text, ok = report(args, sections, runs, machine_line)
+    print(text)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
