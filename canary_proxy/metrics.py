@@ -112,6 +112,10 @@ class Metrics:
             registry=registry,
         )
         self._request_children: dict[tuple[str, int, str], Counter] = {}
+        # labels() takes a lock and builds a tuple each call; the per-request path reuses children.
+        self.in_flight_by = {v: self.in_flight.labels(v) for v in VERSIONS}
+        self._duration_by = {v: self.duration.labels(v) for v in VERSIONS}
+        self._decisions_by: dict[tuple[str, str], Counter] = {}
 
     def init_data_plane(self) -> None:
         """Create the per-version series at zero so rate() works from the first scrape."""
@@ -133,4 +137,11 @@ class Metrics:
             child = self.requests.labels(version, str(code), key[2])
             self._request_children[key] = child
         child.inc()
-        self.duration.labels(version).observe(seconds)
+        self._duration_by[version].observe(seconds)
+
+    def count_decision(self, version: str, rule: str) -> None:
+        key = (version, rule)
+        child = self._decisions_by.get(key)
+        if child is None:
+            child = self._decisions_by[key] = self.decisions.labels(version, rule)
+        child.inc()
