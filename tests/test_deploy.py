@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from .conftest import Backend, ProxyFactory, base_config
+
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 VENV_BIN = Path(sysconfig.get_path("scripts"))
@@ -735,3 +737,33 @@ def test_dockerfile_contract() -> None:
     [user] = [ln for ln in lines if ln.startswith("USER ")]
     uid, _, gid = user.split()[1].partition(":")
     assert int(uid) > 0 and (not gid or int(gid) > 0), "USER must be numeric and non-root"
+
+
+# -- against the real proxy --------------------------------------------------------------------
+
+
+async def test_every_metric_the_dashboard_and_alerts_query_is_really_exported(
+    backends: tuple[Backend, Backend], proxy_factory: ProxyFactory
+) -> None:
+    """Scrape the real proxy after traffic of every kind and compare names, not a list."""
+    import aiohttp
+
+    stable, canary = backends
+    proxy = await proxy_factory(base_config(stable, canary, canary_weight=50))
+    async with aiohttp.ClientSession() as client:
+        for _ in range(10):
+            async with client.get(proxy.url + "/") as r:
+                await r.read()
+        text = await proxy.metrics_text()
+    exported: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            exported.add(name)
+            if kind == "histogram":
+                exported |= {f"{name}_bucket", f"{name}_count", f"{name}_sum"}
+            if kind == "counter" and not name.endswith("_total"):
+                exported.add(f"{name}_total")
+    used = promql_metric_names()
+    assert used, "no metric names found in the dashboard and rules"
+    assert used <= exported, f"queried but not exported: {sorted(used - exported)}"
