@@ -40,6 +40,7 @@ async def follow_configmap(ref: str, *, kubeconfig: str | None) -> AsyncIterator
                 extra={"error": str(status.error)},
             )
 
+    last_digest = None
     async with KubeClient(config) as client:
         events = watch_configmap(client, namespace, name, on_status=on_status)
         async with contextlib.aclosing(events):
@@ -51,4 +52,8 @@ async def follow_configmap(ref: str, *, kubeconfig: str | None) -> AsyncIterator
                         name,
                     )
                     continue
-                yield raw_from_data(dict(event.data))
+                raw = raw_from_data(dict(event.data))
+                if raw.digest == last_digest:
+                    continue  # only annotations changed (a rollout's state): not a new config
+                last_digest = raw.digest
+                yield raw
