@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .configmap_cli import add_configmap_commands
 
     add_configmap_commands(sub)
+
+    from .rollout.cli import add_rollout_commands
+
+    add_rollout_commands(sub)
     return parser
 
 
@@ -158,6 +162,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "weight": cmd_weight,
         "get": cmd_get,
     }
+    from .rollout.cli import HANDLERS as ROLLOUT_HANDLERS
+
+    handlers.update(ROLLOUT_HANDLERS)
     handler = handlers[args.command]
     sys.exit(handler(args))
 

@@ -1,0 +1,399 @@
+"""``rollout``, ``promote``, ``abort`` and ``status``: flags, and handlers that return exit codes.
+
+``canary_proxy.cli`` adds these subcommands with ``add_rollout_commands`` and calls
+``HANDLERS[command]``; it stays the only place that exits. Exit codes of ``rollout``:
+0 promoted, 1 rolled back or aborted (the canary's weight is then 0), 2 bad arguments
+(or a recorded rollout that does not match them), 3 the ConfigMap or file is missing or the
+API stays unreachable; 128 + N when stopped by signal N (the state is kept to resume).
+``promote``/``abort``: 0 requested, 1 no rollout to act on, 2 and 3 as above.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from ..config import parse_duration
+from .analysis import Thresholds, fmt_rate, fmt_seconds, parse_factor, parse_percent
+from .controller import EXIT_ROLLED_BACK, EXIT_UNAVAILABLE, EXIT_USAGE, STOPPED, Controller, Settings
+from .plan import Plan, PlanError, describe, parse_plan
+from .state import COMMAND, FINAL, RUNNING, RolloutState, StateError, decode
+from .store import Change, FileStore, Invalid, Missing, Store, Stored, StoreError, open_configmap_store
+
+EXIT_OK = 0
+KUBECONFIG_HELP = "kubeconfig path (default: in-cluster, $KUBECONFIG, ~/.kube/config)"
+
+
+# -- argument types -----------------------------------------------------------------------------
+
+
+def _type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {exc}") from None
+
+    convert.__name__ = parse.__name__.lstrip("_")  # argparse names the type in its errors
+    return convert
+
+
+def _plan(text: str) -> Plan:
+    try:
+        return parse_plan(text)
+    except PlanError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    if not str(text).isdigit() or int(text) < 1:
+        raise ValueError("a whole number of at least 1")
+    return int(text)
+
+
+duration = _type(parse_duration)
+percent = _type(parse_percent)
+factor = _type(parse_factor)
+positive_int = _type(_positive_int)
+
+
+# -- the subcommands ------------------------------------------------------------------------------
+
+
+def add_rollout_commands(sub: Any) -> None:
+    """Add rollout, promote, abort and status to the ``canary-proxy`` subparsers."""
+    rollout = sub.add_parser(
+        "rollout",
+        help="raise the canary's weight step by step, checking it against stable; roll back on failure",
+        description="Exit codes: 0 promoted, 1 rolled back or aborted (weight 0), 2 bad arguments, "
+        "3 the ConfigMap or file is missing or the API stays unreachable.",
+    )
+    _target(rollout)
+    _flag(rollout, "--steps", type=_plan, help="percentages of traffic, pause, pause:DURATION; ends at 100")
+    _flag(
+        rollout, "--step-duration", default="1m", type=duration, help="each weight step lasts at least this"
+    )
+    _flag(rollout, "--interval", default="15s", type=duration, help="one check (and decision) per interval")
+    _flag(rollout, "--prometheus", help="Prometheus base URL, queried over its HTTP API")
+    rollout.add_argument(
+        "--metrics-url",
+        action="append",
+        default=[],
+        help="a proxy's /metrics URL, scraped every interval; repeat for each replica",
+    )
+    _flag(
+        rollout,
+        "--window",
+        type=duration,
+        help="PromQL range of a check (--prometheus only; unset: the interval, at least 1m)",
+    )
+    _flag(rollout, "--max-error-rate", default="1%", type=percent, help="canary 5xx share limit")
+    _flag(rollout, "--max-p99", default="500ms", type=duration, help="canary p99 latency limit")
+    _flag(
+        rollout,
+        "--max-error-rate-increase",
+        default="0.5",
+        type=percent,
+        help="percentage points above stable's error rate",
+    )
+    _flag(rollout, "--max-p99-increase", default="2x", type=factor, help="factor of stable's p99")
+    _flag(
+        rollout,
+        "--min-requests",
+        default="100",
+        type=positive_int,
+        help="fewer canary requests: inconclusive",
+    )
+    _flag(
+        rollout,
+        "--failure-threshold",
+        default="2",
+        type=positive_int,
+        help="consecutive failed checks to roll back",
+    )
+    _flag(
+        rollout,
+        "--progress-deadline",
+        default="10m",
+        type=duration,
+        help="no conclusive check for this long: roll back",
+    )
+    rollout.add_argument("--gradual-abort", action="store_true", help="on failure, step back down the steps")
+    rollout.add_argument("--restart", action="store_true", help="start over, whatever was recorded")
+    _flag(rollout, "--log-format", default="json", choices=("json", "text"), help="stderr log format")
+    _flag(rollout, "--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+    promote = sub.add_parser(
+        "promote", help="end the current pause or step now (--full: go to 100%% and finish)"
+    )
+    promote.add_argument("--full", action="store_true", help="jump to 100%% and finish the rollout")
+    _target(promote)
+    abort = sub.add_parser("abort", help="roll the running rollout back now (canary weight 0)")
+    _target(abort)
+    status = sub.add_parser("status", help="a rollout's phase, step, weight and last analysis")
+    _target(status)
+    status.add_argument("--output", "-o", default="text", choices=("text", "json"), help="output format")
+
+
+def _flag(parser: Any, flag: str, *, default: str | None = None, help: str = "", **kwargs: Any) -> None:
+    """A flag whose default comes from ``CANARY_PROXY_<FLAG>``; the command line wins."""
+    env = "CANARY_PROXY_" + flag.lstrip("-").upper().replace("-", "_")
+    shown = "none" if default is None else default.replace("%", "%%")  # argparse %-formats help
+    parser.add_argument(
+        flag, default=os.environ.get(env, default), help=f"{help} [env {env}; default: {shown}]", **kwargs
+    )
+
+
+def _target(parser: Any) -> None:
+    parser.add_argument("target", nargs="?", metavar="[NS/]NAME", help="the proxy's ConfigMap")
+    parser.add_argument(
+        "--config", help="a local config file instead of a ConfigMap (state in FILE.rollout.json)"
+    )
+    _flag(parser, "--kubeconfig", help=KUBECONFIG_HELP)
+
+
+def _errors(lines: list[str]) -> int:
+    for line in lines:
+        print(f"error: {line}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _target_errors(args: argparse.Namespace) -> list[str]:
+    if bool(args.target) == bool(args.config):
+        return ["exactly one of [NS/]NAME (a ConfigMap) and --config FILE is required"]
+    return []
+
+
+@contextlib.asynccontextmanager
+async def open_store(args: argparse.Namespace) -> AsyncIterator[Store]:
+    """The store named on the command line: ``--config FILE`` or ``[NS/]NAME``."""
+    if args.config:
+        yield FileStore(args.config)
+        return
+    async with open_configmap_store(args.target, kubeconfig=args.kubeconfig) as store:
+        yield store
+
+
+def _run(coro: Any) -> int:
+    from ..cli import run_async  # late: canary_proxy.cli imports this module
+
+    result: int = run_async(coro)
+    return result
+
+
+# -- rollout ------------------------------------------------------------------------------------
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    window = args.window or max(args.interval, 60.0)
+    thresholds = Thresholds(
+        max_error_rate=args.max_error_rate,
+        max_p99=args.max_p99,
+        max_error_rate_increase=args.max_error_rate_increase,
+        max_p99_increase=args.max_p99_increase,
+        min_requests=args.min_requests,
+    )
+    return Settings(
+        plan=args.steps,
+        step_duration=args.step_duration,
+        interval=args.interval,
+        window=window,
+        failure_threshold=args.failure_threshold,
+        progress_deadline=args.progress_deadline,
+        gradual_abort=args.gradual_abort,
+        thresholds=thresholds,
+    )
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    errors = _target_errors(args)
+    if args.steps is None:
+        errors.append("--steps: required, e.g. --steps 5,10,25,50,100")
+    if bool(args.prometheus) == bool(args.metrics_url):
+        errors.append("exactly one metric source is required: --prometheus URL or --metrics-url URL ...")
+    if args.max_p99 <= 0 or args.step_duration <= 0 or args.interval <= 0 or args.progress_deadline <= 0:
+        errors.append("--max-p99, --step-duration, --interval and --progress-deadline must be above 0")
+    if errors:
+        return _errors(errors)
+    from ..logs import setup_logging
+
+    setup_logging(args.log_format, args.log_level)
+    return _run(_rollout(args, settings_from(args)))
+
+
+async def _rollout(args: argparse.Namespace, settings: Settings) -> int:
+    import aiohttp
+
+    from .sources import PrometheusSource, ScrapeSource
+
+    stop, caught = asyncio.Event(), [0]
+
+    def on_signal(number: int) -> None:
+        caught[0] = number
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    timeout = aiohttp.ClientTimeout(total=max(1.0, min(settings.interval, 10.0)))
+    try:
+        async with open_store(args) as store, aiohttp.ClientSession(timeout=timeout) as session:
+            source = (
+                PrometheusSource(args.prometheus, session)
+                if args.prometheus
+                else ScrapeSource(args.metrics_url, session)
+            )
+            code = await Controller(store, source, settings).run(restart=args.restart, stop=stop)
+    except Invalid as exc:
+        return _errors([str(exc)])
+    return 128 + caught[0] if code == STOPPED else code
+
+
+# -- promote, abort -------------------------------------------------------------------------------
+
+
+class _NothingToDo(Exception):
+    """Raised inside the write when no rollout can take the command; nothing is written."""
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    return _command(args, "promote-full" if args.full else "promote")
+
+
+def cmd_abort(args: argparse.Namespace) -> int:
+    return _command(args, "abort")
+
+
+def _command(args: argparse.Namespace, action: str) -> int:
+    if errors := _target_errors(args):
+        return _errors(errors)
+    return _run(_send(args, action))
+
+
+def command_change(stored: Stored, action: str, nonce: str) -> Change:
+    """The write of one command, if a rollout can take it (else _NothingToDo)."""
+    state = decode(stored.annotations)
+    takes = RUNNING | {"RollingBack"} if action == "abort" else RUNNING
+    if state.phase not in takes:
+        raise _NothingToDo(f"no rollout to {action}: phase is {state.phase or 'none (never started)'}")
+    return Change(annotations={COMMAND: f"{action} {nonce}"})
+
+
+async def _send(args: argparse.Namespace, action: str) -> int:
+    nonce = secrets.token_hex(4)
+    try:
+        async with open_store(args) as store:
+            stored = await store.update(lambda current: command_change(current, action, nonce))
+    except _NothingToDo as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ROLLED_BACK
+    except (Invalid, StateError) as exc:
+        return _errors([str(exc)])
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    state = decode(stored.annotations)
+    print(
+        f"{store.description}: {action} requested ({state.phase}, step {state.step + 1}); "
+        "a running rollout acts on it within one --interval"
+    )
+    return EXIT_OK
+
+
+# -- status ---------------------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if errors := _target_errors(args):
+        return _errors(errors)
+    return _run(_status(args))
+
+
+async def _status(args: argparse.Namespace) -> int:
+    try:
+        async with open_store(args) as store:
+            stored = await store.load()
+        state = decode(stored.annotations)
+    except (Invalid, StateError) as exc:
+        return _errors([str(exc)])
+    except (Missing, StoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    report = status_report(store.description, stored, state)
+    if args.output == "json":
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_status(report))
+    return EXIT_OK
+
+
+def status_report(where: str, stored: Stored, state: RolloutState) -> dict[str, Any]:
+    plan: Plan | None = None
+    with contextlib.suppress(PlanError):
+        plan = parse_plan(state.steps) if state.steps else None
+    step = describe(plan, state.step).removeprefix("step ") if plan and 0 <= state.step < len(plan) else None
+    analysis = None
+    with contextlib.suppress(ValueError):
+        analysis = json.loads(state.last_analysis) if state.last_analysis else None
+    return {
+        "store": where,
+        "phase": state.phase,
+        "final": state.phase in FINAL,
+        "steps": state.steps,
+        "step": state.step if state.phase else None,
+        "stepDescription": step,
+        "weight": stored.data.get("canary-weight", 0),
+        "total": stored.total,
+        "percent": round(stored.percent, 4),
+        "message": state.message,
+        "consecutiveFailures": state.failures,
+        "lastAnalysis": analysis,
+        "pendingCommand": state.command,
+    }
+
+
+def format_status(report: dict[str, Any]) -> str:
+    lines = [f"{report['store']}: {report['phase'] or 'no rollout recorded'}"]
+    if report["phase"]:
+        lines.append(f"  step:      {report['stepDescription'] or report['step']}  (steps {report['steps']})")
+    lines.append(f"  weight:    {report['weight']} of {report['total']} ({report['percent']:g}%)")
+    if report["message"]:
+        lines.append(f"  message:   {report['message']}")
+    if report["pendingCommand"]:
+        lines.append(f"  command:   {report['pendingCommand']} (not yet handled)")
+    if analysis := report["lastAnalysis"]:
+        lines += _analysis_lines(analysis)
+    return "\n".join(lines)
+
+
+def _analysis_lines(analysis: dict[str, Any]) -> list[str]:
+    lines = [f"  analysis:  {analysis.get('result')} at {analysis.get('time')}"]
+    for version in ("canary", "stable"):
+        if stats := analysis.get(version):
+            lines.append(
+                f"    {version}: {stats['requests']:g} req, {stats['errors']:g} 5xx "
+                f"({fmt_rate(stats['errorRate'])}), p99 {fmt_seconds(stats['p99'])}"
+            )
+    for check in analysis.get("checks", []):
+        show = fmt_seconds if check["name"].startswith("p99") else fmt_rate
+        verdict = "ok" if check["ok"] else "FAIL"
+        lines.append(f"    {check['name']}: {show(check['value'])} (limit {show(check['limit'])}) {verdict}")
+    lines += [f"    {reason}" for reason in analysis.get("reasons", []) if analysis.get("result") != "fail"]
+    lines += [f"    {note}" for note in analysis.get("notes", [])]
+    return lines
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "rollout": cmd_rollout,
+    "promote": cmd_promote,
+    "abort": cmd_abort,
+    "status": cmd_status,
+}

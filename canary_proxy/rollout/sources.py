@@ -1,0 +1,191 @@
+"""Metric sources for the analysis: PromQL over Prometheus' HTTP API, or the proxies' own /metrics.
+
+Both answer ``sample(window) -> Window`` from the proxy's per-version series
+``canary_proxy_requests_total{version,code,method}`` and
+``canary_proxy_request_duration_seconds_bucket{version,le}``, so traffic routed by header or
+cookie counts for the version that served it, exactly like weighted traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from ..router import CANARY, STABLE
+from .analysis import SourceError, VersionStats, Window, histogram_quantile
+
+REQUESTS = "canary_proxy_requests_total"
+BUCKETS = "canary_proxy_request_duration_seconds_bucket"
+QUANTILE = 0.99
+
+
+# -- Prometheus ---------------------------------------------------------------------------------
+
+
+def promql(window: float) -> dict[str, str]:
+    """The three queries of one check, over a ``window``-second range."""
+    w = f"{max(1, round(window * 1000))}ms"
+    return {
+        "requests": f"sum by (version) (increase({REQUESTS}[{w}]))",
+        "errors": f'sum by (version) (increase({REQUESTS}{{code=~"5.."}}[{w}]))',
+        "p99": f"histogram_quantile({QUANTILE}, sum by (version, le) (rate({BUCKETS}[{w}])))",
+    }
+
+
+class PrometheusSource:
+    """Instant queries against ``URL/api/v1/query``; the window is the PromQL range.
+
+    A series first seen inside the window (e.g. the first 5xx of a version) counts from its
+    second scrape, as ``increase()`` always does: detection may lag one scrape interval.
+    """
+
+    def __init__(self, url: str, session: aiohttp.ClientSession) -> None:
+        self.url = url.rstrip("/") + "/api/v1/query"
+        self._session = session
+
+    async def sample(self, window: float) -> Window:
+        queries = promql(window)
+        requests, errors, p99 = await asyncio.gather(*(self._query(q) for q in queries.values()))
+        return Window(
+            stable=_stats(requests, errors, p99, STABLE),
+            canary=_stats(requests, errors, p99, CANARY),
+        )
+
+    async def _query(self, query: str) -> dict[str, float]:
+        """``{version: value}`` of an instant vector query."""
+        try:
+            async with self._session.get(self.url, params={"query": query}) as response:
+                body = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise SourceError(f"prometheus {self.url}: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(body, dict) or body.get("status") != "success":
+            error = body.get("error") if isinstance(body, dict) else body
+            raise SourceError(f"prometheus {self.url}: query failed: {error}; query: {query}")
+        return vector_by_version(body.get("data", {}).get("result", []))
+
+
+def vector_by_version(result: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """An instant vector ``[{"metric": {"version": ..}, "value": [t, "1.5"]}]`` -> by version."""
+    out: dict[str, float] = {}
+    for item in result:
+        version = item.get("metric", {}).get("version")
+        value = float(item.get("value", [0, "NaN"])[1])
+        if version is not None and math.isfinite(value):
+            out[version] = value
+    return out
+
+
+def _stats(
+    requests: dict[str, float], errors: dict[str, float], p99: dict[str, float], version: str
+) -> VersionStats:
+    return VersionStats(requests.get(version, 0.0), errors.get(version, 0.0), p99.get(version))
+
+
+# -- scraping the proxies -------------------------------------------------------------------------
+
+# One scrape, flattened: (kind, version, code or le) -> value, for kind "requests" or "bucket".
+Series = dict[tuple[str, str, str], float]
+
+
+def parse_scrape(text: str) -> Series:
+    """The request counters and latency buckets of one /metrics page."""
+    series: Series = defaultdict(float)
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = sample.labels
+                if sample.name == REQUESTS:
+                    series["requests", labels["version"], labels["code"]] += sample.value
+                elif sample.name == BUCKETS:
+                    series["bucket", labels["version"], labels["le"]] += sample.value
+    except (ValueError, KeyError, IndexError) as exc:
+        raise SourceError(f"unparseable metrics: {exc}") from exc
+    return dict(series)
+
+
+def delta(previous: Series, current: Series) -> Series:
+    """Counter increase between two scrapes of one process.
+
+    A counter that went down, or a series that vanished, means the process restarted and
+    its counters began again at zero: the whole current scrape is then the increase.
+    """
+    restarted = any(current.get(key, -1.0) < value for key, value in previous.items())
+    if restarted:
+        return dict(current)
+    return {key: value - previous.get(key, 0.0) for key, value in current.items()}
+
+
+def window_of(increase: Series) -> Window:
+    """Sum the per-code and per-bucket increases into the two versions' stats."""
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    buckets: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for (kind, version, label), value in increase.items():
+        if kind == "requests":
+            totals[version][0] += value
+            if label.startswith("5"):
+                totals[version][1] += value
+        else:
+            buckets[version].append((float(label), value))
+
+    def stats(version: str) -> VersionStats:
+        requests, errors = totals[version]
+        return VersionStats(requests, errors, histogram_quantile(QUANTILE, buckets[version]))
+
+    return Window(stable=stats(STABLE), canary=stats(CANARY))
+
+
+def add(total: Series, part: Series) -> Series:
+    out = dict(total)
+    for key, value in part.items():
+        out[key] = out.get(key, 0.0) + value
+    return out
+
+
+class ScrapeSource:
+    """Scrape each proxy's /metrics; a window is the counter increase since the previous sample,
+    summed over every URL (so ``window`` is ignored: the interval between samples is it).
+
+    A URL's first scrape is only a baseline. When any URL fails, the sample fails (the check
+    is inconclusive, never judged on part of the fleet) and that URL starts a new baseline.
+    """
+
+    def __init__(self, urls: Sequence[str], session: aiohttp.ClientSession) -> None:
+        if not urls:
+            raise ValueError("at least one metrics URL")
+        self.urls = list(urls)
+        self._session = session
+        self._last: dict[str, Series] = {}
+
+    async def sample(self, window: float) -> Window:
+        scrapes = await asyncio.gather(*(self._scrape(u) for u in self.urls), return_exceptions=True)
+        increase: Series = {}
+        failures: list[str] = []
+        for url, scrape in zip(self.urls, scrapes, strict=True):
+            if isinstance(scrape, BaseException):
+                if not isinstance(scrape, SourceError):
+                    raise scrape
+                self._last.pop(url, None)
+                failures.append(str(scrape))
+                continue
+            previous, self._last[url] = self._last.get(url), scrape
+            if previous is not None:
+                increase = add(increase, delta(previous, scrape))
+        if failures:
+            raise SourceError("; ".join(failures))
+        return window_of(increase)
+
+    async def _scrape(self, url: str) -> Series:
+        try:
+            async with self._session.get(url) as response:
+                if response.status != 200:
+                    raise SourceError(f"{url}: HTTP {response.status}")
+                text = await response.text()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise SourceError(f"{url}: {type(exc).__name__}: {exc}") from exc
+        return parse_scrape(text)
