@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import socket
 import time
@@ -219,13 +220,36 @@ async def drain(public: Public, proxy: ProxyServer, *, drain_delay: float, shutd
     proxy.closing = True
     log.info("draining: serving for %.1fs before closing the listener", drain_delay)
     await asyncio.sleep(drain_delay)
+    # Closing a listener resets the connections the kernel queued that we have not accepted
+    # yet, though their clients may have sent a request already: accept them first.
+    queued = _accept_queued(public.server)
     public.server.close()
     loop = asyncio.get_running_loop()
+    for conn in queued:
+        await loop.connect_accepted_socket(proxy.protocol, conn)
     deadline = loop.time() + shutdown_timeout
     await proxy.wait_http_idle(deadline)
     await proxy.close_websockets()
     await proxy.close(timeout=min(max(0.1, deadline - loop.time()), 2.0))
     log.info("drained; exiting")
+
+
+def _accept_queued(server: asyncio.Server) -> list[socket.socket]:
+    """Accept, without blocking, every connection already waiting in the listeners' queues."""
+    queued: list[socket.socket] = []
+    for listener in server.sockets:
+        dup = socket.socket(fileno=os.dup(listener.fileno()))  # uvloop's sockets cannot accept()
+        try:
+            while True:
+                try:
+                    conn, _ = dup.accept()
+                except OSError:  # BlockingIOError: the queue is empty
+                    break
+                conn.setblocking(False)
+                queued.append(conn)
+        finally:
+            dup.close()
+    return queued
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:
