@@ -59,7 +59,9 @@ TRIM = (
 )
 RECIPE = 1  # bump to invalidate cached bases when the recipe changes in a way not keyed below
 # The app layer (venv) on top of the base; today about 32 MB.
-MAX_APP_LAYER_BYTES = 64_000_000
+# The app layer is the venv: ~52 MB of it is the official Kubernetes client even as
+# bytecode only (see the Dockerfile), the rest ~45 MB (uvloop, aiohttp, pydantic, ...).
+MAX_APP_LAYER_BYTES = 120_000_000
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
 
