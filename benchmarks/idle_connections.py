@@ -51,7 +51,7 @@ async def main(connections: int, workers: int) -> None:
         batch = await asyncio.gather(
             *(asyncio.open_connection("127.0.0.1", port) for _ in range(min(500, connections - start)))
         )
-        for reader, writer in batch:
+        for _reader, writer in batch:
             writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         for reader, writer in batch:
             await reader.readuntil(b"\r\n\r\n")
