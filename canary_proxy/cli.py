@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_configmap_commands(sub)
 
+    from .ingress_cli import add_import_command
+
+    add_import_command(sub)
+
     from .rollout.cli import add_rollout_commands
 
     add_rollout_commands(sub)
@@ -165,6 +169,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     from .rollout.cli import HANDLERS as ROLLOUT_HANDLERS
 
     handlers.update(ROLLOUT_HANDLERS)
+    from .ingress_cli import cmd_import_ingress
+
+    handlers["import-ingress"] = cmd_import_ingress
     handler = handlers[args.command]
     sys.exit(handler(args))
 

@@ -1,0 +1,55 @@
+"""``canary-proxy import-ingress MAIN.yaml CANARY.yaml``: print the equivalent ConfigMap.
+
+Exit codes: 0 printed (anything not carried over is listed on stderr), 2 the manifests
+cannot be read or converted (e.g. a named port that no given Service resolves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import yaml
+
+from .ingress_import import ImportError_, convert, render
+
+
+def add_import_command(sub: Any) -> None:
+    parser = sub.add_parser(
+        "import-ingress",
+        help="convert an ingress-nginx main + canary Ingress into a canary-proxy ConfigMap",
+    )
+    parser.add_argument("main", metavar="MAIN.yaml", help="the main Ingress (may also hold its Services)")
+    parser.add_argument("canary", metavar="CANARY.yaml", help='the Ingress annotated canary: "true"')
+    parser.add_argument("--name", default="canary-proxy", help="the ConfigMap's name [default: canary-proxy]")
+    parser.add_argument(
+        "--service",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="Service manifests to resolve named ports",
+    )
+
+
+def _load(path: str) -> list[Any]:
+    with open(path, encoding="utf-8") as f:
+        return [doc for doc in yaml.safe_load_all(f) if doc is not None]
+
+
+def cmd_import_ingress(args: argparse.Namespace) -> int:
+    try:
+        main, canary = _load(args.main), _load(args.canary)
+        services = [doc for path in args.service for doc in _load(path)]
+        result = convert(main, canary, services=services)
+    except (OSError, yaml.YAMLError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError_ as exc:
+        for line in exc.errors:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    for line in result.warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    sys.stdout.write(render(result, name=args.name))
+    return 0

@@ -1,0 +1,159 @@
+"""import-ingress on a table of real-world-shaped ingress-nginx manifests, through the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from canary_proxy.config import parse_config
+
+
+def ingress(
+    name: str,
+    service: str,
+    port: Any,
+    *,
+    canary: dict[str, str] | None = None,
+    host: str = "shop.example.com",
+    extra_paths: int = 0,
+    v1beta1: bool = False,
+) -> dict[str, Any]:
+    annotations = {"kubernetes.io/ingress.class": "nginx", "nginx.ingress.kubernetes.io/ssl-redirect": "true"}
+    if canary is not None:
+        annotations["nginx.ingress.kubernetes.io/canary"] = "true"
+        annotations.update({f"nginx.ingress.kubernetes.io/{k}": v for k, v in canary.items()})
+    if v1beta1:
+        backend: dict[str, Any] = {"serviceName": service, "servicePort": port}
+        api = "extensions/v1beta1"
+    else:
+        key = "number" if isinstance(port, int) else "name"
+        backend = {"service": {"name": service, "port": {key: port}}}
+        api = "networking.k8s.io/v1"
+    paths = [{"path": "/", "pathType": "Prefix", "backend": backend}]
+    paths += [{"path": f"/extra{i}", "pathType": "Prefix", "backend": backend} for i in range(extra_paths)]
+    return {
+        "apiVersion": api,
+        "kind": "Ingress",
+        "metadata": {"name": name, "namespace": "shop", "annotations": annotations},
+        "spec": {"ingressClassName": "nginx", "rules": [{"host": host, "http": {"paths": paths}}]},
+    }
+
+
+def service(name: str, ports: dict[str, int]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"ports": [{"name": n, "port": p, "targetPort": p} for n, p in ports.items()]},
+    }
+
+
+def run(tmp_path: Path, main: list[Any], canary: list[Any], *args: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "main.yaml").write_text(yaml.safe_dump_all(main))
+    (tmp_path / "canary.yaml").write_text(yaml.safe_dump_all(canary))
+    return subprocess.run(
+        [sys.executable, "-m", "canary_proxy", "import-ingress", str(tmp_path / "main.yaml"),
+         str(tmp_path / "canary.yaml"), *args],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+
+
+STABLE = "http://shop-v1.shop.svc.cluster.local:80"
+CANARY = "http://shop-v2.shop.svc.cluster.local:8080"
+
+CASES: list[tuple[str, dict[str, str], dict[str, str]]] = [
+    ("weight", {"canary-weight": "10"}, {"canary-weight": "10"}),
+    ("weight-total", {"canary-weight": "5", "canary-weight-total": "1000"},
+     {"canary-weight": "5", "canary-weight-total": "1000"}),
+    ("header", {"canary-by-header": "X-Canary"}, {"canary-by-header": "X-Canary"}),
+    ("header-value", {"canary-by-header": "X-Region", "canary-by-header-value": "yes"},
+     {"canary-by-header": "X-Region", "canary-by-header-value": "yes"}),
+    ("header-pattern", {"canary-by-header": "X-User", "canary-by-header-pattern": "beta-.*"},
+     {"canary-by-header": "X-User", "canary-by-header-pattern": "beta-.*"}),
+    ("cookie+weight", {"canary-by-cookie": "canary", "canary-weight": "20"},
+     {"canary-by-cookie": "canary", "canary-weight": "20"}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "annotations", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_canary_annotations_map_to_config_keys(
+    tmp_path: Path, case: str, annotations: dict[str, str], expected: dict[str, str]
+) -> None:
+    result = run(
+        tmp_path,
+        [ingress("shop", "shop-v1", 80)],
+        [ingress("shop-canary", "shop-v2", 8080, canary=annotations)],
+    )
+    assert result.returncode == 0, result.stderr
+    manifest = yaml.safe_load(result.stdout)
+    assert manifest["kind"] == "ConfigMap" and manifest["metadata"] == {
+        "name": "canary-proxy",
+        "namespace": "shop",
+    }
+    assert manifest["data"] == {"stable-url": STABLE, "canary-url": CANARY, **expected}
+    parse_config(manifest["data"])  # what it prints is a valid config
+    for line in result.stdout.splitlines()[6:]:
+        assert line.split(": ", 1)[1].startswith('"'), line  # every string value quoted
+    # the canary Ingress's own ssl-redirect is reported, never silently dropped
+    assert "nginx.ingress.kubernetes.io/ssl-redirect: not carried over" in result.stderr
+
+
+def test_named_ports_are_resolved_through_services_or_exit_2(tmp_path: Path) -> None:
+    main = [ingress("shop", "shop-v1", "http"), service("shop-v1", {"http": 80, "metrics": 9100})]
+    canary = [ingress("shop-canary", "shop-v2", "web", canary={"canary-weight": "1"})]
+    result = run(tmp_path, main, canary)
+    assert result.returncode == 2
+    assert "named port 'web' of Service shop-v2" in result.stderr
+    (tmp_path / "svc.yaml").write_text(yaml.safe_dump(service("shop-v2", {"web": 8080})))
+    result = run(tmp_path, main, canary, "--service", str(tmp_path / "svc.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["data"]["stable-url"] == STABLE
+
+
+def test_extra_paths_affinity_and_host_mismatch_are_listed(tmp_path: Path) -> None:
+    main = [ingress("shop", "shop-v1", 80, extra_paths=2)]
+    sticky = {"canary-weight": "50", "affinity": "cookie", "session-cookie-name": "route"}
+    canary = [ingress("shop-canary", "shop-v2", 8080, host="beta.example.com", canary=sticky)]
+    result = run(tmp_path, main, canary)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("rule shop.example.com /extra") == 2
+    assert "nginx.ingress.kubernetes.io/affinity: not carried over" in result.stderr
+    assert "session-cookie-name: not carried over" in result.stderr
+    assert "different hosts" in result.stderr
+
+
+def test_legacy_v1beta1_ingresses_and_custom_name(tmp_path: Path) -> None:
+    result = run(
+        tmp_path,
+        [ingress("shop", "shop-v1", 80, v1beta1=True)],
+        [ingress("shop-canary", "shop-v2", 8080, canary={"canary-weight": "30"}, v1beta1=True)],
+        "--name", "shop-canary-proxy",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    manifest = yaml.safe_load(result.stdout)
+    assert manifest["metadata"]["name"] == "shop-canary-proxy"
+    assert manifest["data"]["canary-weight"] == "30"
+
+
+@pytest.mark.parametrize(
+    ("main_canary", "canary_canary", "message"),
+    [(True, True, "give the main Ingress first"), (False, False, "is not annotated")],
+)
+def test_the_order_and_the_canary_annotation_are_checked(
+    tmp_path: Path, main_canary: bool, canary_canary: bool, message: str
+) -> None:
+    main = ingress("shop", "shop-v1", 80, canary={"canary-weight": "1"} if main_canary else None)
+    canary = ingress("shop-canary", "shop-v2", 8080, canary={"canary-weight": "1"} if canary_canary else None)
+    result = run(tmp_path, [main], [canary])
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_an_out_of_range_weight_is_refused(tmp_path: Path) -> None:
+    result = run(tmp_path, [ingress("shop", "shop-v1", 80)],
+                 [ingress("c", "shop-v2", 8080, canary={"canary-weight": "150"})])  # fmt: skip
+    assert result.returncode == 2 and "canary-weight" in result.stderr
