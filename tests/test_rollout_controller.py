@@ -217,3 +217,26 @@ def test_the_check_line_has_the_numbers_and_the_count() -> None:
     assert d.check is not None
     assert d.check.startswith("check fail at step 1/4 (10%): canary 100 req, 30 5xx (30.00%)")
     assert d.check.endswith("consecutive failures 1/2")
+
+
+@pytest.mark.parametrize(
+    ("before_step", "after_step", "after_phase", "percent", "consumed", "expected"),
+    [
+        (0, 1, "Progressing", 50.0, None, ["pre-step"]),
+        (2, 3, "Progressing", 100.0, None, ["confirm-promotion", "pre-step"]),
+        (2, 3, "Progressing", 100.0, "promote:1", []),  # a human's promote is not gated
+        (1, 1, "Progressing", 50.0, None, []),  # no move
+        (3, 3, "Promoted", 100.0, None, []),  # finishing the last step
+        (2, 1, "RollingBack", 10.0, None, []),  # stepping down
+    ],
+)
+def test_which_gates_a_decision_must_pass(
+    before_step: int, after_step: int, after_phase: str, percent: float, consumed: str | None,
+    expected: list[str],
+) -> None:  # fmt: skip
+    from canary_proxy.rollout.controller import gates
+
+    s = settings("10,50,75,100")
+    before = RolloutState(phase="Progressing", steps="10,50,75,100", step=before_step)
+    after = before.with_(phase=after_phase, step=after_step)  # type: ignore[arg-type]
+    assert gates(before, Decision(after, percent, "m", consumed=consumed), s) == expected

@@ -27,6 +27,7 @@ from .controller import EXIT_ROLLED_BACK, EXIT_UNAVAILABLE, EXIT_USAGE, STOPPED,
 from .plan import Plan, PlanError, describe, parse_plan
 from .state import COMMAND, FINAL, RUNNING, RolloutState, StateError, decode
 from .store import Change, FileStore, Invalid, Missing, Store, Stored, StoreError, open_configmap_store
+from .webhooks import Webhook, Webhooks, parse_webhook
 
 EXIT_OK = 0
 KUBECONFIG_HELP = "kubeconfig path (default: in-cluster, $KUBECONFIG, ~/.kube/config)"
@@ -126,6 +127,16 @@ def add_rollout_commands(sub: Any) -> None:
         type=duration,
         help="no conclusive check for this long: roll back",
     )
+    rollout.add_argument(
+        "--webhook",
+        action="append",
+        default=[],
+        type=_webhook,
+        metavar="KIND=URL",
+        help="pre-rollout, pre-step, confirm-promotion, rollback or event; repeatable",
+    )
+    _flag(rollout, "--webhook-timeout", default="10s", type=duration, help="per webhook call")
+    _flag(rollout, "--webhook-retries", default="2", type=_retries, help="on no answer or a 5xx")
     rollout.add_argument("--gradual-abort", action="store_true", help="on failure, step back down the steps")
     rollout.add_argument("--restart", action="store_true", help="start over, whatever was recorded")
     _flag(rollout, "--log-format", default="json", choices=("json", "text"), help="stderr log format")
@@ -251,10 +262,41 @@ async def _rollout(args: argparse.Namespace, settings: Settings) -> int:
                 if args.prometheus
                 else ScrapeSource(args.metrics_url, session)
             )
-            code = await Controller(store, source, settings).run(restart=args.restart, stop=stop)
+            hooks = _webhooks(args, store)
+            try:
+                code = await Controller(store, source, settings, webhooks=hooks).run(
+                    restart=args.restart, stop=stop
+                )
+            finally:
+                await hooks.close()  # and let the last events go out
     except Invalid as exc:
         return _errors([str(exc)])
     return 128 + caught[0] if code == STOPPED else code
+
+
+def _webhook(text: str) -> Webhook:
+    try:
+        return parse_webhook(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _retries(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 0")
+    return int(text)
+
+
+def _webhooks(args: argparse.Namespace, store: Store) -> Webhooks:
+    name = getattr(store, "name", None) or str(getattr(store, "path", store.description))
+    namespace = getattr(store, "namespace", None)
+    return Webhooks(
+        args.webhook,
+        name=name,
+        namespace=namespace,
+        timeout=args.webhook_timeout,
+        retries=args.webhook_retries,
+    )
 
 
 # -- promote, abort -------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ from .state import (
     timestamp,
 )
 from .store import Change, Invalid, Missing, Stale, Store, Stored, Unavailable
+from .webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class Decision:
     routine: bool = False  # nothing changed (holding): log at debug level
     consumed: str | None = None  # the command annotation this decision handled
     check: str | None = None  # the log line of this tick's check, if one was made
+    weight: bool = True  # False: record the state but leave the canary weight as it is
 
 
 # -- the pure core --------------------------------------------------------------------------
@@ -261,6 +263,25 @@ def _final_percent(phase: str) -> float:
     return PROMOTED_PERCENT if phase == "Promoted" else 0.0
 
 
+def gates(before: RolloutState, decision: Decision, s: Settings) -> list[str]:
+    """The webhooks that must pass before this decision is written: an automatic move into a
+    new step asks ``pre-step``, and into 100 % ``confirm-promotion`` first. A human's
+    ``promote`` is not gated: they decided."""
+    after = decision.state
+    if decision.consumed is not None or after.phase not in RUNNING or after.step <= before.step:
+        return []
+    kinds = ["confirm-promotion"] if decision.percent >= PROMOTED_PERCENT else []
+    return [*kinds, "pre-step"]
+
+
+def held(counted: RolloutState, decision: Decision, s: Settings, kind: str, detail: str) -> Decision:
+    """Stay in the current step because a gate said no. ``counted`` is the state before this
+    tick with this tick's check folded in, so the check still counts."""
+    message = f"holding at {describe(s.plan, counted.step)}: {kind} webhook said no ({detail})"
+    kept = counted.with_(message=message)
+    return replace(decision, state=kept, percent=_percent(counted, s), message=message, warning=True)
+
+
 def check_line(before: RolloutState, after: RolloutState, s: Settings, check: Verdict) -> str:
     """The log line of one check: where, verdict, every number compared and the counts."""
     return (
@@ -282,8 +303,10 @@ class Controller:
         settings: Settings,
         *,
         clock: Callable[[], float] = time.time,
+        webhooks: Webhooks | None = None,
     ) -> None:
         self.store, self.source, self.settings, self.clock = store, source, settings, clock
+        self.webhooks = webhooks
 
     async def run(self, *, restart: bool = False, stop: asyncio.Event | None = None) -> int:
         """The exit code: 0 promoted, 1 rolled back or aborted, 2 unusable state, 3 unavailable;
@@ -328,12 +351,18 @@ class Controller:
                 raise Invalid(f"{self.store.description}: invalid config: {'; '.join(exc.errors)}") from None
             current = decode_or_blank(stored.annotations) if restart else decode(stored.annotations)
             decision = start(current, self.settings, now=self.clock(), restart=restart)
+            fresh = current.phase is None or restart
+            if fresh and decision.outcome is None and self.webhooks is not None:
+                refused = await self._pre_rollout(decision)
+                if refused is not None:
+                    decision = refused
             try:
                 if decision.write:
                     await self._commit(stored, decision)
             except Stale:
                 continue
             _log(decision, self.store)
+            self._notify(current, decision)
             return decision.outcome
         raise Unavailable(f"{self.store.description}: kept changing under us")
 
@@ -343,7 +372,9 @@ class Controller:
             stored = await self.store.load()
             state = decode(stored.annotations)
             check = self._judge(sampled, state)
-            decision = decide(state, self.settings, now=self.clock(), check=check)
+            now = self.clock()
+            decision = decide(state, self.settings, now=now, check=check)
+            decision = await self._gate(state, decision, check, now)
             try:
                 if decision.write:
                     await self._commit(stored, decision)
@@ -352,8 +383,55 @@ class Controller:
             if decision.check is not None and check is not None:
                 _log_check(decision.check, state, self.settings, check)
             _log(decision, self.store)
+            self._notify(state, decision)
             return decision.outcome
         raise Unavailable(f"{self.store.description}: kept changing under us")
+
+    # -- webhooks -------------------------------------------------------------------------------
+
+    def _payload(self, kind: str, decision: Decision) -> dict[str, Any]:
+        assert self.webhooks is not None
+        state = decision.state
+        return self.webhooks.payload(
+            kind, phase=state.phase, step=state.step, weight=decision.percent,
+            analysis=state.last_analysis, message=decision.message,
+        )  # fmt: skip
+
+    async def _pre_rollout(self, decision: Decision) -> Decision | None:
+        """A refused pre-rollout ends the rollout before any traffic moves: no weight written."""
+        assert self.webhooks is not None
+        if not self.webhooks.has("pre-rollout"):
+            return None
+        answer = await self.webhooks.gate("pre-rollout", self._payload("pre-rollout", decision))
+        if answer.ok:
+            return None
+        message = f"rolled back before any traffic moved: pre-rollout webhook said no ({answer.detail})"
+        state = decision.state.with_(phase="RolledBack", message=message)
+        return Decision(state, 0.0, message, EXIT_ROLLED_BACK, warning=True, weight=False)
+
+    async def _gate(
+        self, before: RolloutState, decision: Decision, check: Verdict | None, now: float
+    ) -> Decision:
+        if self.webhooks is None:
+            return decision
+        for kind in gates(before, decision, self.settings):
+            if not self.webhooks.has(kind):
+                continue
+            answer = await self.webhooks.gate(kind, self._payload(kind, decision))
+            if not answer.ok:
+                counted = _count(before, self.settings, check, now)
+                return held(counted, decision, self.settings, kind, answer.detail)
+        return decision
+
+    def _notify(self, before: RolloutState, decision: Decision) -> None:
+        """``event`` on every phase change; ``rollback`` once, when a rollback starts."""
+        hooks, after = self.webhooks, decision.state
+        if hooks is None or not decision.write or before.phase == after.phase:
+            return
+        hooks.fire("event", self._payload("event", decision))
+        backing = {"RollingBack", "RolledBack", "Aborted"}
+        if after.phase in backing and before.phase not in backing:
+            hooks.fire("rollback", self._payload("rollback", decision))
 
     async def _sample(self) -> Window | Verdict:
         try:
@@ -376,7 +454,8 @@ class Controller:
         def mutate(current: Stored) -> Change:
             if recorded(current.annotations) != expected:
                 raise Stale("the rollout state changed since it was read")
-            return Change(decision.percent, encode(decision.state), drop_command=decision.consumed)
+            percent = decision.percent if decision.weight else None
+            return Change(percent, encode(decision.state), drop_command=decision.consumed)
 
         await self.store.update(mutate)
 
