@@ -27,7 +27,7 @@ from .controller import EXIT_ROLLED_BACK, EXIT_UNAVAILABLE, EXIT_USAGE, STOPPED,
 from .plan import Plan, PlanError, describe, parse_plan
 from .state import COMMAND, FINAL, RUNNING, RolloutState, StateError, decode
 from .store import Change, FileStore, Invalid, Missing, Store, Stored, StoreError, open_configmap_store
-from .webhooks import Webhook, Webhooks, parse_webhook
+from .webhooks import Webhooks, parse_webhook
 
 EXIT_OK = 0
 KUBECONFIG_HELP = "kubeconfig path (default: in-cluster, $KUBECONFIG, ~/.kube/config)"
@@ -64,6 +64,16 @@ duration = _type(parse_duration)
 percent = _type(parse_percent)
 factor = _type(parse_factor)
 positive_int = _type(_positive_int)
+
+
+def _whole(text: str) -> int:
+    if not str(text).isdigit():
+        raise ValueError("a whole number of at least 0")
+    return int(text)
+
+
+whole = _type(_whole)
+webhook = _type(parse_webhook)
 
 
 # -- the subcommands ------------------------------------------------------------------------------
@@ -131,12 +141,12 @@ def add_rollout_commands(sub: Any) -> None:
         "--webhook",
         action="append",
         default=[],
-        type=_webhook,
+        type=webhook,
         metavar="KIND=URL",
         help="pre-rollout, pre-step, confirm-promotion, rollback or event; repeatable",
     )
     _flag(rollout, "--webhook-timeout", default="10s", type=duration, help="per webhook call")
-    _flag(rollout, "--webhook-retries", default="2", type=_retries, help="on no answer or a 5xx")
+    _flag(rollout, "--webhook-retries", default="2", type=whole, help="on no answer or a 5xx")
     rollout.add_argument("--gradual-abort", action="store_true", help="on failure, step back down the steps")
     rollout.add_argument("--restart", action="store_true", help="start over, whatever was recorded")
     _flag(rollout, "--log-format", default="json", choices=("json", "text"), help="stderr log format")
@@ -272,19 +282,6 @@ async def _rollout(args: argparse.Namespace, settings: Settings) -> int:
     except Invalid as exc:
         return _errors([str(exc)])
     return 128 + caught[0] if code == STOPPED else code
-
-
-def _webhook(text: str) -> Webhook:
-    try:
-        return parse_webhook(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _retries(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 0")
-    return int(text)
 
 
 def _webhooks(args: argparse.Namespace, store: Store) -> Webhooks:

@@ -43,10 +43,10 @@ def parse_webhook(text: str) -> Webhook:
     """``KIND=URL``; ValueError with what was expected."""
     kind, sep, url = text.partition("=")
     if not sep or kind not in KINDS:
-        raise ValueError(f"{text!r}: expected KIND=URL with KIND one of {', '.join(KINDS)}")
+        raise ValueError(f"KIND=URL with KIND one of {', '.join(KINDS)}")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{text!r}: expected an http(s) URL after {kind}=")
+        raise ValueError(f"an http(s) URL after {kind}=")
     return Webhook(kind, url)
 
 
