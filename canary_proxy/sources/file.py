@@ -50,7 +50,7 @@ def parse_yaml(content: bytes, *, origin: str) -> RawConfig:
     digest = hashlib.sha256(content).hexdigest()
     try:
         data = yaml.safe_load(content)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: e.g. an int of over 4300 digits
         return RawConfig(digest, None, ConfigError([f"{origin}: invalid YAML ({exc})"]))
     if data is None:
         data = {}
