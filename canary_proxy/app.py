@@ -13,9 +13,11 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -26,6 +28,8 @@ from .config import Config, ConfigError, parse_config
 from .http1 import Limits, ProxyServer
 from .metrics import Metrics
 from .sources.file import RawConfig
+from .stats import Sampler, stats_document
+from .tls import TlsError, server_context, validate_upstream_ca, watch_certificate
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,8 @@ class Settings:
     log_format: str = "json"
     log_level: str = "info"
     limits: Limits = field(default_factory=Limits)
+    tls_cert: str | None = None  # with tls_key: the public port speaks TLS; reloaded on change
+    tls_key: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -85,6 +91,7 @@ class ConfigControl:
                 raise raw.error
             assert raw.data is not None
             config = parse_config(raw.data)
+            validate_upstream_ca(config.upstream_ca)  # the one key that names a file
         except ConfigError as exc:
             if raw.digest != self._last_rejected:
                 self._last_rejected = raw.digest
@@ -129,9 +136,12 @@ class AdminState:
     control: ConfigControl
     registry: CollectorRegistry
     ready: Callable[[], bool]
+    config_path: str | None = None  # file mode: the dashboard shows the rollout beside it
 
 
 ADMIN_STATE = web.AppKey("admin_state", AdminState)
+STATS = web.AppKey("stats", Sampler)
+DASHBOARD_DIR = Path(__file__).with_name("dashboard")  # package data: the page, its script, uPlot
 
 
 def admin_app(state: AdminState) -> web.Application:
@@ -141,7 +151,37 @@ def admin_app(state: AdminState) -> web.Application:
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/config", _config)
     app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/stats", _stats)
+    app.router.add_get("/", _dashboard)
+    app.router.add_static("/dashboard/", DASHBOARD_DIR)
+    app[STATS] = Sampler(state.registry, config_path=state.config_path)
+    app.cleanup_ctx.append(_sampling)
     return app
+
+
+async def _sampling(app: web.Application) -> AsyncIterator[None]:
+    """Snapshot the collectors once a second for /stats while the admin port is up."""
+    control = app[ADMIN_STATE].control
+    task = asyncio.create_task(app[STATS].run(lambda: control.current_raw))
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def _dashboard(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(DASHBOARD_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def _stats(request: web.Request) -> web.Response:
+    """Chart data from the sampler's ring buffer (the same collectors as /metrics)."""
+    sampler, config = request.app[STATS], request.app[ADMIN_STATE].control.current
+    document = stats_document(
+        list(sampler.ring),
+        effective=None if config is None else config.effective(),
+        rollout=sampler.rollout,
+        interval=sampler.interval,
+    )
+    return web.json_response(document, headers={"Cache-Control": "no-store"})
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -189,6 +229,7 @@ def _bound(server: Any) -> Address:
 class Public:
     server: asyncio.Server
     address: Address
+    tls: ssl.SSLContext | None = None
 
 
 def public_socket(address: Address, *, reuse_port: bool) -> socket.socket:
@@ -202,12 +243,40 @@ def public_socket(address: Address, *, reuse_port: bool) -> socket.socket:
     return sock
 
 
-async def serve_public(proxy: ProxyServer, address: Address, *, reuse_port: bool = False) -> Public:
+async def serve_public(
+    proxy: ProxyServer,
+    address: Address,
+    *,
+    reuse_port: bool = False,
+    tls: ssl.SSLContext | None = None,
+) -> Public:
     sock = public_socket(address, reuse_port=reuse_port)
-    server = await asyncio.get_running_loop().create_server(proxy.protocol, sock=sock, backlog=1024)
+    server = await asyncio.get_running_loop().create_server(
+        proxy.protocol, sock=sock, backlog=1024, **_tls_options(proxy, tls)
+    )
     bound = _bound(server)
-    log.info("proxy listening on %s", bound, extra={"public": str(bound)})
-    return Public(server, bound)
+    log.info("proxy listening on %s%s", bound, " (TLS)" if tls else "", extra={"public": str(bound)})
+    return Public(server, bound, tls)
+
+
+def _tls_options(proxy: ProxyServer, tls: ssl.SSLContext | None) -> dict[str, Any]:
+    if tls is None:
+        return {}
+    # The handshake comes before our protocol's header timeout starts: bound it the same way.
+    return {"ssl": tls, "ssl_handshake_timeout": max(0.1, proxy.limits.client_header_timeout)}
+
+
+def public_tls(settings: Settings) -> ssl.SSLContext | None:
+    """The public port's TLS context, or None for plain HTTP. Raises TlsError."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    return server_context(settings.tls_cert, settings.tls_key)
+
+
+def watch_tls(settings: Settings, tls: ssl.SSLContext | None) -> asyncio.Task[None] | None:
+    if tls is None or settings.tls_cert is None or settings.tls_key is None:
+        return None
+    return asyncio.create_task(watch_certificate(tls, settings.tls_cert, settings.tls_key))
 
 
 async def drain(public: Public, proxy: ProxyServer, *, drain_delay: float, shutdown_timeout: float) -> None:
@@ -225,8 +294,11 @@ async def drain(public: Public, proxy: ProxyServer, *, drain_delay: float, shutd
     queued = _accept_queued(public.server)
     public.server.close()
     loop = asyncio.get_running_loop()
-    for conn in queued:
-        await loop.connect_accepted_socket(proxy.protocol, conn)
+    options = _tls_options(proxy, public.tls)
+    await asyncio.gather(  # at once: a TLS handshake that stalls must not hold up the others
+        *(loop.connect_accepted_socket(proxy.protocol, conn, **options) for conn in queued),
+        return_exceptions=True,
+    )
     deadline = loop.time() + shutdown_timeout
     await proxy.wait_http_idle(deadline)
     await proxy.close_websockets()
@@ -282,12 +354,22 @@ async def run_single(
     control = ConfigControl(metrics, [lambda config, _raw: proxy.apply(config)])
     if initial is not None and not control.offer(initial, origin=origin):
         return 2
+    try:
+        tls = public_tls(settings)
+    except TlsError as exc:
+        log.error("%s", exc)
+        return 2
     stop = asyncio.Event()
     install_stop_signals(stop)
     stopping = False
-    public = await serve_public(proxy, settings.listen)
+    public = await serve_public(proxy, settings.listen, tls=tls)
     admin, admin_address = await start_admin(
-        AdminState(control, registry, lambda: not stopping and control.current is not None),
+        AdminState(
+            control,
+            registry,
+            lambda: not stopping and control.current is not None,
+            config_path=settings.config_path,
+        ),
         settings.admin_listen,
     )
     ports = {"public": str(public.address), "admin": str(admin_address)}
@@ -297,6 +379,7 @@ async def run_single(
         log.warning("waiting for a valid config from %s; /readyz is 503 until then", origin)
         control.on_change.append(_once(lambda: log.info("ready", extra=ports)))
     follower = asyncio.create_task(control.follow(updates(), origin=origin))
+    background = [t for t in (follower, watch_tls(settings, tls)) if t is not None]
     try:
         await stop.wait()
         stopping = True
@@ -308,8 +391,9 @@ async def run_single(
             shutdown_timeout=settings.shutdown_timeout,
         )
     finally:
-        follower.cancel()
-        await asyncio.gather(follower, return_exceptions=True)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await admin.cleanup()
     return 0
 

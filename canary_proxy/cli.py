@@ -124,12 +124,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_env(
         "--max-connections", default="10000", type=_count, help="open client connections; beyond it 503"
     )
+    serve.add_env("--tls-cert", help="PEM certificate chain: TLS on the public port (reloaded on change)")
+    serve.add_env("--tls-key", help="PEM private key for --tls-cert")
     _logging_flags(serve)
 
     check = sub.add_parser("check", help="validate a config file and print the effective config")
     check.add_env("--config", help="YAML config file")
 
-    sub.add_parser("demo", help="run two demo apps behind the proxy on loopback and show the routing")
+    demo = sub.add_parser(
+        "demo",
+        help="a canary rollout on loopback: two demo apps, the proxy, traffic, analysis, live view",
+        description="Exit codes: 0 promoted, 1 rolled back, 2 cannot start, 130 Ctrl-C.",
+    )
+    demo.add_argument("--bad-canary", choices=("errors", "latency"), help="make v2 fail (default: healthy)")
+    demo.add_argument("--fail-at", type=_demo_number(0, 100), default=20.0, help="v2 fails from this %% on")
+    demo.add_argument("--speed", type=_demo_number(0, 10), default=1.0, help="2: twice as fast; at most 10")
+    demo.add_argument("--port", type=_demo_port, default=0, help="proxy port on 127.0.0.1 (0: a free one)")
+    demo.add_argument("--admin-port", type=_demo_port, default=0, help="admin port (0: a free one)")
 
     from .configmap_cli import add_configmap_commands
 
@@ -195,6 +206,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             raise raw.error
         assert raw.data is not None
         config = parse_config(raw.data)
+        from .tls import validate_upstream_ca
+
+        validate_upstream_ca(config.upstream_ca)
     except ConfigError as exc:
         _print_errors(exc.errors)
         return EXIT_USAGE
@@ -202,11 +216,37 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+def _demo_number(low: float, high: float) -> Any:
+    def number(text: str) -> float:
+        try:
+            value = float(text.removesuffix("%"))
+        except ValueError:
+            value = float("nan")
+        if not low < value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a number above {low:g}, at most {high:g}")
+        return value
 
+    return number
+
+
+def _demo_port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a port, 0 to 65535")
+    return int(text)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoOptions, run_demo
+
+    options = DemoOptions(
+        bad_canary=args.bad_canary,
+        fail_at=args.fail_at,
+        speed=args.speed,
+        port=args.port,
+        admin_port=args.admin_port,
+    )
     try:
-        return run_async(run_demo())
+        return run_async(run_demo(options))
     except KeyboardInterrupt:
         return 130
 
@@ -243,9 +283,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 max_body_size=args.max_body_size,
                 max_connections=args.max_connections,
             ),
+            tls_cert=args.tls_cert or None,
+            tls_key=args.tls_key or None,
         )
     except ValueError as exc:
         _print_errors([str(exc)])
+        return EXIT_USAGE
+    tls_errors = _check_tls(settings.tls_cert, settings.tls_key)
+    if tls_errors:
+        _print_errors(tls_errors)
         return EXIT_USAGE
     source = _file_source(args.config) if args.config else _configmap_source(args.configmap, args.kubeconfig)
     if isinstance(source, int):
@@ -258,6 +304,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app import run_single
 
     return run_async(run_single(settings, initial=initial, updates=updates, origin=origin))
+
+
+def _check_tls(cert: str | None, key: str | None) -> list[str]:
+    if cert is None and key is None:
+        return []
+    if cert is None or key is None:
+        return ["--tls-cert and --tls-key go together"]
+    from .tls import TlsError, server_context
+
+    try:
+        server_context(cert, key)
+    except TlsError as exc:
+        return [f"--tls-cert/--tls-key: {exc}"]
+    return []
 
 
 def _file_source(path: str) -> Any:

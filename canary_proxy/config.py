@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ BUCKETS = 10_000
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 token: header/cookie names
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+MAX_DURATION = 366 * 86400.0  # seconds; beyond a year is a typo, and floats stay exact in ms
 _TRUE = frozenset({"true", "yes", "on", "1"})
 _FALSE = frozenset({"false", "no", "off", "0"})
 
@@ -63,7 +65,10 @@ class Config:
     upstream_connect_timeout: float = 2.0
     upstream_timeout: float = 60.0
     canary_failover: bool = True
+    canary_outlier_failures: int = 0  # connect failures within 10 s that eject the canary; 0 = off
+    canary_outlier_cooldown: float = 30.0  # how long an ejected canary gets no weighted traffic
     version_header: str = "X-Canary-Version"
+    upstream_ca: str | None = None  # CA bundle for https upstreams, instead of the system's
     # Derived once here so the request path does no arithmetic or regex compilation.
     canary_buckets: int = field(default=0, compare=False)
     header_regex: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
@@ -88,7 +93,10 @@ class Config:
             "upstream-connect-timeout": format_duration(self.upstream_connect_timeout),
             "upstream-timeout": format_duration(self.upstream_timeout),
             "canary-failover": self.canary_failover,
+            "canary-outlier-failures": self.canary_outlier_failures,
+            "canary-outlier-cooldown": format_duration(self.canary_outlier_cooldown),
             "version-header": self.version_header,
+            "upstream-ca": self.upstream_ca,
         }
 
 
@@ -102,6 +110,7 @@ def _number_out(value: float) -> int | float:
 
 
 def format_duration(seconds: float) -> str:
+    """Whole milliseconds, which is what ``parse_duration`` keeps: the two round-trip exactly."""
     ms = round(seconds * 1000)
     if ms % 60_000 == 0 and ms >= 60_000:
         return f"{ms // 60_000}m"
@@ -111,19 +120,31 @@ def format_duration(seconds: float) -> str:
 
 
 def parse_duration(value: Any, *, allow_zero: bool = False) -> float:
-    """``500ms``, ``2s``, ``1m``, ``1h``; a plain number means seconds. Raises ValueError."""
+    """``500ms``, ``2s``, ``1m``, ``1h``; a plain number means seconds. Raises ValueError.
+
+    Kept to whole milliseconds (a positive value below 0.5 ms is too small), so that
+    ``format_duration`` prints it back exactly; at most MAX_DURATION.
+    """
     if isinstance(value, bool):
         raise ValueError("a duration such as 500ms, 2s or 1m")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        m = _DURATION.match(str(value))
-        if not m:
-            raise ValueError("a duration such as 500ms, 2s or 1m")
-        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
-        raise ValueError("a duration greater than 0, such as 500ms, 2s or 1m")
-    return seconds
+    try:
+        if isinstance(value, int | float):
+            ms = float(value) * 1000
+        else:
+            m = _DURATION.match(str(value))
+            if not m:
+                raise ValueError("a duration such as 500ms, 2s or 1m")
+            ms = float(m.group(1)) * _DURATION_UNITS[m.group(2)] * 1000
+    except OverflowError:  # an int too large for a float
+        ms = math.inf
+    if math.isnan(ms):
+        raise ValueError("a duration such as 500ms, 2s or 1m")
+    if ms > MAX_DURATION * 1000:
+        raise ValueError("a duration of at most 366 days")
+    whole = round(max(ms, -1.0))  # -inf cannot be rounded
+    if whole < 0 or (whole == 0 and not (allow_zero and ms == 0)):
+        raise ValueError("a duration greater than 0 (at least 1ms), such as 500ms, 2s or 1m")
+    return whole / 1000
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(KiB|MiB|GiB)?\s*$")
@@ -163,7 +184,7 @@ def _parse_number(value: Any) -> float:
         raise ValueError("a number")
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int too large for a float
         raise ValueError("a number") from None
     if not math.isfinite(number):
         raise ValueError("a finite number")
@@ -217,7 +238,29 @@ def _optional_text(value: Any) -> str | None:
         return None
     if isinstance(value, bool):
         return "true" if value else "false"
-    return str(value)
+    try:
+        return str(value)
+    except ValueError:  # an int beyond Python's 4300-digit str() limit
+        raise ValueError("a text value") from None
+
+
+def _optional_path(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError("a file path")
+    text = value.strip()
+    if "\0" in text:
+        raise ValueError("a file path without NUL characters")
+    return text or None
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    # A user's pattern such as "[[]" compiles, with a FutureWarning about a semantics change
+    # in some later Python: the pattern is theirs to fix, our logs are no place for it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return re.compile(pattern)
 
 
 def _regex(value: Any) -> str | None:
@@ -225,8 +268,8 @@ def _regex(value: Any) -> str | None:
     if text is None or text == "":
         return None
     try:
-        re.compile(text)
-    except re.error as exc:
+        _compile(text)
+    except (re.error, OverflowError, RecursionError) as exc:  # a{4294967296}; 1000 nested groups
         raise ValueError(f"a valid regular expression ({exc})") from None
     return text
 
@@ -245,7 +288,10 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "upstream-connect-timeout": parse_duration,
     "upstream-timeout": parse_duration,
     "canary-failover": parse_bool,
+    "canary-outlier-failures": lambda v: _parse_whole(v, minimum=0),
+    "canary-outlier-cooldown": parse_duration,
     "version-header": lambda v: _optional_token(v, allow_empty=True) or "",
+    "upstream-ca": _optional_path,
 }
 
 KEYS: tuple[str, ...] = tuple(_PARSERS)
@@ -253,7 +299,10 @@ REQUIRED = ("stable-url", "canary-url")
 
 
 def _describe(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's 4300-digit str() limit
+        return "(a number too large to show)"
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -297,6 +346,6 @@ def _build(values: dict[str, Any]) -> Config:
         stable=values["stable-url"],
         canary=values["canary-url"],
         canary_buckets=canary_buckets(weight, total),
-        header_regex=re.compile(pattern) if pattern else None,
+        header_regex=_compile(pattern) if pattern else None,
         **kwargs,
     )

@@ -1,8 +1,18 @@
-"""``canary-proxy demo``: two built-in demo apps (v1 stable, v2 canary) behind the real proxy.
+"""``canary-proxy demo``: a whole canary rollout on loopback in about a minute, nothing else needed.
 
-Everything runs on loopback and needs nothing else installed. It shows the three routing
-rules working: the weight split as the weight rises, sticky users who never flip back, and
-a QA header that always reaches the canary.
+One command starts, in this process unless said otherwise:
+
+- two built-in apps, stable ``v1`` and canary ``v2`` (``--bad-canary errors|latency`` makes
+  v2 fail once the proxy serves it ``--fail-at`` percent of traffic);
+- the real proxy, ``canary-proxy serve --config FILE``, as its own process;
+- a traffic generator: sticky browser-like users who keep their cookie (and come and go),
+  and a few QA users who send ``X-Canary: always``;
+- the rollout controller in file mode through 5,10,25,50,100, analysing the proxy's own
+  ``/metrics`` exactly as ``canary-proxy rollout --config FILE --metrics-url ...`` does.
+
+``demo_view`` shows it: a live view in a terminal, plain progress lines otherwise. The exit
+code is the rollout's: 0 promoted, 1 rolled back; 128 + N when stopped by signal N (130 for
+Ctrl-C); 2 when it cannot start (a port in use).
 """
 
 from __future__ import annotations
@@ -10,122 +20,557 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
+import random
+import shutil
+import signal
+import socket
 import sys
 import tempfile
-from collections import Counter
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 import yaml
 from aiohttp import web
 
-APP_VERSION = web.AppKey("app_version", str)
+from .rollout.analysis import Thresholds
+from .rollout.controller import STOPPED, Controller, Settings
+from .rollout.plan import Plan, describe, parse_plan
+from .rollout.sources import ScrapeSource
+from .rollout.store import FileStore
+from .router import CANARY, STABLE
+
+if TYPE_CHECKING:
+    from .demo_view import View
+
+log = logging.getLogger(__name__)
+
+STEPS: Final = "5,10,25,50,100"
+HEADER: Final = "X-Canary"
+APP_VERSIONS: Final = {STABLE: "v1", CANARY: "v2"}
+
+# Each app answers in 110-170 ms, so every healthy request lands in one latency bucket
+# (100-250 ms) for both versions: the p99-vs-stable check then trips only on a real stall
+# (over ~350 ms), not on scheduler noise of a busy laptop. A slow canary adds 500 ms.
+BASE_LATENCY: Final = (0.11, 0.17)
+SLOW_EXTRA: Final = 0.5
+ERROR_SHARE: Final = 0.4  # a failing canary answers 500 to this share of its requests
+
+# 32 browser users at ~4 requests/s each and 6 QA users: ~160 requests/s in all, so even at
+# 5% (or slowed down) the canary serves over --min-requests in one check interval at --speed 2.5.
+USERS: Final = 32
+QA_USERS: Final = 6
+THINK: Final = (0.05, 0.15)  # seconds a user waits between two requests
+VISIT: Final = (20, 60)  # requests a user makes before leaving (a new user takes the seat)
+
+# Clocks at --speed 1: five steps of 12 s with a check every 2 s make about a minute. Six
+# checks a step leave room to catch a canary that breaks mid-step before the step ends.
+STEP_DURATION: Final = 12.0
+INTERVAL: Final = 2.0
+PROGRESS_DEADLINE: Final = 30.0
+MIN_REQUESTS: Final = 10  # per check, up to --speed 2.5; fewer when checks come faster (never < 3)
+MAX_SPEED: Final = 10.0  # beyond, a check interval is too short to hold a few canary requests
+STATS_POLL: Final = 0.5  # seconds between two reads of the admin port's /stats
 
 
-async def _demo_handler(request: web.Request) -> web.Response:
-    version = request.app[APP_VERSION]
-    return web.json_response({"app": "demo", "version": version, "path": request.path})
+@dataclass(frozen=True, slots=True)
+class DemoOptions:
+    bad_canary: str | None = None  # None (healthy), "errors" or "latency"
+    fail_at: float = 20.0  # percent of traffic at which a bad canary starts failing
+    speed: float = 1.0  # 2 runs twice as fast
+    port: int = 0  # the proxy's public port; 0 picks a free one
+    admin_port: int = 0
+    live: bool | None = None  # None: a live view when stdout is a terminal
+
+    def __post_init__(self) -> None:
+        if self.bad_canary not in (None, "errors", "latency"):
+            raise ValueError("bad_canary: expected errors or latency")
+        if not 0 < self.fail_at <= 100 or not 0 < self.speed <= MAX_SPEED:
+            raise ValueError(f"need 0 < fail_at <= 100 and 0 < speed <= {MAX_SPEED:g}")
 
 
-async def start_demo_app(version: str, port: int = 0) -> tuple[web.AppRunner, int]:
-    app = web.Application()
-    app[APP_VERSION] = version
-    app.router.add_route("*", "/{tail:.*}", _demo_handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    return runner, runner.addresses[0][1]
+class StartError(Exception):
+    """The demo could not start (a port in use, the proxy exited): exit 2."""
 
 
-async def _start_proxy(config_path: Path) -> tuple[asyncio.subprocess.Process, str, str]:
+# -- the two apps ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Fault:
+    """What a bad canary does, and whether it has started yet (it never stops: a bad build stays bad)."""
+
+    mode: str | None
+    fail_at: float
+    active: bool = False
+
+    def reached(self, percent: float) -> bool:
+        """Note the weight the proxy serves now; True when this makes the fault start."""
+        if self.mode is None or self.active or percent < self.fail_at:
+            return False
+        self.active = True
+        return True
+
+
+@dataclass
+class DemoApp:
+    version: str  # "v1" or "v2"
+    fault: Fault | None = None
+    rng: random.Random = field(default_factory=random.Random)
+    runner: web.AppRunner | None = None
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def handle(self, request: web.Request) -> web.Response:
+        delay = self.rng.uniform(*BASE_LATENCY)
+        fault = self.fault
+        if fault is not None and fault.active and fault.mode == "latency":
+            delay += SLOW_EXTRA
+        await asyncio.sleep(delay)
+        if fault is not None and fault.active and fault.mode == "errors" and self.rng.random() < ERROR_SHARE:
+            return web.json_response({"app": "demo", "version": self.version, "error": "boom"}, status=500)
+        return web.json_response({"app": "demo", "version": self.version, "path": request.path})
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        self.port = self.runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+# -- the proxy process --------------------------------------------------------------------------
+
+
+@dataclass
+class ProxyProcess:
+    process: asyncio.subprocess.Process
+    url: str = ""
+    admin: str = ""
+    logs: deque[str] = field(default_factory=lambda: deque(maxlen=20))  # for a failure report
+    reader: asyncio.Task[None] | None = None
+
+    async def stop(self) -> None:
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.terminate()  # drains (--drain-delay 0) and exits
+            try:
+                await asyncio.wait_for(self.process.wait(), 10)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.kill()
+                await self.process.wait()
+        if self.reader is not None:
+            await asyncio.gather(self.reader, return_exceptions=True)
+
+
+async def start_proxy(config_path: Path, *, port: int, admin_port: int) -> ProxyProcess:
+    """``canary-proxy serve --config FILE``; returns once it logs ``ready`` (StartError if it exits)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "canary_proxy", "serve", "--config", str(config_path),
-        "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--drain-delay", "0",
-        "--access-log", "off",
-        stderr=asyncio.subprocess.PIPE,
+        "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin_port}",
+        "--drain-delay", "0", "--shutdown-timeout", "2s", "--access-log", "off",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
+    proxy = ProxyProcess(process)
     assert process.stderr is not None
-    while line := await asyncio.wait_for(process.stderr.readline(), 30):
-        entry = json.loads(line)
-        if entry.get("msg") == "ready":
-            # Keep reading its log, or a full pipe would one day stall the proxy.
-            _background.add(asyncio.create_task(_drain(process.stderr)))
-            return process, "http://" + entry["public"], "http://" + entry["admin"]
-    raise RuntimeError("the proxy exited before it was ready")
-
-
-_background: set[asyncio.Task[None]] = set()
-
-
-async def _drain(stream: asyncio.StreamReader) -> None:
-    while await stream.read(65536):
-        pass
-
-
-async def _split(session: aiohttp.ClientSession, url: str, n: int) -> Counter[str]:
-    counts: Counter[str] = Counter()
-    for _ in range(n):
-        async with session.get(url + "/") as r:
-            counts[r.headers["X-Canary-Version"]] += 1
-            await r.read()
-    return counts
-
-
-async def _set_weight(path: Path, config: dict[str, object], weight: float, admin: str) -> None:
-    config["canary-weight"] = weight
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(config))
-    os.replace(tmp, path)
-    async with aiohttp.ClientSession() as s:
-        for _ in range(100):  # the reload lands within ~0.3 s; poll the proxy's own view
-            async with s.get(admin + "/config") as r:
-                if (await r.json())["canary-weight"] == weight:
-                    return
-            await asyncio.sleep(0.05)
-    raise RuntimeError("the proxy did not pick up the new weight")
-
-
-async def run_demo(requests_per_step: int = 400) -> int:
-    stable_runner, stable_port = await start_demo_app("v1")
-    canary_runner, canary_port = await start_demo_app("v2")
-    workdir = Path(tempfile.mkdtemp(prefix="canary-proxy-demo-"))
-    config: dict[str, object] = {
-        "stable-url": f"http://127.0.0.1:{stable_port}",
-        "canary-url": f"http://127.0.0.1:{canary_port}",
-        "canary-weight": 0,
-        "canary-by-header": "X-Canary",
-    }
-    path = workdir / "canary.yaml"
-    path.write_text(yaml.safe_dump(config))
-    process, url, admin = await _start_proxy(path)
-    print(f"proxy on {url} (admin {admin}); stable v1 :{stable_port}, canary v2 :{canary_port}")
+    ready = asyncio.get_running_loop().create_future()
+    proxy.reader = asyncio.create_task(_read_log(process.stderr, proxy, ready))
     try:
-        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as anon:
-            async with aiohttp.ClientSession() as browser:  # keeps its sticky cookie
-                async with browser.get(url + "/") as r:
-                    await r.read()
-                for weight in (0, 5, 25, 50, 100):
-                    await _set_weight(path, config, weight, admin)
-                    counts = await _split(anon, url, requests_per_step)
-                    share = 100 * counts["canary"] / requests_per_step
-                    sticky = (await _split(browser, url, 1)).most_common(1)[0][0]
-                    print(
-                        f"weight {weight:>5}%: {counts['canary']:>4} of {requests_per_step} new users "
-                        f"on canary ({share:5.1f}%); the sticky browser user is on {sticky}"
-                    )
-            async with anon.get(url + "/", headers={"X-Canary": "always"}) as r:
-                print(f"QA request with 'X-Canary: always' served by {r.headers['X-Canary-Version']}")
-            async with anon.get(admin + "/metrics") as r:
-                lines = [
-                    ln for ln in (await r.text()).splitlines() if ln.startswith("canary_proxy_requests_total")
-                ]
-            print("per-version metrics:\n  " + "\n  ".join(lines))
+        entry = await asyncio.wait_for(ready, 30)
+    except (TimeoutError, EOFError):
+        await proxy.stop()
+        raise StartError("the proxy did not start:\n  " + "\n  ".join(proxy.logs)) from None
+    proxy.url, proxy.admin = "http://" + entry["public"], "http://" + entry["admin"]
+    return proxy
+
+
+async def _read_log(stream: asyncio.StreamReader, proxy: ProxyProcess, ready: asyncio.Future[Any]) -> None:
+    """Keep reading the proxy's log (a full pipe would stall it); the last lines explain a failure."""
+    while line := await stream.readline():
+        text = line.decode(errors="replace").rstrip()
+        try:
+            entry = json.loads(text)
+        except ValueError:
+            entry = None
+        if not isinstance(entry, dict):
+            proxy.logs.append(text)  # e.g. "error: ..." lines of a bad start
+            continue
+        message = str(entry.get("msg", ""))
+        proxy.logs.append(f"{message}: {entry['errors']}" if "errors" in entry else message)
+        if not ready.done() and message == "ready":
+            ready.set_result(entry)
+    if not ready.done():
+        ready.set_exception(EOFError())
+
+
+# -- traffic ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Traffic:
+    """Browser-like users who keep the proxy's sticky cookie, and QA users with the header."""
+
+    url: str
+    session: aiohttp.ClientSession
+    rng: random.Random = field(default_factory=random.Random)
+    on_version: Counter[str] = field(default_factory=Counter)  # browser users now on each version
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.tasks = [asyncio.create_task(self._browser()) for _ in range(USERS)]
+        self.tasks += [asyncio.create_task(self._qa()) for _ in range(QA_USERS)]
+
+    async def close(self) -> None:
+        self.stop.set()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _get(self, headers: dict[str, str]) -> aiohttp.ClientResponse | None:
+        try:
+            async with self.session.get(self.url + "/", headers=headers) as response:
+                await response.read()
+                return response
+        except (aiohttp.ClientError, TimeoutError):
+            await asyncio.sleep(0.2)  # the proxy is restarting or gone; do not spin
+            return None
+
+    async def _pause(self) -> None:
+        await asyncio.sleep(self.rng.uniform(*THINK))
+
+    async def _browser(self) -> None:
+        """One seat: a user visits for a while with their cookie, leaves, and a new one comes."""
+        while not self.stop.is_set():
+            cookie: str | None = None
+            version: str | None = None
+            for _ in range(self.rng.randint(*VISIT)):
+                response = await self._get({"Cookie": cookie} if cookie else {})
+                if response is not None:
+                    if (morsel := response.cookies.get("canary_proxy_bucket")) is not None:
+                        cookie = f"canary_proxy_bucket={morsel.value}"
+                    served = response.headers.get("X-Canary-Version")
+                    if served != version:
+                        if version is not None:
+                            self.on_version[version] -= 1
+                        if served is not None:
+                            self.on_version[served] += 1
+                        version = served
+                await self._pause()
+            if version is not None:
+                self.on_version[version] -= 1
+
+    async def _qa(self) -> None:
+        while not self.stop.is_set():
+            await self._get({HEADER: "always"})
+            await self._pause()
+
+
+# -- what the views show ------------------------------------------------------------------------
+
+
+@dataclass
+class VersionNow:
+    """One version over the last few seconds, from the proxy's /stats."""
+
+    rate: float | None = None  # requests per second
+    error_rate: float | None = None  # 5xx share, 0..1
+    p50: float | None = None  # seconds
+    p99: float | None = None
+
+
+@dataclass
+class CheckRow:
+    elapsed: float
+    step: str
+    result: str
+    canary: dict[str, Any]
+    stable: dict[str, Any]
+    reasons: list[str]
+    line: str  # the controller's log line, every number in it
+
+
+@dataclass
+class DemoModel:
+    options: DemoOptions
+    plan: Plan
+    started: float = field(default_factory=time.monotonic)
+    urls: dict[str, str] = field(default_factory=dict)
+    phase: str = "Starting"
+    step: str = "-"
+    weight: float | None = None  # percent the proxy serves now
+    versions: dict[str, VersionNow] = field(
+        default_factory=lambda: {STABLE: VersionNow(), CANARY: VersionNow()}
+    )
+    checks: list[CheckRow] = field(default_factory=list)
+    events: list[tuple[float, str, bool]] = field(default_factory=list)  # (elapsed, text, warning)
+    users: Counter[str] = field(default_factory=Counter)
+    fault_active: bool = False
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+def version_now(series: dict[str, Any], version: str, points: int = 3) -> VersionNow:
+    """The last ``points`` seconds of one version's /stats series: mean rate, pooled 5xx share,
+    and the latest p50/p99."""
+    columns = series.get(version, {})
+    rates = [r for r in columns.get("requestRate", [])[-points:] if r is not None]
+    shares = columns.get("errorRate", [])[-points:]
+    served = sum(rates)
+    failed = sum(
+        (s or 0.0) * (r or 0.0)
+        for s, r in zip(shares, columns.get("requestRate", [])[-points:], strict=False)
+    )
+    latest = {
+        key: next((v for v in reversed(columns.get(key, [])[-points:]) if v is not None), None)
+        for key in ("p50", "p99")
+    }
+    return VersionNow(
+        rate=served / len(rates) if rates else None,
+        error_rate=failed / served if served > 0 else None,
+        p50=latest["p50"],
+        p99=latest["p99"],
+    )
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+def controller_settings(options: DemoOptions, plan: Plan) -> Settings:
+    return Settings(
+        plan=plan,
+        step_duration=STEP_DURATION / options.speed,
+        interval=INTERVAL / options.speed,
+        window=INTERVAL / options.speed,  # ignored by a scraping source; kept honest
+        failure_threshold=2,
+        progress_deadline=PROGRESS_DEADLINE / options.speed,
+        thresholds=Thresholds(min_requests=max(3, min(MIN_REQUESTS, round(25 / options.speed)))),
+    )
+
+
+class _Records(logging.Handler):
+    """Hands the controller's log records (decisions and checks, with their numbers) to the demo."""
+
+    def __init__(self, demo: Demo) -> None:
+        super().__init__(logging.INFO)
+        self.demo = demo
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.demo.on_record(record)
+
+
+@contextlib.contextmanager
+def _capture_controller_logs(demo: Demo) -> Iterator[None]:
+    logger = logging.getLogger("canary_proxy.rollout")
+    saved = logger.level, logger.propagate
+    handler = _Records(demo)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # the view shows them; nothing else writes to the terminal
+    try:
+        yield
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            process.terminate()
-        await process.wait()
-        await stable_runner.cleanup()
-        await canary_runner.cleanup()
-    return 0
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
+class Demo:
+    def __init__(self, options: DemoOptions, view: View) -> None:
+        self.options = options
+        self.plan = parse_plan(STEPS)
+        self.model = DemoModel(options, self.plan)
+        self.view = view
+        self.fault = Fault(options.bad_canary, options.fail_at)
+
+    def on_record(self, record: logging.LogRecord) -> None:
+        model, message = self.model, record.getMessage()
+        warning = record.levelno >= logging.WARNING
+        check = getattr(record, "check", None)
+        step = getattr(record, "step", None)
+        where = describe(self.plan, step) if isinstance(step, int) and 0 <= step < len(self.plan) else "-"
+        if isinstance(check, dict):
+            row = CheckRow(
+                model.elapsed,
+                where.removeprefix("step "),
+                str(check.get("result")),
+                check.get("canary") or {},
+                check.get("stable") or {},
+                [str(r) for r in check.get("reasons", [])],
+                message,
+            )
+            model.checks.append(row)
+            self.view.check(model, row)
+            return
+        if message.startswith("stopped by signal"):
+            return  # the controller's hint to resume does not apply: the demo's files go with it
+        phase = getattr(record, "phase", None)
+        if phase:
+            model.phase = str(phase)
+            model.step = where.removeprefix("step ")
+        model.events.append((model.elapsed, message, warning))
+        self.view.event(model, message, warning=warning)
+
+    def note(self, text: str, *, warning: bool = False) -> None:
+        self.model.events.append((self.model.elapsed, text, warning))
+        self.view.event(self.model, text, warning=warning)
+
+    async def watch(self, session: aiohttp.ClientSession, admin: str, traffic: Traffic) -> None:
+        """Read the proxy's /stats twice a second: the weight it serves and each version's numbers."""
+        while True:
+            try:
+                async with session.get(admin + "/stats") as response:
+                    stats = await response.json()
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                stats = None
+            if stats is not None:
+                model = self.model
+                if stats.get("weight") is not None:
+                    model.weight = float(stats["weight"]["percent"])
+                    if self.fault.reached(model.weight):
+                        model.fault_active = True
+                        self.note(
+                            f"canary v2 starts failing now (--bad-canary {self.fault.mode}): the proxy "
+                            f"serves it {model.weight:g}% >= --fail-at {self.options.fail_at:g}%",
+                            warning=True,
+                        )
+                for version in (STABLE, CANARY):
+                    model.versions[version] = version_now(stats.get("series", {}), version)
+                model.users = Counter({k: v for k, v in traffic.on_version.items() if v > 0})
+            self.view.tick(self.model)
+            await asyncio.sleep(STATS_POLL)
+
+    async def run(self, stop: asyncio.Event) -> int:
+        check_free(self.options.port, "--port")
+        check_free(self.options.admin_port, "--admin-port")
+        workdir = Path(tempfile.mkdtemp(prefix="canary-proxy-demo-"))
+        stable, canary = DemoApp("v1"), DemoApp("v2", self.fault)
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                for app in (stable, canary):
+                    await app.start()
+                    stack.push_async_callback(app.stop)
+                config_path = workdir / "canary.yaml"
+                config = {
+                    "stable-url": stable.url,
+                    "canary-url": canary.url,
+                    "canary-weight": 0,
+                    "canary-by-header": HEADER,
+                }
+                config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+                proxy = await start_proxy(
+                    config_path, port=self.options.port, admin_port=self.options.admin_port
+                )
+                stack.push_async_callback(proxy.stop)
+                self.model.urls = {
+                    "stable v1": stable.url,
+                    "canary v2": canary.url,
+                    "proxy": proxy.url,
+                    "metrics": proxy.admin + "/metrics",
+                    "dashboard": proxy.admin + "/",
+                    "config": str(config_path),
+                }
+                self.view.start(self.model)
+                return await self._rollout(stack, proxy, config_path, stop)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    async def _rollout(
+        self, stack: contextlib.AsyncExitStack, proxy: ProxyProcess, config_path: Path, stop: asyncio.Event
+    ) -> int:
+        users = await stack.enter_async_context(
+            aiohttp.ClientSession(
+                cookie_jar=aiohttp.DummyCookieJar(),  # each user keeps their own cookie
+                connector=aiohttp.TCPConnector(limit=0),
+                timeout=aiohttp.ClientTimeout(total=10),
+            )
+        )
+        admin = await stack.enter_async_context(aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)))
+        traffic = Traffic(proxy.url, users)
+        traffic.start()
+        stack.push_async_callback(traffic.close)  # runs before the proxy stops (LIFO)
+        watcher = asyncio.create_task(self.watch(admin, proxy.admin, traffic))
+        stack.push_async_callback(_cancel, watcher)
+        settings = controller_settings(self.options, self.plan)
+        source = ScrapeSource([proxy.admin + "/metrics"], admin)
+        with _capture_controller_logs(self):
+            code = await Controller(FileStore(config_path), source, settings).run(restart=True, stop=stop)
+        return code
+
+
+def check_free(port: int, flag: str) -> None:
+    """A chosen port that is taken is a StartError with a plain message (not the proxy's traceback)."""
+    if port == 0:
+        return
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the proxy binds it
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise StartError(f"{flag} {port}: 127.0.0.1:{port} is not free ({exc.strerror})") from None
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def _signals() -> AsyncIterator[tuple[asyncio.Event, list[int]]]:
+    """SIGINT (Ctrl-C) and SIGTERM set the event; the list holds the signal's number."""
+    stop, caught = asyncio.Event(), [0]
+    loop = asyncio.get_running_loop()
+
+    def on_signal(number: int) -> None:
+        caught[0] = number
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        yield stop, caught
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def run_demo(options: DemoOptions) -> int:
+    """The exit code: 0 promoted, 1 rolled back, 2 could not start, 128 + N on signal N."""
+    from .demo_view import make_view
+
+    live = default_live() if options.live is None else options.live
+    view = make_view(live=live)
+    demo = Demo(options, view)
+    async with _signals() as (stop, caught):
+        try:
+            code = await demo.run(stop)
+        except StartError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if code == STOPPED or caught[0]:
+            view.close(demo.model, None)
+            return 128 + (caught[0] or signal.SIGINT)
+        view.close(demo.model, code)
+        return code
+
+
+def default_live() -> bool:
+    """A live view only where someone watches: a terminal that can redraw in place."""
+    return sys.stdout.isatty() and os.environ.get("TERM") != "dumb"

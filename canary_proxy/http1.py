@@ -16,21 +16,25 @@ the client connection is aborted, so a truncated body never poses as a complete 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import random
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 import httptools
 
 from .accesslog import AccessLog
-from .config import Config, Upstream
+from .config import Config, Upstream, format_duration
 from .metrics import Metrics
+from .outlier import WINDOW, OutlierDetector
 from .router import CANARY, STABLE, Decision, decide, random_bucket_source
+from .tls import TlsError, read_ca, upstream_context
 from .upstream import ConnectFailed, UpstreamConnection, UpstreamPool
 
 log = logging.getLogger(__name__)
@@ -537,6 +541,8 @@ class Cycle:
         config = runtime.config
         self.runtime = runtime
         self.decision = decision = self._decide(config)
+        if decision.rule in ("weight", "sticky") and decision.version == CANARY and server.canary_ejected():
+            self.decision = decision = replace(decision, version=STABLE, rule="failover")
         rid = request.lookup.get(b"x-request-id")
         self.ex = ex = Exchange(
             start=time.monotonic(),
@@ -615,6 +621,7 @@ class Cycle:
             self.finished = loop.create_future()
             self.conn = conn
             conn.start(self)
+            conn.version = self.ex.version if self.ex is not None else ""
             conn.write(self._upstream_head(runtime, conn.pool))
             if expect is not None and request.version == "1.1" and not request.body_done:
                 self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -650,6 +657,8 @@ class Cycle:
             return await self._open(runtime.pool(ex.version), runtime)
         except UpstreamFailure as failure:
             config = runtime.config
+            if failure.reason == "connect" and ex.version == CANARY:
+                self.server.canary_failed(config)
             if not (failure.reason == "connect" and ex.version == CANARY and config.canary_failover):
                 raise
         log.warning("canary unreachable, failing over to stable (request %s)", ex.request_id)
@@ -1009,7 +1018,9 @@ class ProxyServer:
         self.limits = limits or Limits()
         self.tick = _tick_for(self.limits, None)
         self.runtime: Runtime | None = None
-        self.pools: dict[str, UpstreamPool] = {}
+        self.pools: dict[str, UpstreamPool] = {}  # by URL (and CA bundle, for https)
+        self._ca: tuple[str, ssl.SSLContext] | None = None  # upstream-ca: (digest, context)
+        self.outlier = OutlierDetector()
         self.connections: set[ClientConnection] = set()
         self.websockets: set[Cycle] = set()
         self.in_flight = 0  # requests in progress, WebSockets included
@@ -1020,19 +1031,66 @@ class ProxyServer:
         return ClientConnection(self)
 
     def apply(self, config: Config) -> None:
+        try:
+            ca = self._upstream_ca(config)
+        except TlsError as exc:  # validated before, so only if the file changed since
+            log.error("cannot apply the new config, keeping the current one: upstream-ca: %s", exc)
+            return
         self.tick = _tick_for(self.limits, config)
-        stable, canary = self._pool(config.stable), self._pool(config.canary)
+        previous = self.runtime.config if self.runtime is not None else None
+        if previous is None or previous.canary != config.canary or not config.canary_outlier_failures:
+            self.outlier.reset()  # a new canary (or protection turned off) starts with a clean slate
+        stable, canary = self._pool(config.stable, ca), self._pool(config.canary, ca)
         self.runtime = Runtime(config, stable, canary)
-        for url in [u for u in self.pools if u not in (config.stable.url, config.canary.url)]:
-            pool = self.pools.pop(url)
+        for key in [k for k, p in self.pools.items() if p is not stable and p is not canary]:
+            pool = self.pools.pop(key)
             pool.retired = True
             self.pool_idle(pool)
 
-    def _pool(self, upstream: Upstream) -> UpstreamPool:
-        pool = self.pools.get(upstream.url)
+    def _upstream_ca(self, config: Config) -> tuple[str, ssl.SSLContext] | None:
+        """The client context for https upstreams, built once per distinct CA bundle content."""
+        if config.upstream_ca is None:
+            return None
+        data = read_ca(config.upstream_ca)
+        digest = hashlib.sha256(data).hexdigest()
+        if self._ca is None or self._ca[0] != digest:
+            self._ca = (digest, upstream_context(data, origin=config.upstream_ca))
+        return self._ca
+
+    def _pool(self, upstream: Upstream, ca: tuple[str, ssl.SSLContext] | None) -> UpstreamPool:
+        key = f"{upstream.url} ca={ca[0]}" if upstream.tls and ca is not None else upstream.url
+        pool = self.pools.get(key)
         if pool is None:
-            pool = self.pools[upstream.url] = UpstreamPool(upstream)
+            context = ca[1] if upstream.tls and ca is not None else None
+            pool = self.pools[key] = UpstreamPool(upstream, ssl_context=context)
+            pool.on_stray = self._stray
         return pool
+
+    def canary_ejected(self) -> bool:
+        now = time.monotonic()
+        if self.outlier.expired(now):
+            log.info("canary outlier cool-down over: the canary gets its weighted share again")
+        return self.outlier.ejected(now)
+
+    def canary_failed(self, config: Config) -> None:
+        """One connect failure to the canary: eject it when that crosses the threshold."""
+        threshold, cooldown = config.canary_outlier_failures, config.canary_outlier_cooldown
+        if self.outlier.failure(time.monotonic(), threshold=threshold, cooldown=cooldown):
+            self.metrics.outlier_ejections.inc()
+            log.warning(
+                "canary ejected for %s: %d connect failures within %gs; its weighted share goes to stable",
+                format_duration(cooldown),
+                threshold,
+                WINDOW,
+                extra={"canary": config.canary.url},
+            )
+
+    def _stray(self, conn: UpstreamConnection, detail: str) -> None:
+        version = conn.version or STABLE
+        self.metrics.upstream_errors.labels(version, "protocol").inc()
+        log.warning(
+            "upstream %s (%s) sent %s; closed that connection", version, conn.pool.upstream.url, detail
+        )
 
     def pool_idle(self, pool: UpstreamPool) -> None:
         if pool.retired and pool.active == 0:

@@ -105,6 +105,13 @@ class Metrics:
             registry=registry,
             multiprocess_mode="max",
         )
+        self.outlier_ejections = Counter(
+            "outlier_ejections",
+            "Times the canary was ejected from its weighted share after canary-outlier-failures "
+            "connect failures within 10 s.",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
         self.worker_restarts = Counter(
             "worker_restarts",
             "Worker processes that died and were restarted by the supervisor.",

@@ -192,7 +192,8 @@ async def _supervise(
     scrape = CollectorRegistry()
     multiprocess.MultiProcessCollector(scrape)  # type: ignore[no-untyped-call]
     admin, admin_address = await start_admin(
-        AdminState(control, scrape, supervisor.ready), settings.admin_listen
+        AdminState(control, scrape, supervisor.ready, config_path=settings.config_path),
+        settings.admin_listen,
     )
     follower = asyncio.create_task(control.follow(updates(), origin=origin))
     for slot in range(settings.workers):

@@ -4,6 +4,15 @@ each response with httptools (llhttp, the C parser) and hands it to the request 
 The pool is a LIFO of idle connections: the most recently used one is the least likely to
 have been closed by the upstream's idle timeout. A connection the upstream closed while idle
 is noticed (``connection_lost``) and skipped.
+
+How a broken response is classified (the ``reason`` of ``upstream_errors_total``): a connection
+reset (RST, or any socket error) is ``reset``; a clean close (FIN) before any byte of the
+response is ``reset`` too (a keep-alive connection the upstream closed: retried when safe);
+a clean close after part of the response, before its framing says it is complete (a body
+shorter than its Content-Length, an unfinished chunked body or head), is ``protocol``, as is
+anything malformed and any byte that arrives when no response is expected (a body longer than
+its Content-Length): those bytes are never taken as the next request's response, because the
+connection is closed at once.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import logging
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 import httptools
@@ -61,6 +71,7 @@ class UpstreamConnection(asyncio.Protocol):
         "status",
         "transport",
         "upgraded",
+        "version",
     )
 
     def __init__(self, pool: UpstreamPool) -> None:
@@ -75,6 +86,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.idle_since = 0.0
+        self.version = ""  # the version label of the request last served, for stray bytes
         self._writable = True
 
     # -- asyncio.Protocol -------------------------------------------------------------------
@@ -85,7 +97,7 @@ class UpstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         sink = self.sink
         if sink is None:  # bytes with no request in flight: the connection is not reusable
-            self.close()
+            self._stray(f"{len(data)} bytes while no response was expected")
             return
         self.got_bytes = True
         if self.upgraded:
@@ -97,6 +109,9 @@ class UpstreamConnection(asyncio.Protocol):
             self.upgraded = True
             sink.on_upstream_upgraded(data[exc.args[0] :])
         except httptools.HttpParserError as exc:
+            if self.sink is None:  # the response was complete: what followed it is stray
+                self._stray(f"bytes after the end of the response ({exc})")
+                return
             self.close()
             sink.on_upstream_error("protocol", f"malformed response: {exc}")
 
@@ -109,6 +124,10 @@ class UpstreamConnection(asyncio.Protocol):
             sink.on_upstream_error("closed", "upstream closed the upgraded connection")
         elif self.status and not self.parser.should_keep_alive() and _close_delimited(self):
             sink.on_response_complete()  # a body delimited by the close itself
+        elif exc is None and self.got_bytes:
+            sink.on_upstream_error(
+                "protocol", "upstream closed the connection before the response was complete"
+            )
         else:
             sink.on_upstream_error("reset", f"upstream closed the connection ({exc or 'EOF'})")
 
@@ -122,7 +141,19 @@ class UpstreamConnection(asyncio.Protocol):
         if self.sink is not None:
             self.sink.on_upstream_writable(True)
 
+    def _stray(self, detail: str) -> None:
+        """Bytes the upstream sent when no response was expected: close, and report it once."""
+        if self.closed:
+            return
+        self.close()
+        if self.pool.on_stray is not None:
+            self.pool.on_stray(self, detail)
+
     # -- httptools callbacks --------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.sink is None:  # a second response in the same read: never for the next request
+            self._stray("a response nobody asked for")
 
     def on_status(self, status: bytes) -> None:
         self.reason = status
@@ -201,6 +232,8 @@ class UpstreamPool:
         self.idle: deque[UpstreamConnection] = deque()
         self.active = 0  # requests using this pool now; a retired pool closes when it hits 0
         self.retired = False
+        # Told about bytes an idle connection received (it is closed): counted by the server.
+        self.on_stray: Callable[[UpstreamConnection, str], None] | None = None
         self._ssl = ssl_context if upstream.tls else None
         if upstream.tls and self._ssl is None:
             self._ssl = ssl.create_default_context()

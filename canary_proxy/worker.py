@@ -18,7 +18,16 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from .app import Address, Settings, access_log_for, drain, install_stop_signals, serve_public
+from .app import (
+    Address,
+    Settings,
+    access_log_for,
+    drain,
+    install_stop_signals,
+    public_tls,
+    serve_public,
+    watch_tls,
+)
 from .config import parse_config
 from .http1 import Limits, ProxyServer
 from .metrics import Metrics
@@ -37,6 +46,8 @@ def settings_to_env(settings: Settings, *, port: int) -> str:
             "shutdown_timeout": settings.shutdown_timeout,
             "access_log": settings.access_log,
             "limits": dataclasses.asdict(settings.limits),
+            "tls_cert": settings.tls_cert,
+            "tls_key": settings.tls_key,
         }
     )
 
@@ -65,7 +76,10 @@ async def run_worker(status_fd: int) -> int:
         shutdown_timeout=raw["shutdown_timeout"],
         access_log=raw["access_log"],
         limits=Limits(**raw["limits"]),
+        tls_cert=raw["tls_cert"],
+        tls_key=raw["tls_key"],
     )
+    tls = public_tls(settings)  # the supervisor loaded this pair already: an error is a crash
     metrics = Metrics(CollectorRegistry())  # values go to the shared multiprocess directory
     metrics.init_data_plane()
     proxy = ProxyServer(metrics=metrics, access_log=access_log_for(settings), limits=settings.limits)
@@ -73,12 +87,15 @@ async def run_worker(status_fd: int) -> int:
     install_stop_signals(stop)
     reader = asyncio.create_task(_read_configs(proxy, stop, first))
     await first.wait()
-    public = await serve_public(proxy, settings.listen, reuse_port=True)
+    public = await serve_public(proxy, settings.listen, reuse_port=True, tls=tls)
+    watcher = watch_tls(settings, tls)
     os.write(status_fd, b"ready\n")
     await stop.wait()
     await drain(public, proxy, drain_delay=settings.drain_delay, shutdown_timeout=settings.shutdown_timeout)
-    reader.cancel()
-    await asyncio.gather(reader, return_exceptions=True)
+    background = [t for t in (reader, watcher) if t is not None]
+    for task in background:
+        task.cancel()
+    await asyncio.gather(*background, return_exceptions=True)
     return 0
 
 

@@ -15,12 +15,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from canary_proxy.cli import run_async
-from canary_proxy.demo import start_demo_app
+from canary_proxy.demo import DemoApp
 
 
 async def serve() -> int:
-    stable, stable_port = await start_demo_app("v1")
-    canary, canary_port = await start_demo_app("v2")
+    stable, canary = DemoApp("v1"), DemoApp("v2")
+    await stable.start()
+    await canary.start()
+    stable_port, canary_port = stable.port, canary.port
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -29,8 +31,8 @@ async def serve() -> int:
     try:
         await stop.wait()
     finally:
-        await stable.cleanup()
-        await canary.cleanup()
+        await stable.stop()
+        await canary.stop()
     return 0
 
 

@@ -11,6 +11,9 @@ import contextlib
 import json
 import os
 import signal
+import socket
+import ssl
+import struct
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -98,8 +101,14 @@ async def _reset(request: web.Request) -> web.StreamResponse:
     await response.write(b"y" * 1000)
     await asyncio.sleep(0.05)
     assert request.transport is not None
+    send_rst_on_close(request.transport.get_extra_info("socket"))
     request.transport.abort()
     return response
+
+
+def send_rst_on_close(sock: Any) -> None:
+    """SO_LINGER 0: closing the socket sends a TCP RST instead of a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 async def _ws(request: web.Request) -> web.StreamResponse:
@@ -128,15 +137,16 @@ def backend_app(backend: Backend) -> web.Application:
     return app
 
 
-async def start_backend(name: str, port: int = 0) -> Backend:
+async def start_backend(name: str, port: int = 0, *, ssl_context: ssl.SSLContext | None = None) -> Backend:
+    """``ssl_context``: serve HTTPS with it (the URL is then ``https://``)."""
     backend = Backend(name)
     runner = web.AppRunner(backend_app(backend), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
+    site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=ssl_context)
     await site.start()
     backend.runner = runner
     backend.port = runner.addresses[0][1]
-    backend.url = f"http://127.0.0.1:{backend.port}"
+    backend.url = f"{'https' if ssl_context else 'http'}://127.0.0.1:{backend.port}"
     return backend
 
 

@@ -27,6 +27,7 @@ LABELS: dict[str, frozenset[str]] = {
     "canary_proxy_config_reloads": frozenset({"result"}),
     "canary_proxy_config_last_success_timestamp_seconds": frozenset(),
     "canary_proxy_worker_restarts": frozenset(),
+    "canary_proxy_outlier_ejections": frozenset(),
 }
 TYPES: dict[str, str] = {
     "canary_proxy_requests": "counter",
@@ -39,6 +40,7 @@ TYPES: dict[str, str] = {
     "canary_proxy_config_reloads": "counter",
     "canary_proxy_config_last_success_timestamp_seconds": "gauge",
     "canary_proxy_worker_restarts": "counter",
+    "canary_proxy_outlier_ejections": "counter",
 }
 
 Key = tuple[str, frozenset[tuple[str, str]]]

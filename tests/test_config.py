@@ -27,7 +27,10 @@ def test_defaults_are_filled_in() -> None:
         "upstream-connect-timeout": "2s",
         "upstream-timeout": "1m",
         "canary-failover": True,
+        "canary-outlier-failures": 0,
+        "canary-outlier-cooldown": "30s",
         "version-header": "X-Canary-Version",
+        "upstream-ca": None,
     }
 
 

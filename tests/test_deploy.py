@@ -51,6 +51,7 @@ EXPORTED_METRICS = frozenset(
         "canary_proxy_config_reloads_total",
         "canary_proxy_config_last_success_timestamp_seconds",
         "canary_proxy_worker_restarts_total",
+        "canary_proxy_outlier_ejections_total",
     }
 ) | {f"canary_proxy_request_duration_seconds{s}" for s in ("_bucket", "_count", "_sum")}
 CONFIG_KEYS = frozenset(
@@ -68,7 +69,10 @@ CONFIG_KEYS = frozenset(
         "upstream-connect-timeout",
         "upstream-timeout",
         "canary-failover",
+        "canary-outlier-failures",
+        "canary-outlier-cooldown",
         "version-header",
+        "upstream-ca",
     }
 )
 # The product's defaults for the graceful-shutdown flags.

@@ -1,0 +1,144 @@
+"""``/stats``: the dashboard's chart data, computed from the same collectors as /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client import CollectorRegistry
+
+from canary_proxy.metrics import Metrics
+from canary_proxy.rollout.state import RolloutState, encode
+from canary_proxy.stats import read_rollout, series, snapshot, stats_document
+
+from .conftest import Backend, ProxyFactory, ProxyProcess, base_config
+
+
+def test_rates_error_share_and_quantiles_come_from_snapshot_deltas() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.init_data_plane()
+    metrics.weight_ratio.set(0.25)
+    first = snapshot(registry.collect(), 100.0)
+    for _ in range(18):
+        metrics.count_request("stable", 200, "GET", 0.02)
+    for _ in range(2):
+        metrics.count_request("stable", 503, "GET", 0.02)
+    for _ in range(10):
+        metrics.count_request("canary", 200, "GET", 0.3)
+    metrics.count_decision("canary", "header")
+    second = snapshot(registry.collect(), 102.0)
+
+    columns = series([first, second])
+    assert columns["time"] == [102.0] and columns["weightPercent"] == [25.0]
+    assert columns["stable"]["requestRate"] == [10.0]  # 20 requests in 2 s
+    assert columns["stable"]["errorRate"] == [0.1]
+    assert 0.01 < columns["stable"]["p99"][0] <= 0.025  # the (10 ms, 25 ms] bucket
+    assert columns["canary"]["requestRate"] == [5.0] and columns["canary"]["errorRate"] == [0.0]
+    assert 0.25 < columns["canary"]["p50"][0] <= 0.5
+
+    document = stats_document([first, second], effective=None, rollout=None)
+    assert {"version": "canary", "rule": "header", "total": 1.0, "rate": 0.5} in document["decisions"]
+    assert document["totals"]["stable"] == {"requests": 20.0, "errors": 2.0}
+
+
+def test_no_traffic_is_a_gap_not_a_zero() -> None:
+    registry = CollectorRegistry()
+    Metrics(registry).init_data_plane()
+    columns = series([snapshot(registry.collect(), 1.0), snapshot(registry.collect(), 2.0)])
+    assert columns["canary"] == {"requestRate": [0.0], "errorRate": [None], "p50": [None], "p99": [None]}
+
+
+def test_the_rollout_beside_the_config_reads_like_status_json(tmp_path: Path) -> None:
+    config = tmp_path / "canary.yaml"
+    assert read_rollout(str(config), {}) is None  # no state file: no rollout
+    now = time.time()
+    state = RolloutState(
+        phase="Progressing",
+        steps="5,50,100",
+        step=1,
+        message="at step 2/3",
+        step_started=now,
+        progress_since=now,
+    )
+    notes = {k: v for k, v in encode(state).items() if v is not None}
+    (tmp_path / "canary.yaml.rollout.json").write_text(json.dumps(notes))
+    report = read_rollout(str(config), {"canary-weight": 50})
+    assert report is not None
+    assert report["phase"] == "Progressing" and report["stepDescription"] == "2/3 (50%)"
+    assert report["weight"] == 50 and report["message"] == "at step 2/3"
+    (tmp_path / "canary.yaml.rollout.json").write_text("{half a wri")
+    broken = read_rollout(str(config), {})
+    assert broken is not None and broken["phase"] is None and "rollout.json" in broken["error"]
+
+
+async def stats_until(
+    proxy: ProxyProcess, check: Callable[[dict[str, Any]], bool], timeout: float = 10
+) -> dict[str, Any]:
+    """Poll /stats (one new point a second) until ``check`` holds, bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats: dict[str, Any] = await proxy.admin_json("/stats")
+        if check(stats):
+            return stats
+        if time.monotonic() > deadline:
+            raise AssertionError(f"/stats never satisfied the check in {timeout}s: {stats}")
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_stats_match_the_metrics_in_one_and_many_processes(
+    backends: tuple[Backend, Backend],
+    proxy_factory: ProxyFactory,
+    client: aiohttp.ClientSession,
+    workers: str,
+) -> None:
+    stable, canary = backends
+    config = base_config(stable, canary, canary_weight=0, canary_by_header="X-Canary")
+    proxy = await proxy_factory(config, "--workers", workers, "--access-log", "off")
+    for headers in [{}] * 6 + [{"X-Canary": "always"}] * 4:
+        async with client.get(proxy.url + "/", headers=headers) as r:
+            assert r.status == 200
+    canary.fail_status = 500
+    async with client.get(proxy.url + "/", headers={"X-Canary": "always"}) as r:
+        assert r.status == 500
+
+    stats = await stats_until(proxy, lambda s: s["totals"]["canary"]["requests"] == 5)
+    assert stats["totals"] == {
+        "stable": {"requests": 6.0, "errors": 0.0},
+        "canary": {"requests": 5.0, "errors": 1.0},
+    }
+    assert stats["weight"] == {"weight": 0, "total": 100, "percent": 0.0}
+    assert stats["config"]["canary-by-header"] == "X-Canary" and stats["rollout"] is None
+    rules = {(d["version"], d["rule"]): d["total"] for d in stats["decisions"]}
+    assert rules[("canary", "header")] == 5 and rules[("stable", "weight")] == 6  # no cookies kept
+    served = sum(v or 0 for v in stats["series"]["canary"]["requestRate"]) * stats["interval"]
+    assert served == pytest.approx(5, abs=0.5)  # the points add up to what was served
+    metrics = await proxy.metrics_text()
+    assert 'canary_proxy_requests_total{code="500",method="GET",version="canary"} 1.0' in metrics
+
+
+async def test_the_dashboard_page_and_its_files_are_served(
+    backends: tuple[Backend, Backend], proxy_factory: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
+    stable, canary = backends
+    proxy = await proxy_factory(base_config(stable, canary))
+    async with client.get(proxy.admin_url + "/") as r:
+        assert r.status == 200 and r.content_type == "text/html"
+        page = await r.text()
+    assert '<script src="/dashboard/vendor/uPlot.iife.min.js">' in page
+    assert '<script src="/dashboard/dashboard.js">' in page
+    for path in (
+        "/dashboard/dashboard.js",
+        "/dashboard/vendor/uPlot.iife.min.js",
+        "/dashboard/vendor/LICENSE",
+    ):
+        async with client.get(proxy.admin_url + path) as r:
+            assert r.status == 200, path
+    assert "http://" not in page and "https://" not in page  # works offline: no CDN
