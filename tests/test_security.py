@@ -45,6 +45,14 @@ async def test_connect_is_405(backends: tuple[Backend, Backend], proxy_factory: 
         b"GET / HTTP/1.1\r\nHost: x\r\nX: a\x00b\r\n\r\n",
         b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+        # identical duplicates too, strictly, as nginx does
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3,3\r\n\r\nabc",
+        # obs-fold (a header continued on the next line) and a bare CR in a value
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-CR: a\rb\r\n\r\n",
+        # an obfuscated Transfer-Encoding beside a Content-Length
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: \tchunked\r\n\r\nabc",
         b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
     ],
 )
