@@ -17,6 +17,8 @@ from typing import Any
 import aiohttp
 import yaml
 
+from .conftest import Backend, ProxyFactory, ProxyProcess, base_config
+
 # Both versions answer after this long. Every request then lands in the (100, 250] ms latency
 # bucket, so the 2x-of-stable p99 limit trips only for a stall of more than ~400 ms, not for
 # scheduler noise on a busy 2-core machine; 32 users make ~250 requests/s.
@@ -190,3 +192,21 @@ class Stopwatch:
     @property
     def elapsed(self) -> float:
         return time.monotonic() - self.start
+
+
+async def rollout_proxy(backends: tuple[Backend, Backend], proxy_factory: ProxyFactory) -> ProxyProcess:
+    """The proxy the file-mode rollout tests drive: both backends answer in LATENCY, weight 0."""
+    stable, canary = backends
+    stable.delay = canary.delay = LATENCY
+    return await proxy_factory(base_config(stable, canary, canary_weight=0), "--access-log", "off")
+
+
+def rollout_args(proxy: ProxyProcess, steps: str, *extra: str) -> list[str]:
+    """``rollout`` arguments for that proxy in file mode, scraping its /metrics, short clocks."""
+    return [
+        "--config", str(proxy.config_path),
+        "--metrics-url", proxy.admin_url + "/metrics",
+        "--steps", steps,
+        *FAST,
+        *extra,
+    ]  # fmt: skip

@@ -10,26 +10,27 @@ from pathlib import Path
 import pytest
 
 from .conftest import Backend, ProxyFactory, ProxyProcess, base_config
-from .rollouts import FAST, LATENCY, Stopwatch, cli, file_state, rollout, traffic, weights_loaded
+from .rollouts import (
+    LATENCY,
+    Stopwatch,
+    cli,
+    file_state,
+    rollout,
+    rollout_args,
+    rollout_proxy,
+    traffic,
+    weights_loaded,
+)
 
 INTERVAL = 0.5
 
 
 @pytest.fixture
 async def proxy(backends: tuple[Backend, Backend], proxy_factory: ProxyFactory) -> ProxyProcess:
-    stable, canary = backends
-    stable.delay = canary.delay = LATENCY
-    return await proxy_factory(base_config(stable, canary, canary_weight=0), "--access-log", "off")
+    return await rollout_proxy(backends, proxy_factory)
 
 
-def args(proxy: ProxyProcess, steps: str, *extra: str) -> list[str]:
-    return [
-        "--config", str(proxy.config_path),
-        "--metrics-url", proxy.admin_url + "/metrics",
-        "--steps", steps,
-        *FAST,
-        *extra,
-    ]  # fmt: skip
+args = rollout_args
 
 
 def at(step: str) -> object:

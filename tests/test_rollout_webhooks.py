@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from .conftest import Backend, ProxyFactory, ProxyProcess, base_config
-from .rollouts import FAST, LATENCY, file_state, rollout, traffic
+from .conftest import Backend, ProxyFactory, ProxyProcess
+from .rollouts import file_state, rollout, rollout_args, rollout_proxy, traffic
 
 PAYLOAD_KEYS = {"name", "namespace", "phase", "step", "weight", "analysis", "kind", "message"}
 
@@ -67,16 +67,11 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 @pytest.fixture
 async def proxy(backends: tuple[Backend, Backend], proxy_factory: ProxyFactory) -> ProxyProcess:
-    stable, canary = backends
-    stable.delay = canary.delay = LATENCY
-    return await proxy_factory(base_config(stable, canary, canary_weight=0), "--access-log", "off")
+    return await rollout_proxy(backends, proxy_factory)
 
 
 def args(proxy: ProxyProcess, steps: str, *extra: str) -> list[str]:
-    return [
-        "--config", str(proxy.config_path), "--metrics-url", proxy.admin_url + "/metrics",
-        "--steps", steps, "--webhook-retries", "0", *FAST, *extra,
-    ]  # fmt: skip
+    return rollout_args(proxy, steps, "--webhook-retries", "0", *extra)
 
 
 async def test_a_refused_pre_rollout_stops_before_any_weight_is_written(
