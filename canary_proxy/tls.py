@@ -13,19 +13,15 @@ match it), so a bad update is logged and the old certificate keeps serving.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
-import os
 import ssl
 from collections.abc import Sequence
 
 from .config import ConfigError
+from .sources.file import POLL_INTERVAL, changes
 
 log = logging.getLogger(__name__)
-
-POLL_INTERVAL = 0.25  # seconds, as the config file watcher
-SETTLE = 0.05  # seconds between seeing a change and reading it: let a write in place finish
 
 
 class TlsError(Exception):
@@ -87,18 +83,6 @@ def validate_upstream_ca(path: str | None) -> None:
         ) from None
 
 
-def _signature(paths: Sequence[str]) -> tuple[tuple[int, int, int, int] | None, ...]:
-    out: list[tuple[int, int, int, int] | None] = []
-    for path in paths:
-        try:
-            st = os.stat(path)
-        except OSError:
-            out.append(None)
-            continue
-        out.append((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
-    return tuple(out)
-
-
 def _digest(paths: Sequence[str]) -> str | None:
     h = hashlib.sha256()
     try:
@@ -116,16 +100,9 @@ async def watch_certificate(
 ) -> None:
     """Reload ``cert``/``key`` into ``ctx`` whenever their content changes; runs until cancelled."""
     paths = (cert, key)
-    signature = _signature(paths)
     loaded = _digest(paths)
     rejected: str | None = None
-    while True:
-        await asyncio.sleep(interval)
-        current = _signature(paths)
-        if current == signature:
-            continue
-        await asyncio.sleep(SETTLE)
-        signature = _signature(paths)
+    async for _ in changes(paths, interval=interval):
         digest = _digest(paths)
         if digest is None or digest in (loaded, rejected):
             continue

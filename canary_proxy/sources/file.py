@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,22 +67,28 @@ def _signature(path: str) -> tuple[int, int, int, int] | None:
     return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-async def watch_file(
-    path: str, *, initial: RawConfig, interval: float = POLL_INTERVAL
-) -> AsyncIterator[RawConfig]:
-    """Yield the file's content each time it changes after ``initial`` (the caller's first read)."""
-    # Unknown at first: the file may have changed between the caller's read and now, so the
-    # first poll re-reads it and compares the bytes with ``initial``.
-    signature: tuple[int, int, int, int] | None = None
-    last = initial
+async def changes(paths: Sequence[str], *, interval: float = POLL_INTERVAL) -> AsyncIterator[None]:
+    """Yield once each time any of ``paths`` may have changed: the first poll always yields
+    (the caller's first read may already be stale), then each time a stat signature moves.
+    Callers compare content, so a yield with no real change costs one read."""
+    signature: tuple[tuple[int, int, int, int] | None, ...] | None = None
     while True:
         await asyncio.sleep(interval)
-        current = _signature(path)
+        current = tuple(_signature(p) for p in paths)
         if current == signature:
             continue
         # Let a write in place finish before reading, so a half-written file is not rejected.
         await asyncio.sleep(SETTLE)
-        signature = _signature(path)
+        signature = tuple(_signature(p) for p in paths)
+        yield
+
+
+async def watch_file(
+    path: str, *, initial: RawConfig, interval: float = POLL_INTERVAL
+) -> AsyncIterator[RawConfig]:
+    """Yield the file's content each time it changes after ``initial`` (the caller's first read)."""
+    last = initial
+    async for _ in changes([path], interval=interval):
         raw = await asyncio.to_thread(load_file, path)
         if raw.digest != last.digest:
             last = raw
