@@ -300,10 +300,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.workers > 1:
         from .supervisor import run_supervisor
 
-        return run_async(run_supervisor(settings, initial=initial, updates=updates, origin=origin))
-    from .app import run_single
+        main = run_supervisor(settings, initial=initial, updates=updates, origin=origin)
+    else:
+        from .app import run_single
 
-    return run_async(run_single(settings, initial=initial, updates=updates, origin=origin))
+        main = run_single(settings, initial=initial, updates=updates, origin=origin)
+    try:
+        return run_async(main)
+    except OSError as exc:  # a port in use, or an address this host does not have
+        _print_errors([f"cannot listen: {exc.strerror or exc} ({exc})"])
+        return EXIT_USAGE
 
 
 def _check_tls(cert: str | None, key: str | None) -> list[str]:

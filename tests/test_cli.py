@@ -92,3 +92,18 @@ async def test_flags_read_environment_variables_and_the_command_line_wins(
 def test_version() -> None:
     result = cli("--version")
     assert result.returncode == 0 and result.stdout.startswith("canary-proxy ")
+
+
+def test_a_port_in_use_is_a_clear_exit_2_not_a_traceback(tmp_path: Path) -> None:
+    import socket
+
+    config = tmp_path / "c.yaml"
+    config.write_text("stable-url: http://127.0.0.1:1\ncanary-url: http://127.0.0.1:2\n")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for flag, other in (("--listen", "--admin-listen"), ("--admin-listen", "--listen")):
+            result = cli("serve", "--config", str(config), flag, f"127.0.0.1:{port}", other, "127.0.0.1:0")
+            assert result.returncode == 2, result.stderr
+            assert "cannot listen" in result.stderr and "Traceback" not in result.stderr
