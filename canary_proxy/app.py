@@ -68,7 +68,6 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     tls_cert: str | None = None  # with tls_key: the public port speaks TLS; reloaded on change
     tls_key: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ConfigControl:

@@ -49,6 +49,7 @@ _REPLACED: Final = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id", b"expect",
      b"content-length", b"host"}
 )  # fmt: skip
+_UPSTREAM_DROP: Final = HOP_BY_HOP | _REPLACED
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _MAX_REQUEST_ID = 200
 _BODY_BUFFER_LIMIT = 1 << 20  # buffered request body before the upstream is ready; then pause
@@ -124,6 +125,13 @@ def new_request_id() -> str:
 def valid_request_id(value: bytes) -> bool:
     # Printable ASCII only: a client-chosen id must not inject into logs or headers.
     return 0 < len(value) <= _MAX_REQUEST_ID and all(32 < b < 127 for b in value)
+
+
+def _drop(always: frozenset[bytes], headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """The header names not to forward: ``always``, plus those the Connection header names.
+    Most messages name none, so the common case builds no new set."""
+    tokens = connection_tokens(headers)
+    return always | tokens if tokens - always else always
 
 
 def connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
@@ -227,7 +235,6 @@ class ClientConnection(asyncio.Protocol):
         self.queue: deque[Request] = deque()  # parsed, waiting for the one in flight (pipelining)
         self.cycle: Cycle | None = None
         self.tunnel: UpstreamConnection | None = None  # after a WebSocket upgrade: raw bytes
-        self.writable = True
         self.closing = False
         self._paused: set[str] = set()
         self._tick_handle: asyncio.TimerHandle | None = None  # the timeout clock, see _tick
@@ -285,12 +292,10 @@ class ClientConnection(asyncio.Protocol):
             self.fail(400)
 
     def pause_writing(self) -> None:
-        self.writable = False
         if self.cycle is not None:
             self.cycle.client_writable(False)
 
     def resume_writing(self) -> None:
-        self.writable = True
         if self.cycle is not None:
             self.cycle.client_writable(True)
 
@@ -541,7 +546,8 @@ class Cycle:
         config = runtime.config
         self.runtime = runtime
         self.decision = decision = self._decide(config)
-        if decision.rule in ("weight", "sticky") and decision.version == CANARY and server.canary_ejected():
+        ejectable = decision.rule in ("weight", "sticky") and decision.version == CANARY
+        if ejectable and config.canary_outlier_failures and server.canary_ejected():
             self.decision = decision = replace(decision, version=STABLE, rule="failover")
         rid = request.lookup.get(b"x-request-id")
         self.ex = ex = Exchange(
@@ -692,7 +698,7 @@ class Cycle:
     def _upstream_head(self, runtime: Runtime, pool: UpstreamPool) -> bytes:
         request, ex = self.request, self.ex
         assert ex is not None
-        drop = HOP_BY_HOP | _REPLACED | connection_tokens(request.headers)
+        drop = _drop(_UPSTREAM_DROP, request.headers)
         parts = [request.method.encode(), b" ", request_target(request.url), b" HTTP/1.1\r\n"]
         host = request.lookup.get(b"host")
         parts += [b"Host: ", host if host is not None else pool.host_header, b"\r\n"]
@@ -871,7 +877,7 @@ class Cycle:
         request, ex, decision = self.request, self.ex, self.decision
         assert ex is not None and decision is not None
         status = conn.status
-        drop = HOP_BY_HOP | connection_tokens(conn.headers)
+        drop = _drop(HOP_BY_HOP, conn.headers)
         parts = [b"HTTP/1.1 %d " % status, conn.reason, b"\r\n"]
         length = None
         for name, value in conn.headers:
