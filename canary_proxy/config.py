@@ -69,8 +69,13 @@ class Config:
     canary_outlier_cooldown: float = 30.0  # how long an ejected canary gets no weighted traffic
     version_header: str = "X-Canary-Version"
     upstream_ca: str | None = None  # CA bundle for https upstreams, instead of the system's
+    canary_mirror_percent: float = 0.0  # share of weight-routed stable requests copied to the canary
+    canary_mirror_max_body: int = 64 << 10  # bodies above this are not mirrored (they are buffered)
+    canary_mirror_timeout: float = 10.0  # a mirror copy gets no more than this, connect included
+    canary_mirror_max_in_flight: int = 100  # mirror copies in progress at once, per process
     # Derived once here so the request path does no arithmetic or regex compilation.
     canary_buckets: int = field(default=0, compare=False)
+    mirror_buckets: int = field(default=0, compare=False)
     header_regex: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -97,6 +102,10 @@ class Config:
             "canary-outlier-cooldown": format_duration(self.canary_outlier_cooldown),
             "version-header": self.version_header,
             "upstream-ca": self.upstream_ca,
+            "canary-mirror-percent": _number_out(self.canary_mirror_percent),
+            "canary-mirror-max-body": format_size(self.canary_mirror_max_body),
+            "canary-mirror-timeout": format_duration(self.canary_mirror_timeout),
+            "canary-mirror-max-in-flight": self.canary_mirror_max_in_flight,
         }
 
 
@@ -188,6 +197,13 @@ def _parse_number(value: Any) -> float:
         raise ValueError("a number") from None
     if not math.isfinite(number):
         raise ValueError("a finite number")
+    return number
+
+
+def _parse_percent(value: Any) -> float:
+    number = _parse_number(value)
+    if not 0 <= number <= 100:
+        raise ValueError("a percentage from 0 to 100")
     return number
 
 
@@ -292,6 +308,10 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "canary-outlier-cooldown": parse_duration,
     "version-header": lambda v: _optional_token(v, allow_empty=True) or "",
     "upstream-ca": _optional_path,
+    "canary-mirror-percent": _parse_percent,
+    "canary-mirror-max-body": parse_size,
+    "canary-mirror-timeout": parse_duration,
+    "canary-mirror-max-in-flight": lambda v: _parse_whole(v, minimum=1),
 }
 
 KEYS: tuple[str, ...] = tuple(_PARSERS)
@@ -342,10 +362,12 @@ def _build(values: dict[str, Any]) -> Config:
     pattern = values.get("canary-by-header-pattern")
     kwargs = {k.replace("-", "_"): v for k, v in values.items() if k not in ("stable-url", "canary-url")}
     kwargs.update(canary_weight=weight, canary_weight_total=total)
+    mirror = float(values.get("canary-mirror-percent", 0.0))
     return Config(
         stable=values["stable-url"],
         canary=values["canary-url"],
         canary_buckets=canary_buckets(weight, total),
+        mirror_buckets=canary_buckets(mirror, 100),
         header_regex=_compile(pattern) if pattern else None,
         **kwargs,
     )

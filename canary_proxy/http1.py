@@ -32,8 +32,9 @@ import httptools
 from .accesslog import AccessLog
 from .config import Config, Upstream, format_duration
 from .metrics import Metrics
+from .mirror import Copy, Mirrors
 from .outlier import WINDOW, OutlierDetector
-from .router import CANARY, STABLE, Decision, decide, random_bucket_source
+from .router import CANARY, STABLE, Decision, decide, mirrored, random_bucket_source
 from .tls import TlsError, read_ca, upstream_context
 from .upstream import ConnectFailed, UpstreamConnection, UpstreamPool
 
@@ -518,6 +519,7 @@ class Cycle:
         self.forwarded = 0  # request body bytes written upstream
         self.bytes_in = 0  # request body bytes received from the client
         self.bad_status = 0  # set when the request's own body is malformed
+        self.mirror: Copy | None = None  # collecting the body of a copy for the canary
 
     # -- the coroutine ----------------------------------------------------------------------
 
@@ -560,6 +562,8 @@ class Cycle:
             request_id=rid.decode("ascii") if rid is not None and valid_request_id(rid) else new_request_id(),
         )
         server.enter(ex)
+        if mirrored(config, decision, server.draw) and not request.upgrade:
+            self._start_mirror(runtime)
         pool = runtime.pool(ex.version)
         pool.active += 1
         try:
@@ -589,6 +593,14 @@ class Cycle:
             server.pool_idle(pool)
             ex.bytes_in = self.bytes_in
             server.leave(ex)
+
+    def _start_mirror(self, runtime: Runtime) -> None:
+        request = self.request
+        head = self._upstream_head(runtime, runtime.canary, framing=False)
+        self.mirror = self.server.mirrors.begin(
+            runtime.canary, runtime.config, request.method, head,
+            length=request.content_length, chunked=request.chunked,
+        )  # fmt: skip
 
     def _decide(self, config: Config) -> Decision:
         lookup = self.request.lookup
@@ -695,7 +707,9 @@ class Cycle:
 
     # -- the request head and body, upstream ----------------------------------------------
 
-    def _upstream_head(self, runtime: Runtime, pool: UpstreamPool) -> bytes:
+    def _upstream_head(self, runtime: Runtime, pool: UpstreamPool, *, framing: bool = True) -> bytes:
+        """The request head for ``pool``'s upstream; without the framing fields and the blank
+        line that ends it if not ``framing`` (a mirror copy adds its own)."""
         request, ex = self.request, self.ex
         assert ex is not None
         drop = _drop(_UPSTREAM_DROP, request.headers)
@@ -719,6 +733,8 @@ class Cycle:
         parts += [b"X-Request-Id: ", ex.request_id.encode(), b"\r\n"]
         if self.websocket:
             parts += [b"Connection: Upgrade\r\nUpgrade: ", request.lookup[b"upgrade"], b"\r\n"]
+        if not framing:
+            return b"".join(parts)
         if request.chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         elif request.content_length is not None:
@@ -732,8 +748,11 @@ class Cycle:
         if not request.has_body:
             return
         chunked = request.chunked
+        mirror = self.mirror
 
         def sink(data: bytes) -> None:
+            if mirror is not None:
+                mirror.feed(data)
             if not data:  # end of body
                 if chunked:
                     conn.write(b"0\r\n\r\n")
@@ -1029,6 +1048,7 @@ class ProxyServer:
         self.outlier = OutlierDetector()
         self.connections: set[ClientConnection] = set()
         self.websockets: set[Cycle] = set()
+        self.mirrors = Mirrors(metrics)
         self.in_flight = 0  # requests in progress, WebSockets included
         self.closing = False
         self._changed = asyncio.Event()
@@ -1182,5 +1202,6 @@ class ProxyServer:
                 break
         for connection in list(self.connections):
             connection.abort()
+        self.mirrors.cancel()
         for pool in self.pools.values():
             pool.close()

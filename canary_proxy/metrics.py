@@ -25,6 +25,7 @@ KNOWN_METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
 )
 UPSTREAM_ERROR_REASONS: Final = ("connect", "timeout", "reset", "protocol")
+MIRROR_SKIP_REASONS: Final = ("body-too-large", "in-flight-limit")
 
 
 def method_label(method: str) -> str:
@@ -118,6 +119,28 @@ class Metrics:
             namespace=NAMESPACE,
             registry=registry,
         )
+        self.mirror_requests = Counter(
+            "mirror_requests",
+            "Mirror copies sent to the canary, by the canary's status, or error or timeout. "
+            "Not in requests_total: the client never sees them.",
+            ["code"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.mirror_duration = Histogram(
+            "mirror_request_duration_seconds",
+            "Time from sending a mirror copy to the canary's last response byte (or its failure).",
+            namespace=NAMESPACE,
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.mirror_skipped = Counter(
+            "mirror_skipped",
+            "Requests picked for mirroring but not copied: body-too-large or in-flight-limit.",
+            ["reason"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
         self._request_children: dict[tuple[str, int, str], Counter] = {}
         # labels() takes a lock and builds a tuple each call; the per-request path reuses children.
         self.in_flight_by = {v: self.in_flight.labels(v) for v in VERSIONS}
@@ -131,6 +154,8 @@ class Metrics:
             self.in_flight.labels(version)
             self.websockets.labels(version)
             self.decisions.labels(version, "weight")
+        for reason in MIRROR_SKIP_REASONS:
+            self.mirror_skipped.labels(reason)
 
     def init_control_plane(self) -> None:
         for result in ("success", "failure"):
@@ -145,6 +170,10 @@ class Metrics:
             self._request_children[key] = child
         child.inc()
         self._duration_by[version].observe(seconds)
+
+    def count_mirror(self, code: str, seconds: float) -> None:
+        self.mirror_requests.labels(code).inc()
+        self.mirror_duration.observe(seconds)
 
     def count_decision(self, version: str, rule: str) -> None:
         key = (version, rule)

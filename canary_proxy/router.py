@@ -79,6 +79,25 @@ def decide(
     return Decision(version, rule, keep, set_cookie)
 
 
+MIRRORED_RULES: Final = frozenset({"weight", "sticky"})
+
+
+def mirrored(config: Config, decision: Decision, draw: Callable[[], int]) -> bool:
+    """Whether a copy of this request also goes to the canary (``canary-mirror-percent``).
+
+    Only requests the *weight* sent to stable are mirrored (a sticky user's bucket is the
+    weight's choice too); a request a header or cookie forced to stable, or one that failed
+    over, is not. The draw is per request and independent of the user's bucket, so the
+    mirrored share of each user's traffic is the same.
+    """
+    return (
+        config.mirror_buckets > 0
+        and decision.version == STABLE
+        and decision.rule in MIRRORED_RULES
+        and draw() < config.mirror_buckets
+    )
+
+
 def _forced(config: Config, header: str | None, cookie: str | None) -> tuple[str, str] | None:
     if config.canary_by_header is not None and header is not None:
         if config.canary_by_header_value is not None:

@@ -28,6 +28,9 @@ LABELS: dict[str, frozenset[str]] = {
     "canary_proxy_config_last_success_timestamp_seconds": frozenset(),
     "canary_proxy_worker_restarts": frozenset(),
     "canary_proxy_outlier_ejections": frozenset(),
+    "canary_proxy_mirror_requests": frozenset({"code"}),
+    "canary_proxy_mirror_request_duration_seconds": frozenset(),
+    "canary_proxy_mirror_skipped": frozenset({"reason"}),
 }
 TYPES: dict[str, str] = {
     "canary_proxy_requests": "counter",
@@ -41,6 +44,9 @@ TYPES: dict[str, str] = {
     "canary_proxy_config_last_success_timestamp_seconds": "gauge",
     "canary_proxy_worker_restarts": "counter",
     "canary_proxy_outlier_ejections": "counter",
+    "canary_proxy_mirror_requests": "counter",
+    "canary_proxy_mirror_request_duration_seconds": "histogram",
+    "canary_proxy_mirror_skipped": "counter",
 }
 
 Key = tuple[str, frozenset[tuple[str, str]]]

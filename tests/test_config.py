@@ -31,6 +31,10 @@ def test_defaults_are_filled_in() -> None:
         "canary-outlier-cooldown": "30s",
         "version-header": "X-Canary-Version",
         "upstream-ca": None,
+        "canary-mirror-percent": 0,
+        "canary-mirror-max-body": "64KiB",
+        "canary-mirror-timeout": "10s",
+        "canary-mirror-max-in-flight": 100,
     }
 
 
@@ -53,6 +57,11 @@ def test_defaults_are_filled_in() -> None:
         ({"version-header": ""}, {"version-header": ""}),
         ({"canary-by-header": "X-Canary", "canary-by-header-value": 42}, {"canary-by-header-value": "42"}),
         ({"stable-url": "http://s:1/"}, {"stable-url": "http://s:1"}),
+        ({"canary-mirror-percent": "12.5"}, {"canary-mirror-percent": 12.5}),
+        ({"canary-mirror-percent": 100}, {"canary-mirror-percent": 100}),
+        ({"canary-mirror-max-body": "1MiB"}, {"canary-mirror-max-body": "1MiB"}),
+        ({"canary-mirror-max-body": 1000}, {"canary-mirror-max-body": "1000"}),
+        ({"canary-mirror-timeout": "250ms"}, {"canary-mirror-timeout": "250ms"}),
     ],
 )
 def test_values_are_normalised(raw: dict[str, Any], expected: dict[str, Any]) -> None:
@@ -85,6 +94,12 @@ def test_values_are_normalised(raw: dict[str, Any], expected: dict[str, Any]) ->
         ({"sticky-max-age": -5}, "sticky-max-age", "whole number"),
         ({"canary-wieght": 5}, "canary-wieght", "unknown key"),
         ({"canary-weight": {"a": 1}}, "canary-weight", "a number"),
+        ({"canary-mirror-percent": 101}, "canary-mirror-percent", "from 0 to 100"),
+        ({"canary-mirror-percent": -0.5}, "canary-mirror-percent", "from 0 to 100"),
+        ({"canary-mirror-percent": "all"}, "canary-mirror-percent", "a number"),
+        ({"canary-mirror-max-body": "64KB"}, "canary-mirror-max-body", "a size such as"),
+        ({"canary-mirror-timeout": "0"}, "canary-mirror-timeout", "greater than 0"),
+        ({"canary-mirror-max-in-flight": 0}, "canary-mirror-max-in-flight", "whole number >= 1"),
     ],
 )
 def test_errors_name_the_key_the_value_and_what_was_expected(
@@ -106,9 +121,11 @@ def test_every_error_is_listed_at_once() -> None:
 
 def test_effective_config_parses_back_to_the_same_config() -> None:
     config = parse_config(
-        {**BASE, "canary-weight": 0.25, "canary-by-header": "X-Qa", "canary-by-header-pattern": "a|b"}
-    )
+        {**BASE, "canary-weight": 0.25, "canary-by-header": "X-Qa", "canary-by-header-pattern": "a|b",
+         "canary-mirror-percent": 2.5, "canary-mirror-max-body": "3KiB"}
+    )  # fmt: skip
     assert parse_config(config.effective()) == config
+    assert config.mirror_buckets == 250
 
 
 @pytest.mark.parametrize(

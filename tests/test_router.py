@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from canary_proxy.config import parse_config
-from canary_proxy.router import CANARY, STABLE, decide, parse_bucket
+from canary_proxy.router import CANARY, STABLE, Decision, decide, mirrored, parse_bucket
 
 BASE = {"stable-url": "http://s:1", "canary-url": "http://c:1"}
 H = {"canary-by-header": "X-Canary"}
@@ -93,3 +93,27 @@ def test_rising_weight_only_moves_users_to_the_canary() -> None:
 )  # fmt: skip
 def test_only_plain_buckets_are_valid(value: str | None, bucket: int | None) -> None:
     assert parse_bucket(value) == bucket
+
+
+# decision (version, rule), mirror percent, mirror draw -> mirrored
+MIRROR_TABLE: list[tuple[str, str, float, int, bool]] = [
+    (STABLE, "weight", 100, 9999, True),
+    (STABLE, "sticky", 100, 9999, True),
+    (STABLE, "weight", 10, 999, True),
+    (STABLE, "weight", 10, 1000, False),
+    (STABLE, "weight", 0.01, 0, True),
+    (STABLE, "weight", 0, 0, False),
+    (STABLE, "header", 100, 0, False),
+    (STABLE, "cookie", 100, 0, False),
+    (STABLE, "failover", 100, 0, False),
+    (CANARY, "weight", 100, 0, False),
+    (CANARY, "header", 100, 0, False),
+]
+
+
+@pytest.mark.parametrize(("version", "rule", "percent", "draw", "expected"), MIRROR_TABLE)
+def test_only_requests_the_weight_sent_to_stable_are_mirrored(
+    version: str, rule: str, percent: float, draw: int, expected: bool
+) -> None:
+    decision = Decision(version, rule, None, False)
+    assert mirrored(cfg(canary_mirror_percent=percent), decision, lambda: draw) is expected
