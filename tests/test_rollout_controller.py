@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from canary_proxy.rollout.analysis import Verdict
-from canary_proxy.rollout.controller import Decision, Settings, decide, start
+from canary_proxy.rollout.controller import Decision, Settings, decide, mirror_percent, start
 from canary_proxy.rollout.plan import parse_plan
 from canary_proxy.rollout.state import RolloutState, StateError, decode, encode
 
@@ -240,3 +240,25 @@ def test_which_gates_a_decision_must_pass(
     before = RolloutState(phase="Progressing", steps="10,50,75,100", step=before_step)
     after = before.with_(phase=after_phase, step=after_step)  # type: ignore[arg-type]
     assert gates(before, Decision(after, percent, "m", consumed=consumed), s) == expected
+
+
+def test_a_mirror_step_runs_at_weight_0_for_its_duration_with_a_pass() -> None:
+    s = settings("mirror:2m,50,100")
+    state = begin(s)
+    assert (state.phase, state.step) == ("Progressing", 0)
+    assert mirror_percent(start(RolloutState(), s, now=T0, restart=False), s) == 100
+    ds = run(s, state, [(60, PASS), (100, PASS), (120, PASS)])
+    assert [(d.state.step, d.percent) for d in ds] == [(0, 0), (0, 0), (1, 50)]
+    assert [mirror_percent(d, s) for d in ds] == [100, 100, 0]  # off once users reach the canary
+
+
+def test_a_failing_mirror_step_rolls_back_before_any_user_saw_the_canary() -> None:
+    s = settings("mirror:2m,50,100", mirror_percent=25)
+    ds = run(s, begin(s), [(15, FAIL), (30, FAIL)])
+    assert (last(ds).state.phase, last(ds).percent, last(ds).outcome) == ("RolledBack", 0, 1)
+    assert mirror_percent(ds[0], s) == 25 and mirror_percent(last(ds), s) == 0
+
+
+def test_a_plan_without_mirror_steps_leaves_the_mirror_key_alone() -> None:
+    s = settings("10,100")
+    assert mirror_percent(run(s, begin(s), [(60, PASS)])[0], s) is None

@@ -207,6 +207,14 @@ def write(path: Path, text: str) -> None:
         (["--config", "{cfg}", "--steps", "10,100", *SCRAPE, "--max-error-rate", "x"], "--max-error-rate"),
         (["--config", "{cfg}", "--steps", "10,100", *SCRAPE, "--max-p99-increase", "0.5"], "at least 1"),
         (["--config", "{cfg}", "--steps", "10,100", *SCRAPE, "--interval", "soon"], "--interval"),
+        (
+            ["--config", "{cfg}", "--steps", "10,mirror:1m,100", *SCRAPE],
+            "mirror steps come before any weight",
+        ),
+        (
+            ["--config", "{cfg}", "--steps", "mirror:1m,100", *SCRAPE, "--mirror-percent", "0"],
+            "--mirror-percent",
+        ),
     ],
 )
 async def test_bad_arguments_exit_2(config_file: Path, argv: list[str], expected: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from canary_proxy.rollout.plan import (
+    Mirror,
     Pause,
     PlanError,
     SetWeight,
@@ -24,6 +25,8 @@ from canary_proxy.rollout.plan import (
         ("0.5, 12.5%, 100", (SetWeight(0.5), SetWeight(12.5), SetWeight(100))),
         ("pause,10,pause:10m,100", (Pause(None), SetWeight(10), Pause(600), SetWeight(100))),
         ("10,pause:1.5m,pause,100", (SetWeight(10), Pause(90), Pause(None), SetWeight(100))),
+        ("mirror:2m,5,25,100", (Mirror(120), SetWeight(5), SetWeight(25), SetWeight(100))),
+        ("mirror:30s,pause,mirror:1m,100", (Mirror(30), Pause(None), Mirror(60), SetWeight(100))),
     ],
 )
 def test_valid_plans(text: str, plan: tuple[object, ...]) -> None:
@@ -37,6 +40,10 @@ def test_valid_plans(text: str, plan: tuple[object, ...]) -> None:
         ("", "comma-separated"),
         ("5,,100", "comma-separated"),
         ("5,10", "last step must be 100"),
+        ("5,mirror:1m,100", "mirror steps come before any weight"),
+        ("mirror,100", "expected mirror:DURATION"),
+        ("mirror:soon,100", "expected mirror:DURATION"),
+        ("mirror:1m", "last step must be 100"),
         ("5,100,pause", "last step must be 100"),
         ("0,100", "greater than 0"),
         ("150", "at most 100"),
@@ -64,3 +71,10 @@ def test_percent_and_previous_weight_at_each_step() -> None:
     assert [previous_weight_index(plan, i) for i in range(len(plan))] == [None, None, None, 1, 1, 3]
     assert describe(plan, 2) == "step 3/6 (pause, canary at 10%)"
     assert describe(plan, 3) == "step 4/6 (25%)"
+
+
+def test_a_mirror_step_holds_the_canary_at_0() -> None:
+    plan = parse_plan("mirror:2m,5,100")
+    assert [percent_at(plan, i) for i in range(3)] == [0, 5, 100]
+    assert describe(plan, 0) == "step 1/3 (mirror:2m, mirroring to the canary, no users on it)"
+    assert previous_weight_index(plan, 1) is None  # a gradual abort from 5% goes to 0

@@ -119,3 +119,21 @@ async def test_rolled_back_with_prometheus(
     assert weight == 0 and state["canary-proxy.io/phase"] == "RolledBack"
     analysis = json.loads(state["canary-proxy.io/last-analysis"])
     assert analysis["result"] == "fail" and analysis["canary"]["errorRate"] > 0.01, run.messages[-6:]
+
+
+async def test_a_mirror_step_with_prometheus_judges_the_copies(
+    proxy: ProxyProcess, prometheus: str, backends: tuple[Backend, Backend]
+) -> None:
+    _, canary = backends
+    canary.fail_status = 500
+    async with traffic(proxy.url) as load, rollout(*args(proxy, prometheus, "mirror:1m,20,100")) as run:
+        assert await run.exit_code() == 1, run.messages
+    weight, state = file_state(proxy.config_path)
+    assert weight == 0 and state["canary-proxy.io/phase"] == "RolledBack"
+    analysis = json.loads(state["canary-proxy.io/last-analysis"])
+    # A verdict (not inconclusive) needs all three mirror queries: requests, errors and p99.
+    assert analysis["result"] == "fail" and analysis["canary"]["errorRate"] > 0.99, run.messages[-6:]
+    assert (
+        analysis["canary"]["p99"] is not None and "canary judged on its mirrored copies" in analysis["notes"]
+    )
+    assert load.versions.keys() == {"stable"}

@@ -48,6 +48,29 @@ def test_parse_and_window() -> None:
     assert window.stable.p99 == pytest.approx(0.00495)
 
 
+def test_the_mirror_copies_are_a_window_of_their_own() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.init_data_plane()
+    for code, count, seconds in (
+        ("200", 90, 0.02),
+        ("503", 4, 0.02),
+        ("timeout", 3, 2.0),
+        ("error", 3, 0.001),
+    ):
+        for _ in range(count):
+            metrics.count_mirror(code, seconds)
+    for _ in range(50):
+        metrics.count_request("stable", 200, "GET", 0.004)
+    window = window_of(parse_scrape(generate_latest(registry).decode()))
+    assert window.mirror is not None
+    assert (window.mirror.requests, window.mirror.errors) == (100, 10)  # 5xx, timeout and error
+    assert window.mirror.p99 == pytest.approx(2.0)  # rank 99: 2 of the 3 in (1, 2.5] s, interpolated
+    assert window.canary.requests == 0  # copies never count as the canary's own requests
+    judged = window.mirrored()
+    assert (judged.canary, judged.stable) == (window.mirror, window.stable)
+
+
 def test_delta_between_scrapes() -> None:
     before = parse_scrape(exposition({("canary", 200): 10}, {"canary": [0.01] * 10}))
     after = parse_scrape(exposition({("canary", 200): 15, ("canary", 500): 5}, {"canary": [0.01] * 20}))

@@ -92,3 +92,15 @@ async def test_the_controller_refuses_to_write_over_a_concurrent_change(store: F
     with pytest.raises(Stale):
         await controller._commit(seen, decision)
     assert (await store.load()).percent == 0  # nothing was written
+
+
+async def test_the_mirror_percent_is_written_only_when_it_changes(store: FileStore) -> None:
+    await store.update(lambda current: Change(0, mirror=100))
+    assert yaml.safe_load(store.path.read_text())["canary-mirror-percent"] == 100
+    before = store.path.stat().st_mtime_ns, store.path.stat().st_ino
+    await store.update(lambda current: Change(0, {"canary-proxy.io/message": "x"}, mirror=100))
+    assert (store.path.stat().st_mtime_ns, store.path.stat().st_ino) == before
+    await store.update(lambda current: Change(5, mirror=0))
+    assert yaml.safe_load(store.path.read_text())["canary-mirror-percent"] == 0
+    await store.update(lambda current: Change(10))  # None: the key stays as it is
+    assert yaml.safe_load(store.path.read_text())["canary-mirror-percent"] == 0

@@ -53,6 +53,12 @@ class Window:
 
     stable: VersionStats
     canary: VersionStats
+    mirror: VersionStats | None = None  # the copies mirrored to the canary, if asked for
+
+    def mirrored(self) -> Window:
+        """The window a ``mirror`` step judges: the canary as its mirrored copies show it
+        (an ``error`` or ``timeout`` copy counts as a 5xx), against stable."""
+        return Window(stable=self.stable, canary=self.mirror or VersionStats())
 
 
 class SourceError(Exception):

@@ -24,7 +24,7 @@ from typing import Any
 from ..config import parse_duration
 from .analysis import Thresholds, fmt_rate, fmt_seconds, parse_factor, parse_percent
 from .controller import EXIT_ROLLED_BACK, EXIT_UNAVAILABLE, EXIT_USAGE, STOPPED, Controller, Settings
-from .plan import Plan, PlanError, describe, parse_plan
+from .plan import Plan, PlanError, describe, mirrors, parse_plan
 from .state import COMMAND, FINAL, RUNNING, RolloutState, StateError, decode
 from .store import Change, FileStore, Invalid, Missing, Store, Stored, StoreError, open_configmap_store
 from .webhooks import Webhooks, parse_webhook
@@ -73,6 +73,19 @@ def _whole(text: str) -> int:
 
 
 whole = _type(_whole)
+
+
+def _mirror_share(text: str) -> float:
+    try:
+        value = float(str(text).removesuffix("%"))
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 100:
+        raise ValueError("a percentage greater than 0 and at most 100")
+    return value
+
+
+mirror_share = _type(_mirror_share)
 webhook = _type(parse_webhook)
 
 
@@ -88,7 +101,19 @@ def add_rollout_commands(sub: Any) -> None:
         "3 the ConfigMap or file is missing or the API stays unreachable.",
     )
     _target(rollout)
-    _flag(rollout, "--steps", type=_plan, help="percentages of traffic, pause, pause:DURATION; ends at 100")
+    _flag(
+        rollout,
+        "--steps",
+        type=_plan,
+        help="percentages of traffic, pause, pause:DURATION, mirror:DURATION (first); ends at 100",
+    )
+    _flag(
+        rollout,
+        "--mirror-percent",
+        default="100",
+        type=mirror_share,
+        help="canary-mirror-percent during mirror steps (0 after them)",
+    )
     _flag(
         rollout, "--step-duration", default="1m", type=duration, help="each weight step lasts at least this"
     )
@@ -231,6 +256,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         progress_deadline=args.progress_deadline,
         gradual_abort=args.gradual_abort,
         thresholds=thresholds,
+        mirror_percent=args.mirror_percent,
     )
 
 
@@ -268,7 +294,7 @@ async def _rollout(args: argparse.Namespace, settings: Settings) -> int:
     try:
         async with open_store(args) as store, aiohttp.ClientSession(timeout=timeout) as session:
             source = (
-                PrometheusSource(args.prometheus, session)
+                PrometheusSource(args.prometheus, session, mirror=mirrors(settings.plan))
                 if args.prometheus
                 else ScrapeSource(args.metrics_url, session)
             )

@@ -18,8 +18,12 @@ The rules, in the order ``decide`` applies them:
    pause: a canary failing while it waits is still rolled back.
 4. No conclusive check for ``progress_deadline`` (while a weight step runs) rolls back.
 5. A weight step finishes when ``step_duration`` has elapsed and it had a passing check and
-   no failure since; the last step (100 %) too, and then the rollout is Promoted. A timed
-   pause finishes when its time is up; ``pause`` waits for ``promote``.
+   no failure since; the last step (100 %) too, and then the rollout is Promoted. A
+   ``mirror:D`` step likewise after D, its checks judging the canary on its mirrored copies.
+   A timed pause finishes when its time is up; ``pause`` waits for ``promote``.
+
+A plan with mirror steps also writes ``canary-mirror-percent``: ``mirror_percent`` while a
+mirror step runs, 0 from the first weight on and whenever the rollout ends.
 """
 
 from __future__ import annotations
@@ -44,7 +48,17 @@ from .analysis import (
     unavailable,
     verdict,
 )
-from .plan import PROMOTED_PERCENT, Pause, Plan, describe, format_plan, percent_at, previous_weight_index
+from .plan import (
+    PROMOTED_PERCENT,
+    Mirror,
+    Pause,
+    Plan,
+    describe,
+    format_plan,
+    mirrors,
+    percent_at,
+    previous_weight_index,
+)
 from .state import (
     FINAL,
     RUNNING,
@@ -79,6 +93,7 @@ class Settings:
     progress_deadline: float = 600.0  # no conclusive check for this long rolls back
     gradual_abort: bool = False  # roll back through the previous steps, one per tick
     thresholds: Thresholds = field(default_factory=Thresholds)
+    mirror_percent: float = 100.0  # canary-mirror-percent during a mirror step
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +218,8 @@ def _step_done(state: RolloutState, s: Settings, now: float) -> bool:
     step, elapsed = s.plan[state.step], now - state.step_started
     if isinstance(step, Pause):
         return step.duration is not None and elapsed >= step.duration
-    return elapsed >= s.step_duration and state.passes > 0 and state.failures == 0
+    duration = step.duration if isinstance(step, Mirror) else s.step_duration
+    return elapsed >= duration and state.passes > 0 and state.failures == 0
 
 
 def _advance(state: RolloutState, s: Settings, now: float, why: str) -> Decision:
@@ -249,14 +265,27 @@ def _waiting(state: RolloutState, s: Settings, now: float) -> str:
     if isinstance(step, Pause):
         until = "promote" if step.duration is None else f"{format_duration(step.duration)} to pass"
         return f"paused at {where} for {elapsed:.0f}s, waiting for {until}"
+    duration = step.duration if isinstance(step, Mirror) else s.step_duration
     return (
-        f"at {where} for {elapsed:.1f}s of {format_duration(s.step_duration)}: "
+        f"at {where} for {elapsed:.1f}s of {format_duration(duration)}: "
         f"{state.passes} passing, {state.failures}/{s.failure_threshold} consecutive failed checks"
     )
 
 
 def _percent(state: RolloutState, s: Settings) -> float:
     return percent_at(s.plan, state.step)
+
+
+def in_mirror_step(state: RolloutState, s: Settings) -> bool:
+    return state.phase in RUNNING and 0 <= state.step < len(s.plan) and isinstance(s.plan[state.step], Mirror)
+
+
+def mirror_percent(decision: Decision, s: Settings) -> float | None:
+    """``canary-mirror-percent`` to write with this decision; None: a plan without mirror
+    steps leaves the key alone (it is the user's)."""
+    if not mirrors(s.plan):
+        return None
+    return s.mirror_percent if in_mirror_step(decision.state, s) else 0.0
 
 
 def _final_percent(phase: str) -> float:
@@ -444,6 +473,9 @@ class Controller:
             return None
         if isinstance(sampled, Verdict):
             return sampled
+        if in_mirror_step(state, self.settings):
+            judged = verdict(sampled.mirrored(), self.settings.thresholds, relative=True)
+            return replace(judged, notes=("canary judged on its mirrored copies", *judged.notes))
         relative = percent_at(self.settings.plan, state.step) < PROMOTED_PERCENT
         return verdict(sampled, self.settings.thresholds, relative=relative)
 
@@ -455,7 +487,8 @@ class Controller:
             if recorded(current.annotations) != expected:
                 raise Stale("the rollout state changed since it was read")
             percent = decision.percent if decision.weight else None
-            return Change(percent, encode(decision.state), drop_command=decision.consumed)
+            mirror = mirror_percent(decision, self.settings) if decision.weight else None
+            return Change(percent, encode(decision.state), drop_command=decision.consumed, mirror=mirror)
 
         await self.store.update(mutate)
 

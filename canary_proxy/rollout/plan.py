@@ -3,8 +3,11 @@
 A number is a percentage of traffic for the canary, whatever the config's
 ``canary-weight-total``. ``pause`` holds the current weight until ``promote``; ``pause:D``
 holds it for the duration D (as Argo Rollouts' ``pause: {}`` and ``pause: {duration}``).
-The weights must rise and the plan must end at 100: users only ever move from stable to
-the canary, and "promoted" means the canary serves everything.
+``mirror:D`` copies stable's traffic to the canary (``canary-mirror-percent``) for at least
+D while no user is routed to it, and the analysis judges the canary on those copies
+(Argo Rollouts' ``setMirrorRoute``, Flagger's ``mirror``); mirror steps come before any
+weight. The weights must rise and the plan must end at 100: users only ever move from
+stable to the canary, and "promoted" means the canary serves everything.
 """
 
 from __future__ import annotations
@@ -37,7 +40,15 @@ class Pause:
         return "pause" if self.duration is None else f"pause:{format_duration(self.duration)}"
 
 
-Step = SetWeight | Pause
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    duration: float  # seconds: at least this long, and until a check passes
+
+    def __str__(self) -> str:
+        return f"mirror:{format_duration(self.duration)}"
+
+
+Step = SetWeight | Pause | Mirror
 Plan = tuple[Step, ...]
 
 
@@ -49,6 +60,11 @@ def parse_step(text: str) -> Step:
     word = text.strip()
     if word == "pause":
         return Pause(None)
+    if word.startswith("mirror"):
+        try:
+            return Mirror(parse_duration(word.removeprefix("mirror").removeprefix(":")))
+        except ValueError as exc:
+            raise PlanError(f"{word!r}: expected mirror:DURATION with {exc}") from None
     if word.startswith("pause:"):
         try:
             return Pause(parse_duration(word.removeprefix("pause:")))
@@ -57,7 +73,9 @@ def parse_step(text: str) -> Step:
     try:
         percent = float(word.removesuffix("%"))
     except ValueError:
-        raise PlanError(f"{word!r}: expected a percentage (0 < N <= 100), pause or pause:DURATION") from None
+        raise PlanError(
+            f"{word!r}: expected a percentage (0 < N <= 100), pause, pause:DURATION or mirror:DURATION"
+        ) from None
     if not 0 < percent <= PROMOTED_PERCENT:
         raise PlanError(f"{word!r}: expected a percentage greater than 0 and at most 100")
     return SetWeight(percent)
@@ -76,10 +94,20 @@ def parse_plan(text: str) -> Plan:
                 f"{text!r}: weights must rise ({_number(before)} then {_number(after)}): "
                 "a user must never move back from the canary to stable"
             )
+    first_weight = next((i for i, step in enumerate(plan) if isinstance(step, SetWeight)), len(plan))
+    if any(isinstance(step, Mirror) for step in plan[first_weight:]):
+        raise PlanError(
+            f"{text!r}: mirror steps come before any weight: once users reach the canary, "
+            "copies of stable's traffic tell nothing more"
+        )
     last = plan[-1]
     if not isinstance(last, SetWeight) or last.percent != PROMOTED_PERCENT:
         raise PlanError(f"{text!r}: the last step must be 100 (the canary serves all traffic)")
     return plan
+
+
+def mirrors(plan: Plan) -> bool:
+    return any(isinstance(step, Mirror) for step in plan)
 
 
 def format_plan(plan: Plan) -> str:
@@ -109,6 +137,8 @@ def describe(plan: Plan, index: int) -> str:
     """``step 3/6 (pause, canary at 10%)`` for log lines and ``status``."""
     step = plan[index]
     where = f"step {index + 1}/{len(plan)}"
+    if isinstance(step, Mirror):
+        return f"{where} ({step}, mirroring to the canary, no users on it)"
     if isinstance(step, Pause):
         return f"{where} ({step}, canary at {_number(percent_at(plan, index))}%)"
     return f"{where} ({_number(step.percent)}%)"

@@ -3,7 +3,10 @@
 Both answer ``sample(window) -> Window`` from the proxy's per-version series
 ``canary_proxy_requests_total{version,code,method}`` and
 ``canary_proxy_request_duration_seconds_bucket{version,le}``, so traffic routed by header or
-cookie counts for the version that served it, exactly like weighted traffic.
+cookie counts for the version that served it, exactly like weighted traffic. Asked for the
+mirror too (a plan with ``mirror`` steps), they add the copies' stats from
+``canary_proxy_mirror_requests_total{code}`` (``error`` and ``timeout`` count as 5xx) and
+``canary_proxy_mirror_request_duration_seconds_bucket{le}``.
 """
 
 from __future__ import annotations
@@ -20,8 +23,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from ..router import CANARY, STABLE
 from .analysis import SourceError, VersionStats, Window, histogram_quantile
 
+MIRROR = "mirror"  # the pseudo-version the mirror's series are filed under
 REQUESTS = "canary_proxy_requests_total"
 BUCKETS = "canary_proxy_request_duration_seconds_bucket"
+MIRROR_REQUESTS = "canary_proxy_mirror_requests_total"
+MIRROR_BUCKETS = "canary_proxy_mirror_request_duration_seconds_bucket"
+MIRROR_FAILED = ("error", "timeout")  # mirror codes that count as errors, beside 5xx
 QUANTILE = 0.99
 
 
@@ -38,6 +45,17 @@ def promql(window: float) -> dict[str, str]:
     }
 
 
+def mirror_promql(window: float) -> dict[str, str]:
+    """The mirror's three queries, labelled ``version="mirror"`` to share the vector parsing."""
+    w = f"{max(1, round(window * 1000))}ms"
+    tag = 'label_replace({q}, "version", "mirror", "", "")'
+    return {
+        "requests": tag.format(q=f"sum(increase({MIRROR_REQUESTS}[{w}]))"),
+        "errors": tag.format(q=f'sum(increase({MIRROR_REQUESTS}{{code=~"5..|error|timeout"}}[{w}]))'),
+        "p99": tag.format(q=f"histogram_quantile({QUANTILE}, sum by (le) (rate({MIRROR_BUCKETS}[{w}])))"),
+    }
+
+
 class PrometheusSource:
     """Instant queries against ``URL/api/v1/query``; the window is the PromQL range.
 
@@ -45,16 +63,22 @@ class PrometheusSource:
     second scrape, as ``increase()`` always does: detection may lag one scrape interval.
     """
 
-    def __init__(self, url: str, session: aiohttp.ClientSession) -> None:
+    def __init__(self, url: str, session: aiohttp.ClientSession, *, mirror: bool = False) -> None:
         self.url = url.rstrip("/") + "/api/v1/query"
         self._session = session
+        self._mirror = mirror
 
     async def sample(self, window: float) -> Window:
-        queries = promql(window)
-        requests, errors, p99 = await asyncio.gather(*(self._query(q) for q in queries.values()))
+        queries = list(promql(window).values())
+        if self._mirror:
+            queries += mirror_promql(window).values()
+        answers = await asyncio.gather(*(self._query(q) for q in queries))
+        # requests, errors, p99 (then the mirror's, under version "mirror"): merge every third.
+        requests, errors, p99 = ({k: v for a in answers[i::3] for k, v in a.items()} for i in range(3))
         return Window(
             stable=_stats(requests, errors, p99, STABLE),
             canary=_stats(requests, errors, p99, CANARY),
+            mirror=_stats(requests, errors, p99, MIRROR) if self._mirror else None,
         )
 
     async def _query(self, query: str) -> dict[str, float]:
@@ -89,7 +113,8 @@ def _stats(
 
 # -- scraping the proxies -------------------------------------------------------------------------
 
-# One scrape, flattened: (kind, version, code or le) -> value, for kind "requests" or "bucket".
+# One scrape, flattened: (kind, version, code or le) -> value, for kind "requests" or "bucket";
+# the mirror's series are filed under the version MIRROR.
 Series = dict[tuple[str, str, str], float]
 
 
@@ -104,6 +129,10 @@ def parse_scrape(text: str) -> Series:
                     series["requests", labels["version"], labels["code"]] += sample.value
                 elif sample.name == BUCKETS:
                     series["bucket", labels["version"], labels["le"]] += sample.value
+                elif sample.name == MIRROR_REQUESTS:
+                    series["requests", MIRROR, labels["code"]] += sample.value
+                elif sample.name == MIRROR_BUCKETS:
+                    series["bucket", MIRROR, labels["le"]] += sample.value
     except (ValueError, KeyError, IndexError) as exc:
         raise SourceError(f"unparseable metrics: {exc}") from exc
     return dict(series)
@@ -128,7 +157,7 @@ def window_of(increase: Series) -> Window:
     for (kind, version, label), value in increase.items():
         if kind == "requests":
             totals[version][0] += value
-            if label.startswith("5"):
+            if label.startswith("5") or label in MIRROR_FAILED:
                 totals[version][1] += value
         else:
             buckets[version].append((float(label), value))
@@ -137,7 +166,7 @@ def window_of(increase: Series) -> Window:
         requests, errors = totals[version]
         return VersionStats(requests, errors, histogram_quantile(QUANTILE, buckets[version]))
 
-    return Window(stable=stats(STABLE), canary=stats(CANARY))
+    return Window(stable=stats(STABLE), canary=stats(CANARY), mirror=stats(MIRROR))
 
 
 def add(total: Series, part: Series) -> Series:

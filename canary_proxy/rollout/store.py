@@ -31,7 +31,7 @@ from .state import COMMAND
 if TYPE_CHECKING:
     from ..k8s import KubeClient
 
-WEIGHT, TOTAL = "canary-weight", "canary-weight-total"
+WEIGHT, TOTAL, MIRROR = "canary-weight", "canary-weight-total", "canary-mirror-percent"
 
 
 # -- errors -------------------------------------------------------------------------------
@@ -87,6 +87,7 @@ class Change:
     percent: float | None = None  # the canary's new share in percent; None: leave the weight
     annotations: Mapping[str, str | None] = field(default_factory=dict)  # None removes a key
     drop_command: str | None = None  # remove the command annotation if it still holds this
+    mirror: float | None = None  # the new canary-mirror-percent; None: leave it
 
 
 def weight_for(percent: float, total: int) -> float:
@@ -104,6 +105,8 @@ def apply_change(
         weight = weight_for(change.percent, stored.total)
         if abs(stored.percent * stored.total / 100 - weight) > 1e-9 or WEIGHT not in data:
             data[WEIGHT] = as_value(weight)
+    if change.mirror is not None and _number(data.get(MIRROR, 0)) != change.mirror:
+        data[MIRROR] = as_value(change.mirror)
     for key, value in change.annotations.items():
         if value is None:
             notes.pop(key, None)
@@ -112,6 +115,13 @@ def apply_change(
     if change.drop_command is not None and notes.get(COMMAND) == change.drop_command:
         del notes[COMMAND]
     return data, notes
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def number_text(value: float) -> str:
