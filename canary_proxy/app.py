@@ -28,7 +28,7 @@ from .config import Config, ConfigError, parse_config
 from .http1 import Limits, ProxyServer
 from .metrics import Metrics
 from .sources.file import RawConfig
-from .stats import Sampler, stats_document
+from .stats import RolloutNotes, Sampler, stats_document
 from .tls import TlsError, server_context, validate_upstream_ca, watch_certificate
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,9 @@ class ConfigControl:
     """Validates each raw config the source offers; swaps in good ones, counts bad ones once.
 
     An invalid update never replaces the last good config: it is logged with the reason and
-    counted as one ``failure`` per distinct content, however often it is re-read.
+    counted as one ``failure`` per distinct content, however often it is re-read. An offer
+    with the digest of the one before -- a ConfigMap whose rollout annotations alone changed
+    -- only updates ``rollout_notes``: it is no reload, and is neither logged nor counted.
     """
 
     def __init__(self, metrics: Metrics, on_change: list[Callable[[Config, dict[str, Any]], None]]) -> None:
@@ -82,9 +84,20 @@ class ConfigControl:
         self.on_change = on_change
         self.current: Config | None = None
         self.current_raw: dict[str, Any] | None = None
-        self._last_rejected: str | None = None
+        self.rollout_notes: RolloutNotes | None = None  # ConfigMap mode: for the dashboard
+        self._last: tuple[str, bool] | None = None  # the last offer's digest, and if it was taken
 
     def offer(self, raw: RawConfig, *, origin: str) -> bool:
+        if raw.annotations is not None:
+            # A ConfigMap source's origin is "configmap NS/NAME", as its rollout store names it.
+            self.rollout_notes = RolloutNotes(origin, raw.annotations)
+        if self._last is not None and self._last[0] == raw.digest:
+            return self._last[1]
+        accepted = self._load(raw, origin=origin)
+        self._last = (raw.digest, accepted)
+        return accepted
+
+    def _load(self, raw: RawConfig, *, origin: str) -> bool:
         try:
             if raw.error is not None:
                 raise raw.error
@@ -92,17 +105,14 @@ class ConfigControl:
             config = parse_config(raw.data)
             validate_upstream_ca(config.upstream_ca)  # the one key that names a file
         except ConfigError as exc:
-            if raw.digest != self._last_rejected:
-                self._last_rejected = raw.digest
-                self.metrics.config_reloads.labels("failure").inc()
-                log.error(
-                    "rejected new config from %s, keeping the last good one: %s",
-                    origin,
-                    "; ".join(exc.errors),
-                    extra={"errors": exc.errors},
-                )
+            self.metrics.config_reloads.labels("failure").inc()
+            log.error(
+                "rejected new config from %s, keeping the last good one: %s",
+                origin,
+                "; ".join(exc.errors),
+                extra={"errors": exc.errors},
+            )
             return False
-        self._last_rejected = None
         changed = config != self.current
         self.current = config
         self.current_raw = dict(raw.data)
@@ -136,6 +146,7 @@ class AdminState:
     registry: CollectorRegistry
     ready: Callable[[], bool]
     config_path: str | None = None  # file mode: the dashboard shows the rollout beside it
+    # (in ConfigMap mode the rollout comes with the config: ``control.rollout_notes``)
 
 
 ADMIN_STATE = web.AppKey("admin_state", AdminState)
@@ -161,7 +172,7 @@ def admin_app(state: AdminState) -> web.Application:
 async def _sampling(app: web.Application) -> AsyncIterator[None]:
     """Snapshot the collectors once a second for /stats while the admin port is up."""
     control = app[ADMIN_STATE].control
-    task = asyncio.create_task(app[STATS].run(lambda: control.current_raw))
+    task = asyncio.create_task(app[STATS].run(lambda: control.current_raw, lambda: control.rollout_notes))
     yield
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)

@@ -518,10 +518,12 @@ def _changes(old: Data, new: Data) -> dict[str, str | None]:
 
 @dataclass(frozen=True, slots=True)
 class WatchEvent:
-    """The ConfigMap now exists with ``data`` (ADDED, MODIFIED), or does not (DELETED)."""
+    """The ConfigMap now exists with ``data`` and ``annotations`` (ADDED, MODIFIED), or does
+    not (DELETED). An event may change the annotations alone (a rollout's state)."""
 
     type: Literal["ADDED", "MODIFIED", "DELETED"]
     data: Mapping[str, str]  # empty for DELETED
+    annotations: Mapping[str, str]  # empty for DELETED
     resource_version: str
 
 
@@ -545,23 +547,23 @@ class _Seen:
         self.exists: bool | None = None  # None: nothing yielded yet
         self.version = ""
 
-    def present(self, data: Data, resource_version: str) -> WatchEvent | None:
+    def present(self, data: Data, annotations: Data, resource_version: str) -> WatchEvent | None:
         if self.exists and self.version == resource_version:
             return None
         kind: Literal["ADDED", "MODIFIED"] = "MODIFIED" if self.exists else "ADDED"
         self.exists, self.version = True, resource_version
-        return WatchEvent(kind, data, resource_version)
+        return WatchEvent(kind, data, annotations, resource_version)
 
     def absent(self, resource_version: str) -> WatchEvent | None:
         if self.exists is False:
             return None
         self.exists, self.version = False, resource_version
-        return WatchEvent("DELETED", {}, resource_version)
+        return WatchEvent("DELETED", {}, {}, resource_version)
 
     def listed(self, state: ConfigMapState | None, resource_version: str) -> WatchEvent | None:
         if state is None:
             return self.absent(resource_version)
-        return self.present(state.data, state.resource_version)
+        return self.present(state.data, state.annotations, state.resource_version)
 
 
 class _WatchStream:
@@ -604,11 +606,13 @@ async def watch_configmap(
     backoff: Backoff = DEFAULT_BACKOFF,
     on_status: Callable[[WatchStatus], None] | None = None,
 ) -> AsyncGenerator[WatchEvent, None]:
-    """Follow one ConfigMap's raw ``data``, forever: only cancellation (or closing the
-    generator, e.g. with ``contextlib.aclosing``) ends it. Modelled on kopf's watching:
-    list, then watch from the list's resourceVersion.
+    """Follow one ConfigMap's raw ``data`` and annotations, forever: only cancellation (or
+    closing the generator, e.g. with ``contextlib.aclosing``) ends it. Modelled on kopf's
+    watching: list, then watch from the list's resourceVersion.
 
     - The first event says what the list found: ADDED (with data) or DELETED (absent).
+    - Every change of the object is yielded, including one to its annotations alone:
+      consumers that follow only ``data`` compare it themselves.
     - Each watch asks the server to end it after ``timeout_seconds`` -- below the client's
       own 300 s total per request -- and the next one resumes from the last resourceVersion
       seen, from an event or a bookmark, so nothing is missed and nothing repeats.
@@ -674,7 +678,8 @@ def _on_watch_event(seen: _Seen, name: str, kind: str, obj: dict[str, Any]) -> W
         return None  # BOOKMARK (its resourceVersion is already taken), or not ours
     if kind == "DELETED":
         return seen.absent(version)
-    return seen.present(dict(obj.get("data") or {}), version)
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    return seen.present(dict(obj.get("data") or {}), dict(annotations), version)
 
 
 def _resource_version(obj: Mapping[str, Any]) -> str:

@@ -187,7 +187,40 @@ def stats_document(
     }
 
 
-# -- the rollout beside the config file ------------------------------------------------------
+# -- the rollout: beside the config file, or in the ConfigMap's annotations ------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutNotes:
+    """A rollout state that came with the config: a ConfigMap's ``canary-proxy.io/*`` annotations."""
+
+    store: str  # where it is kept, as ``status`` names it: "configmap shop/canary-proxy"
+    annotations: Mapping[str, str]
+
+
+def rollout_report(
+    store: str, data: Mapping[str, Any] | None, notes: Mapping[str, str]
+) -> dict[str, Any] | None:
+    """``notes`` decoded and shaped as ``status -o json`` (the one format of both stores);
+    None if no rollout is recorded. Raises StateError if they cannot be read back."""
+    from .rollout.cli import status_report
+    from .rollout.state import decode
+    from .rollout.store import Stored
+
+    state = decode(notes)
+    if state.phase is None:
+        return None
+    return status_report(store, Stored(dict(data or {}), notes), state)
+
+
+def notes_rollout(notes: RolloutNotes, data: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The rollout recorded in a ConfigMap's annotations, as ``status -o json``; None if none."""
+    from .rollout.state import StateError
+
+    try:
+        return rollout_report(notes.store, data, notes.annotations)
+    except StateError as exc:  # edited by hand, or another tool's: say so
+        return {"store": notes.store, "phase": None, "error": f"{notes.store}: {exc}"}
 
 
 def state_path(config_path: str) -> Path:
@@ -203,30 +236,27 @@ def read_rollout(config_path: str | None, data: Mapping[str, Any] | None) -> dic
     """
     if config_path is None:
         return None
-    from .rollout.cli import status_report
-    from .rollout.state import StateError, decode
-    from .rollout.store import Stored
-
-    path = state_path(config_path)
+    path, store = state_path(config_path), f"file {config_path}"
     try:
         notes = json.loads(path.read_text())
         if not isinstance(notes, dict):
             raise ValueError("expected a JSON object")
-        state = decode({str(k): str(v) for k, v in notes.items()})
+        return rollout_report(store, data, {str(k): str(v) for k, v in notes.items()})
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, StateError) as exc:  # mid-write or edited by hand: say so
-        return {"store": f"file {config_path}", "phase": None, "error": f"{path}: {exc}"}
-    if state.phase is None:
-        return None
-    return status_report(f"file {config_path}", Stored(dict(data or {}), notes), state)
+    except (OSError, ValueError) as exc:  # mid-write, or edited by hand (a StateError): say so
+        return {"store": store, "phase": None, "error": f"{path}: {exc}"}
 
 
 # -- the sampler -------------------------------------------------------------------------------
 
 
 class Sampler:
-    """Snapshots the collectors (and reads the rollout state) once per ``interval``."""
+    """Snapshots the collectors (and reads the rollout state) once per ``interval``.
+
+    The rollout comes from the annotations the config source delivered (ConfigMap mode) or,
+    without them, from the state file beside ``config_path`` (file mode).
+    """
 
     def __init__(
         self,
@@ -242,23 +272,32 @@ class Sampler:
         self.ring: deque[Snapshot] = deque(maxlen=history + 1)  # n + 1 snapshots make n points
         self.rollout: dict[str, Any] | None = None
 
-    def read(self, data: Mapping[str, Any] | None) -> tuple[Snapshot, dict[str, Any] | None]:
+    def read(
+        self, data: Mapping[str, Any] | None, notes: RolloutNotes | None = None
+    ) -> tuple[Snapshot, dict[str, Any] | None]:
         """Blocking: the multiprocess collector reads files, and so does the rollout state."""
         taken = snapshot(self.collector.collect(), time.time())
+        if notes is not None:
+            return taken, notes_rollout(notes, data)
         return taken, read_rollout(self.config_path, data)
 
-    async def sample(self, data: Mapping[str, Any] | None = None) -> None:
-        taken, rollout = await asyncio.to_thread(self.read, data)
+    async def sample(self, data: Mapping[str, Any] | None = None, notes: RolloutNotes | None = None) -> None:
+        taken, rollout = await asyncio.to_thread(self.read, data, notes)
         self.ring.append(taken)  # in the loop's thread: handlers never see it half-appended
         self.rollout = rollout
 
-    async def run(self, current_data: Callable[[], Mapping[str, Any] | None]) -> None:
-        """Sample until cancelled; ``current_data()`` is the raw config now (for the rollout)."""
+    async def run(
+        self,
+        current_data: Callable[[], Mapping[str, Any] | None],
+        current_notes: Callable[[], RolloutNotes | None] = lambda: None,
+    ) -> None:
+        """Sample until cancelled; ``current_data()`` is the raw config now and
+        ``current_notes()`` the rollout annotations that came with it (for the rollout)."""
         loop = asyncio.get_running_loop()
         next_at = loop.time()
         while True:
             try:
-                await self.sample(current_data())
+                await self.sample(current_data(), current_notes())
             except Exception:  # a stats hiccup must never take the admin port down
                 log.exception("stats sample failed")
             next_at = max(next_at + self.interval, loop.time())

@@ -15,6 +15,7 @@ import socket
 import ssl
 import struct
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,6 +235,20 @@ class ProxyProcess:
         ):
             assert r.status == 200
             return await r.text()
+
+
+async def stats_until(
+    proxy: ProxyProcess, check: Callable[[dict[str, Any]], bool], timeout: float = 10
+) -> dict[str, Any]:
+    """Poll /stats (one new point a second) until ``check`` holds, bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats: dict[str, Any] = await proxy.admin_json("/stats")
+        if check(stats):
+            return stats
+        if time.monotonic() > deadline:
+            raise AssertionError(f"/stats never satisfied the check in {timeout}s: {stats}")
+        await asyncio.sleep(0.2)
 
 
 def write_config_file(path: Path, config: dict[str, Any]) -> None:

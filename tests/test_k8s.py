@@ -251,6 +251,22 @@ async def test_watch_sees_added_then_modified_in_order(fake_kube: FakeKube, kube
     assert (query["allowWatchBookmarks"], query["timeoutSeconds"]) == ("true", "5")
 
 
+async def test_watch_carries_annotations_and_yields_a_change_to_them_alone(
+    fake_kube: FakeKube, kube: KubeClient
+) -> None:
+    fake_kube.put_configmap("cfg", {"n": "0"}, annotations={"canary-proxy.io/phase": "Progressing"})
+    async with watching(kube) as watcher:
+        first = await watcher.event()
+        assert first.annotations == {"canary-proxy.io/phase": "Progressing"}
+        fake_kube.put_configmap("cfg", {"n": "0"}, annotations={"canary-proxy.io/phase": "Paused"})
+        event = await watcher.event()
+        assert (event.type, event.data) == ("MODIFIED", {"n": "0"})
+        assert event.annotations == {"canary-proxy.io/phase": "Paused"}
+        fake_kube.delete_configmap("cfg")
+        event = await watcher.event()
+        assert (event.type, event.data, event.annotations) == ("DELETED", {}, {})
+
+
 async def test_watch_ignores_other_configmaps(fake_kube: FakeKube, kube: KubeClient) -> None:
     async with watching(kube) as watcher:
         assert (await watcher.event()).type == "DELETED"  # absent at the start

@@ -1,9 +1,11 @@
 """Rollouts in ConfigMap mode: the real proxy (``serve --configmap``) and the real ``rollout``
-process against the fake API server; state and weights are checked on the ConfigMap itself."""
+process against the fake API server; state and weights are checked on the ConfigMap itself,
+and on the proxy's dashboard data (``/stats``), which reads the state from its annotations."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,11 +13,13 @@ from typing import Any
 import pytest
 
 from canary_proxy.k8s import KubeClient, load_config
+from canary_proxy.rollout.state import RolloutState, encode
 from canary_proxy.rollout.store import Change, ConfigMapStore, Missing, Stored
 
-from .conftest import Backend, ProxyProcess, base_config, start_proxy, stop_proxy
+from .conftest import Backend, ProxyProcess, base_config, start_proxy, stats_until, stop_proxy
 from .fakekube import FakeKube
 from .rollouts import FAST, LATENCY, cli, rollout, traffic, weights_loaded
+from .scrape import scrape
 
 NAME = "shop"
 
@@ -32,22 +36,53 @@ def data(fake: FakeKube) -> dict[str, str]:
     return dict(cm["data"])
 
 
+async def serve(
+    fake: FakeKube, backends: tuple[Backend, Backend], tmp_path: Path, *args: str
+) -> ProxyProcess:
+    """The proxy following ConfigMap default/shop, whose weight is out of 1000."""
+    stable, canary = backends
+    config = base_config(stable, canary, canary_weight=0, canary_weight_total=1000)
+    fake.put_configmap(NAME, {k: str(v) for k, v in config.items()})
+    assert fake.kubeconfig is not None
+    return await start_proxy(
+        None, tmp_path, "--configmap", NAME, "--kubeconfig", str(fake.kubeconfig),
+        "--access-log", "off", *args, use_config=False,
+    )  # fmt: skip
+
+
 @pytest.fixture
 async def proxy(
     fake_kube: FakeKube, backends: tuple[Backend, Backend], tmp_path: Path
 ) -> AsyncIterator[ProxyProcess]:
-    """The proxy following ConfigMap default/shop, whose weight is out of 1000."""
     stable, canary = backends
     stable.delay = canary.delay = LATENCY
-    config = base_config(stable, canary, canary_weight=0, canary_weight_total=1000)
-    fake_kube.put_configmap(NAME, {k: str(v) for k, v in config.items()})
-    assert fake_kube.kubeconfig is not None
-    proxy = await start_proxy(
-        None, tmp_path, "--configmap", NAME, "--kubeconfig", str(fake_kube.kubeconfig),
-        "--access-log", "off", use_config=False,
-    )  # fmt: skip
+    proxy = await serve(fake_kube, backends, tmp_path)
     yield proxy
     await stop_proxy(proxy)
+
+
+def phase(stats: dict[str, Any]) -> str | None:
+    """The rollout phase the dashboard shows."""
+    return (stats["rollout"] or {}).get("phase")
+
+
+async def status_json(fake: FakeKube) -> dict[str, Any]:
+    code, out, err = await cli("status", NAME, "--kubeconfig", str(fake.kubeconfig), "-o", "json")
+    assert code == 0, err
+    report: dict[str, Any] = json.loads(out)
+    return report
+
+
+async def applied(proxy: ProxyProcess, mark: int, workers: int) -> None:
+    """Wait until a config written after ``mark`` is in effect: loaded, and by every worker."""
+
+    def done(_: object) -> bool:
+        messages = [str(e.get("msg", "")) for e in proxy.logs[mark:]]
+        if workers == 1:
+            return any(m.startswith("config loaded") for m in messages)
+        return messages.count("worker applied config") >= workers
+
+    await proxy.wait_log(done, since=mark)
 
 
 def args(fake: FakeKube, proxy: ProxyProcess | None, steps: str, *extra: str) -> list[str]:
@@ -70,6 +105,8 @@ async def test_promoted_through_the_configmap(fake_kube: FakeKube, proxy: ProxyP
     code, out, _ = await cli("status", NAME, "--kubeconfig", str(fake_kube.kubeconfig))
     assert code == 0 and out.startswith(f"configmap default/{NAME}: Promoted")
     assert "weight:    1000 of 1000 (100%)" in out
+    stats = await stats_until(proxy, lambda s: phase(s) == "Promoted")
+    assert stats["rollout"] == await status_json(fake_kube)  # the dashboard shows what status says
 
 
 async def test_rolled_back_through_the_configmap(
@@ -143,3 +180,46 @@ async def test_store_writes_are_conflict_safe(fake_kube: FakeKube, store: Config
     fake_kube.delete_configmap(NAME)
     with pytest.raises(Missing):
         await store.load()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_the_dashboard_follows_the_rollout_in_the_annotations_without_reloading(
+    fake_kube: FakeKube,
+    backends: tuple[Backend, Backend],
+    tmp_path: Path,
+    store: ConfigMapStore,
+    workers: str,
+) -> None:
+    proxy = await serve(fake_kube, backends, tmp_path, "--workers", workers)
+    try:
+        assert (await proxy.admin_json("/stats"))["rollout"] is None
+        now = time.time()
+        state = RolloutState(
+            phase="Progressing",
+            steps="20,pause,100",
+            step=0,
+            message="at step 1/3",
+            step_started=now,
+            progress_since=now,
+        )
+        mark = len(proxy.logs)
+        await store.update(lambda _: Change(20, encode(state)))  # weight and state in one write
+        await applied(proxy, mark, int(workers))
+        stats = await stats_until(proxy, lambda s: phase(s) == "Progressing")
+        assert stats["rollout"]["stepDescription"] == "1/3 (20%)"
+        assert (stats["rollout"]["weight"], stats["rollout"]["percent"]) == ("200", 20)
+        assert stats["weight"] == {"weight": 200, "total": 1000, "percent": 20.0}
+        reloads = (await scrape(proxy)).value("canary_proxy_config_reloads_total", result="success")
+
+        mark = len(proxy.logs)
+        paused = state.with_(phase="Paused", step=1, message="paused until promote")
+        await store.update(lambda _: Change(annotations=encode(paused)))  # the annotations alone
+        stats = await stats_until(proxy, lambda s: phase(s) == "Paused")
+        assert stats["rollout"]["message"] == "paused until promote"
+        assert stats["rollout"] == await status_json(fake_kube)
+        # The proxy has taken in the event (the dashboard shows it), but reloaded nothing.
+        assert (await scrape(proxy)).value("canary_proxy_config_reloads_total", result="success") == reloads
+        reloaded = [e["msg"] for e in proxy.logs[mark:] if "config" in str(e.get("msg", ""))]
+        assert reloaded == []  # neither "config loaded" nor (workers) "worker applied config"
+    finally:
+        await stop_proxy(proxy)

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
+from canary_proxy.app import ConfigControl
 from canary_proxy.metrics import Metrics
 from canary_proxy.rollout.state import RolloutState, encode
-from canary_proxy.stats import read_rollout, series, snapshot, stats_document
+from canary_proxy.sources.configmap import raw_from_data
+from canary_proxy.stats import RolloutNotes, notes_rollout, read_rollout, series, snapshot, stats_document
 
-from .conftest import Backend, ProxyFactory, ProxyProcess, base_config
+from .conftest import Backend, ProxyFactory, base_config, stats_until
 
 
 def test_rates_error_share_and_quantiles_come_from_snapshot_deltas() -> None:
@@ -78,18 +77,37 @@ def test_the_rollout_beside_the_config_reads_like_status_json(tmp_path: Path) ->
     assert broken is not None and broken["phase"] is None and "rollout.json" in broken["error"]
 
 
-async def stats_until(
-    proxy: ProxyProcess, check: Callable[[dict[str, Any]], bool], timeout: float = 10
-) -> dict[str, Any]:
-    """Poll /stats (one new point a second) until ``check`` holds, bounded."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stats: dict[str, Any] = await proxy.admin_json("/stats")
-        if check(stats):
-            return stats
-        if time.monotonic() > deadline:
-            raise AssertionError(f"/stats never satisfied the check in {timeout}s: {stats}")
-        await asyncio.sleep(0.2)
+def test_the_rollout_in_configmap_annotations_reads_like_status_json() -> None:
+    store = "configmap shop/canary-proxy"
+    assert notes_rollout(RolloutNotes(store, {}), {}) is None  # no rollout recorded
+    now = time.time()
+    state = RolloutState(phase="Paused", steps="5,pause,100", step=1, step_started=now, progress_since=now)
+    notes = {k: v for k, v in encode(state).items() if v is not None}
+    report = notes_rollout(RolloutNotes(store, notes), {"canary-weight": "5"})
+    assert report is not None and report["store"] == store
+    assert (report["phase"], report["stepDescription"], report["weight"]) == (
+        "Paused",
+        "2/3 (pause, canary at 5%)",
+        "5",
+    )
+    broken = notes_rollout(RolloutNotes(store, {**notes, "canary-proxy.io/phase": "Sideways"}), {})
+    assert broken is not None and broken["phase"] is None and "Sideways" in broken["error"]
+
+
+def test_an_annotation_only_change_updates_the_rollout_but_is_no_reload() -> None:
+    registry = CollectorRegistry()
+    loaded: list[dict[str, object]] = []
+    control = ConfigControl(Metrics(registry), [lambda _config, raw: loaded.append(raw)])
+    data = {"stable-url": "http://127.0.0.1:1", "canary-url": "http://127.0.0.1:2"}
+    for phase in ("Progressing", "Paused"):
+        raw = raw_from_data(data, {"canary-proxy.io/phase": phase, "app.kubernetes.io/x": "y"})
+        assert control.offer(raw, origin="configmap shop/canary-proxy")
+        assert control.rollout_notes == RolloutNotes(
+            "configmap shop/canary-proxy",
+            {"canary-proxy.io/phase": phase},  # the rollout's keys only
+        )
+    assert registry.get_sample_value("canary_proxy_config_reloads_total", {"result": "success"}) == 1
+    assert len(loaded) == 1
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

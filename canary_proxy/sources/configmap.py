@@ -1,8 +1,9 @@
 """Config from a Kubernetes ConfigMap, followed through the API (list, then watch).
 
 The watch loop itself (relist on 410, backoff, dead-stream detection) lives in ``k8s``;
-this module turns its events into the same ``RawConfig`` the file source yields. A
-deleted ConfigMap or an unreachable API never replaces the last good config.
+this module turns its events into the same ``RawConfig`` the file source yields, with the
+rollout's state (the ``canary-proxy.io/*`` annotations) alongside. A deleted ConfigMap or
+an unreachable API never replaces the last good config.
 """
 
 from __future__ import annotations
@@ -11,20 +12,25 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
+from ..rollout.state import recorded
 from .file import RawConfig
 
 log = logging.getLogger(__name__)
 
 
-def raw_from_data(data: dict[str, str]) -> RawConfig:
+def raw_from_data(data: dict[str, str], annotations: Mapping[str, str] | None = None) -> RawConfig:
+    """The digest covers ``data`` only: a change to the annotations alone is the same config."""
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-    return RawConfig(digest, dict(data))
+    notes = None if annotations is None else recorded(annotations)
+    return RawConfig(digest, dict(data), annotations=notes)
 
 
 async def follow_configmap(ref: str, *, kubeconfig: str | None) -> AsyncIterator[RawConfig]:
-    """Yield the ConfigMap's ``data`` each time it changes, forever (until cancelled)."""
+    """Yield the ConfigMap's ``data`` and rollout annotations each time either changes, forever
+    (until cancelled). A change to the annotations alone keeps the digest, so the consumer
+    (``app.ConfigControl``) updates the rollout it shows without reloading the config."""
     from ..k8s import KubeClient, WatchStatus, load_config, parse_ref, watch_configmap
 
     namespace, name = parse_ref(ref)
@@ -40,7 +46,7 @@ async def follow_configmap(ref: str, *, kubeconfig: str | None) -> AsyncIterator
                 extra={"error": str(status.error)},
             )
 
-    last_digest = None
+    last: RawConfig | None = None
     async with KubeClient(config) as client:
         events = watch_configmap(client, namespace, name, on_status=on_status)
         async with contextlib.aclosing(events):
@@ -52,8 +58,8 @@ async def follow_configmap(ref: str, *, kubeconfig: str | None) -> AsyncIterator
                         name,
                     )
                     continue
-                raw = raw_from_data(dict(event.data))
-                if raw.digest == last_digest:
-                    continue  # only annotations changed (a rollout's state): not a new config
-                last_digest = raw.digest
+                raw = raw_from_data(dict(event.data), event.annotations)
+                if last is not None and (raw.digest, raw.annotations) == (last.digest, last.annotations):
+                    continue  # only labels or other tools' annotations changed
+                last = raw
                 yield raw

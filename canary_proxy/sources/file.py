@@ -32,9 +32,12 @@ SETTLE = 0.05  # seconds between seeing a change and reading it
 class RawConfig:
     """One version of the source: the raw mapping, or why it could not be read."""
 
-    digest: str
+    digest: str  # of the config alone: two versions with one digest are the same config
     data: Mapping[str, Any] | None
     error: ConfigError | None = None
+    # A ConfigMap's rollout state (its ``canary-proxy.io/*`` annotations), which changes
+    # without the config; None for a file, whose state the admin port reads beside it.
+    annotations: Mapping[str, str] | None = None
 
 
 def load_file(path: str | Path) -> RawConfig:
