@@ -32,7 +32,7 @@ def test_check_prints_the_effective_config_as_yaml(tmp_path: Path) -> None:
     assert effective["canary-weight"] == 2.5
     assert effective["sticky-cookie"] == "canary_proxy_bucket"
     assert effective["upstream-timeout"] == "1m"
-    assert len(effective) == 17  # every key of the config table
+    assert len(effective) == 21  # every key of the config table
 
 
 def test_check_lists_every_error_and_exits_2(tmp_path: Path) -> None:
