@@ -52,8 +52,14 @@ EXPORTED_METRICS = frozenset(
         "canary_proxy_config_last_success_timestamp_seconds",
         "canary_proxy_worker_restarts_total",
         "canary_proxy_outlier_ejections_total",
+        "canary_proxy_mirror_requests_total",
+        "canary_proxy_mirror_skipped_total",
     }
-) | {f"canary_proxy_request_duration_seconds{s}" for s in ("_bucket", "_count", "_sum")}
+) | {
+    f"canary_proxy_{name}{s}"
+    for name in ("request_duration_seconds", "mirror_request_duration_seconds")
+    for s in ("_bucket", "_count", "_sum")
+}
 CONFIG_KEYS = frozenset(
     {
         "stable-url",
@@ -73,6 +79,10 @@ CONFIG_KEYS = frozenset(
         "canary-outlier-cooldown",
         "version-header",
         "upstream-ca",
+        "canary-mirror-percent",
+        "canary-mirror-max-body",
+        "canary-mirror-timeout",
+        "canary-mirror-max-in-flight",
     }
 )
 # The product's defaults for the graceful-shutdown flags.
