@@ -29,6 +29,12 @@ _REASONS = {
     "session-cookie-max-age": "set sticky-max-age instead",
     "session-cookie-expires": "set sticky-max-age instead",
     "session-cookie-path": "the sticky cookie always has Path=/",
+    "mirror-target": (
+        "ingress-nginx mirrors to any URL; canary-proxy mirrors only to the canary: set "
+        "canary-mirror-percent (and canary-mirror-max-body) if that is what it was for"
+    ),
+    "mirror-request-body": "canary-proxy mirrors bodies up to canary-mirror-max-body (default 64KiB)",
+    "mirror-host": "a mirror copy keeps the request's Host and adds X-Canary-Mirror: 1",
     "canary-by-header-value-pattern": (
         "not an ingress-nginx annotation; did you mean canary-by-header-pattern?"
     ),

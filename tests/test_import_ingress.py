@@ -157,3 +157,12 @@ def test_an_out_of_range_weight_is_refused(tmp_path: Path) -> None:
     result = run(tmp_path, [ingress("shop", "shop-v1", 80)],
                  [ingress("c", "shop-v2", 8080, canary={"canary-weight": "150"})])  # fmt: skip
     assert result.returncode == 2 and "canary-weight" in result.stderr
+
+
+def test_mirror_annotations_are_listed_with_what_to_use_instead(tmp_path: Path) -> None:
+    main = [ingress("shop", "shop-v1", 80)]
+    mirror = {"canary-weight": "5", "mirror-target": "https://shadow.example.com$request_uri"}
+    result = run(tmp_path, main, [ingress("shop-canary", "shop-v2", 8080, canary=mirror)])
+    assert result.returncode == 0, result.stderr
+    assert "mirror-target: not carried over" in result.stderr and "canary-mirror-percent" in result.stderr
+    assert "canary-mirror-percent" not in yaml.safe_load(result.stdout)["data"]
