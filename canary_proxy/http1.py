@@ -1331,3 +1331,6 @@ class ProxyServer:
             connection.abort()
         for pool in self.pools.values():
             pool.close()
+        await asyncio.sleep(0)  # the aborted connections' connection_lost: their log lines
+        if self.access_log is not None:
+            self.access_log.flush()
