@@ -742,7 +742,7 @@ class Cycle:
         self.reused = reused
         conn.start(self)
         conn.version = ex.version
-        conn.write(self._upstream_head(runtime, conn.pool))
+        self.server.hold_upstream(conn, self._upstream_head(runtime, conn.pool))
         request = self.request
         if self.expect_continue and request.version == "1.1" and not request.body_done:
             self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -856,7 +856,7 @@ class Cycle:
             self.bytes_in += len(data)
             self.forwarded += len(data)
             if chunked:
-                conn.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))  # type: ignore[union-attr]
+                conn.write(b"%x\r\n" % len(data), data, b"\r\n")
             else:
                 conn.write(data)
 
@@ -1146,6 +1146,8 @@ class ProxyServer:
         self._changed = asyncio.Event()
         self._ready: list[Cycle] = []  # parsed requests, begun together once reads are done
         self._unflushed: list[ClientConnection] = []  # connections holding response bytes
+        self._upstream_unflushed: list[UpstreamConnection] = []  # holding request heads
+        self._batch_due = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -1163,22 +1165,39 @@ class ProxyServer:
     def schedule(self, cycle: Cycle) -> None:
         """Begin ``cycle`` with the other requests of this iteration (not inside the parser's
         callbacks, either: they would swallow a bug's exception)."""
-        if not self._ready and not self._unflushed:
-            self.loop.call_soon(self.run_batch)
         self._ready.append(cycle)
+        self._batch_soon()
 
     def flush_later(self, connection: ClientConnection) -> None:
-        if not self._ready and not self._unflushed:
-            self.loop.call_soon(self.run_batch)
         self._unflushed.append(connection)
+        self._batch_soon()
+
+    def hold_upstream(self, conn: UpstreamConnection, head: bytes) -> None:
+        if conn.hold(head):
+            self._upstream_unflushed.append(conn)
+            self._batch_soon()
+
+    def _batch_soon(self) -> None:
+        if not self._batch_due:
+            self._batch_due = True
+            self.loop.call_soon(self.run_batch)
 
     def run_batch(self) -> None:
-        unflushed, self._unflushed = self._unflushed, []
-        ready, self._ready = self._ready, []
-        for connection in unflushed:  # first: these bytes precede anything a new request sends
-            connection.flush()
-        for cycle in ready:
-            cycle.begin()
+        """Responses out, requests begun (whose heads are only held), then the heads out; again
+        if that work made more (a request answered at once lets a pipelined one begin)."""
+        try:
+            while self._unflushed or self._ready or self._upstream_unflushed:
+                unflushed, self._unflushed = self._unflushed, []
+                ready, self._ready = self._ready, []
+                for connection in unflushed:  # first: these bytes precede what a new request sends
+                    connection.flush()
+                for cycle in ready:
+                    cycle.begin()
+                upstream, self._upstream_unflushed = self._upstream_unflushed, []
+                for conn in upstream:
+                    conn.flush()
+        finally:
+            self._batch_due = False
 
     def protocol(self) -> ClientConnection:
         return ClientConnection(self)
