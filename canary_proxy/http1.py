@@ -690,16 +690,12 @@ class Cycle:
             return
         self.state = _DONE
         self._cancel_timer()
-        close = not self.request.keep_alive
-        try:
-            self._account()
-            close = close or self.close_after
-        except Exception:
-            log.exception("proxying failed")
-            close = True
+        if self.ex is not None:
+            self.server.account_later(self)  # after the response is written: see run_batch
+        close = not self.request.keep_alive or self.close_after
         self.connection.cycle_done(close=close or self.connection.draining)
 
-    def _account(self) -> None:
+    def account(self) -> None:
         ex, pool, server = self.ex, self.pool, self.server
         if ex is None or pool is None:  # answered before routing
             return
@@ -1147,6 +1143,7 @@ class ProxyServer:
         self._ready: list[Cycle] = []  # parsed requests, begun together once reads are done
         self._unflushed: list[ClientConnection] = []  # connections holding response bytes
         self._upstream_unflushed: list[UpstreamConnection] = []  # holding request heads
+        self._finished: list[Cycle] = []  # to account: metrics, access log, in-flight count
         self._batch_due = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -1177,16 +1174,21 @@ class ProxyServer:
             self._upstream_unflushed.append(conn)
             self._batch_soon()
 
+    def account_later(self, cycle: Cycle) -> None:
+        self._finished.append(cycle)
+        self._batch_soon()
+
     def _batch_soon(self) -> None:
         if not self._batch_due:
             self._batch_due = True
             self.loop.call_soon(self.run_batch)
 
     def run_batch(self) -> None:
-        """Responses out, requests begun (whose heads are only held), then the heads out; again
-        if that work made more (a request answered at once lets a pipelined one begin)."""
+        """Responses out, requests begun (whose heads are only held), the heads out, and last
+        the accounting of finished requests, which so delays no response; again if that work
+        made more (a request answered at once lets a pipelined one begin)."""
         try:
-            while self._unflushed or self._ready or self._upstream_unflushed:
+            while self._unflushed or self._ready or self._upstream_unflushed or self._finished:
                 unflushed, self._unflushed = self._unflushed, []
                 ready, self._ready = self._ready, []
                 for connection in unflushed:  # first: these bytes precede what a new request sends
@@ -1196,6 +1198,12 @@ class ProxyServer:
                 upstream, self._upstream_unflushed = self._upstream_unflushed, []
                 for conn in upstream:
                     conn.flush()
+                finished, self._finished = self._finished, []
+                for cycle in finished:
+                    try:
+                        cycle.account()
+                    except Exception:
+                        log.exception("accounting a request failed")
         finally:
             self._batch_due = False
 
@@ -1351,5 +1359,6 @@ class ProxyServer:
         for pool in self.pools.values():
             pool.close()
         await asyncio.sleep(0)  # the aborted connections' connection_lost: their log lines
+        self.run_batch()
         if self.access_log is not None:
             self.access_log.flush()
