@@ -1,9 +1,13 @@
-"""Access log: one JSON object per request on stdout, written line by line, never buffered."""
+"""Access log: one JSON object per request on stdout; a loop iteration's lines are written
+together once it is done, in whole lines."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
+import select
+import stat
 import time
 from json.encoder import encode_basestring_ascii as _q  # the C encoder
 from typing import Protocol
@@ -26,10 +30,18 @@ class _Exchange(Protocol):
     request_id: str
 
 
+_last_millis: tuple[int, str] = (-1, "")
+
+
 def rfc3339(now: float) -> str:
-    seconds = int(now)
-    millis = int((now - seconds) * 1000)
-    return _second(seconds) + f".{millis:03d}Z"
+    # Formatted once per millisecond: at tens of thousands of requests a second, most lines
+    # share their millisecond with the one before.
+    global _last_millis
+    stamp = int(now * 1000)
+    if stamp != _last_millis[0]:
+        seconds, millis = divmod(stamp, 1000)
+        _last_millis = (stamp, _second(seconds) + f".{millis:03d}Z")
+    return _last_millis[1]
 
 
 @functools.lru_cache(maxsize=4)
@@ -39,13 +51,24 @@ def _second(seconds: int) -> str:
 
 
 class AccessLog:
-    """Writes each record with one write(2) so lines from many workers never interleave."""
+    """Buffers the lines of one loop iteration and writes them at its end, whole lines per
+    write(2): a write(2) per request cost about a tenth of the proxy's time.
+
+    Lines from many workers never interleave: on a pipe (or socket, or terminal) each write is
+    at most PIPE_BUF bytes, which POSIX makes atomic; a regular file is opened O_APPEND, and
+    Linux makes each write to it atomic, whatever its size.
+    """
 
     def __init__(self, fd: int = 1) -> None:
         self._fd = fd
         # A non-blocking stdout would make a full pipe drop lines or spin; blocking, a slow
         # log reader slows us down instead (like any log shipper's backpressure).
         os.set_blocking(fd, True)
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        self._max_write = 1 << 16 if regular else select.PIPE_BUF
+        self._lines: list[bytes] = []
+        self._size = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def write(self, ex: _Exchange, seconds: float) -> None:
         path = ex.path
@@ -62,7 +85,29 @@ class AccessLog:
             f'"bytes_in": {ex.bytes_in}, "bytes_out": {ex.bytes_out}, "client": {_q(ex.client)}, '
             f'"request_id": {_q(ex.request_id)}}}\n'
         )
-        self._emit(line.encode())
+        self._add(line.encode())
+
+    def _add(self, line: bytes) -> None:
+        if not self._lines:
+            try:  # cached: asyncio.get_running_loop() costs a getpid(2) syscall
+                loop = self._loop if self._loop is not None else asyncio.get_running_loop()
+            except RuntimeError:  # no event loop: nothing would flush later
+                self._emit(line)
+                return
+            self._loop = loop
+            loop.call_soon(self.flush)
+        if self._size + len(line) > self._max_write:
+            self.flush()  # what is held already, so each write stays within _max_write
+        self._lines.append(line)
+        self._size += len(line)
+
+    def flush(self) -> None:
+        """Write the lines held; also called at shutdown, after the last request."""
+        if self._lines:
+            data = b"".join(self._lines)
+            self._lines.clear()
+            self._size = 0
+            self._emit(data)
 
     def _emit(self, data: bytes) -> None:
         view = memoryview(data)

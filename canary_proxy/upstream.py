@@ -64,6 +64,7 @@ class UpstreamConnection(asyncio.Protocol):
         "got_bytes",
         "headers",
         "idle_since",
+        "out",
         "parser",
         "pool",
         "reason",
@@ -87,6 +88,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.idle_since = 0.0
         self.version = ""  # the version label of the request last served, for stray bytes
+        self.out: list[bytes] = []  # held by ``hold`` until ``flush``
         self._writable = True
 
     # -- asyncio.Protocol -------------------------------------------------------------------
@@ -196,9 +198,29 @@ class UpstreamConnection(asyncio.Protocol):
     def writable(self) -> bool:
         return self._writable
 
-    def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+    def write(self, *parts: bytes) -> None:
+        """Write now, after anything ``hold`` kept."""
+        self.out += parts
+        self.flush()
+
+    def hold(self, data: bytes) -> bool:
+        """Keep ``data`` for ``flush`` (the caller batches writes); True if none was held."""
+        first = not self.out
+        self.out.append(data)
+        return first
+
+    def flush(self) -> None:
+        parts = self.out
+        if not parts:
+            return
+        self.out = []
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return  # connection_lost reports it to the request, if one is in flight
+        if len(parts) == 1:
+            transport.write(parts[0])
+        else:
+            transport.writelines(parts)
 
     def reusable(self) -> bool:
         return not self.closed and not self.upgraded and self.parser.should_keep_alive()
@@ -206,11 +228,13 @@ class UpstreamConnection(asyncio.Protocol):
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
+            self.flush()
             self.transport.close()
 
     def abort(self) -> None:
         self.closed = True
         self.sink = None
+        self.out = []
         if self.transport is not None:
             self.transport.abort()
 

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import re
+import select
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
+import pytest
+
+from canary_proxy import accesslog
+from canary_proxy.accesslog import AccessLog
 
 from .conftest import (
     Backend,
@@ -190,3 +198,34 @@ async def test_app_logs_are_json_on_stderr_or_text_on_request(
     line = await text.wait_log(lambda e: str(e.get("raw", "")).rstrip().endswith(": ready"))
     assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO canary_proxy\.app: ready", line["raw"])
     await asyncio.wait_for(stop_proxy(text), 10)
+
+
+async def test_a_loop_iterations_lines_are_written_after_it_in_whole_lines_within_pipe_buf(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    writes: list[bytes] = []
+    real_write = os.write
+
+    def recording_write(fd: int, data: bytes) -> int:
+        writes.append(bytes(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(accesslog.os, "write", recording_write)
+    read_end, write_end = os.pipe()
+    try:
+        log = AccessLog(write_end)
+        for i in range(40):
+            ex = SimpleNamespace(
+                method="GET", path=f"/{i}", client="127.0.0.1", version="stable", rule="weight",
+                status=200, upstream_seconds=None, bytes_in=0, bytes_out=2, request_id=f"id-{i}",
+            )  # fmt: skip
+            log.write(ex, 0.001)
+        held = len(writes)
+        await asyncio.sleep(0)  # the iteration ends: the rest is written
+        data = os.read(read_end, 1 << 20)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert 1 < len(writes) < 40 and held < len(writes)  # batched, not one write per line
+    assert all(len(w) <= select.PIPE_BUF and w.endswith(b"\n") for w in writes)  # atomic, whole lines
+    assert [json.loads(line)["path"] for line in data.splitlines()] == [f"/{i}" for i in range(40)]

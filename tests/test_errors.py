@@ -62,6 +62,34 @@ async def test_canary_connect_failure_fails_over_to_stable(
         assert r.headers["X-Canary-Version"] == "canary"
 
 
+async def test_a_client_that_leaves_while_the_upstream_connect_hangs_is_a_499(
+    backends: tuple[Backend, Backend], proxy_factory: ProxyFactory
+) -> None:
+    _, canary = backends
+    full = socket.socket()  # a listener never accepting, its queue full: SYNs go unanswered
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    filler = socket.create_connection(full.getsockname())
+    try:
+        url = f"http://127.0.0.1:{full.getsockname()[1]}"
+        config = {"stable-url": url, "canary-url": canary.url, "upstream-connect-timeout": "30s"}
+        proxy = await proxy_factory(config)
+        _, writer = await asyncio.open_connection("127.0.0.1", port_of(proxy.url))
+        writer.write(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
+        await wait_metric(proxy, lambda s: s.value("canary_proxy_in_flight_requests", version="stable") == 1)
+        writer.close()
+        m = await wait_metric(
+            proxy,
+            lambda s: s.get("canary_proxy_requests_total", version="stable", code="499", method="GET") == 1,
+            what="the 499",
+        )
+        assert m.value("canary_proxy_in_flight_requests", version="stable") == 0
+        assert m.nonzero("canary_proxy_upstream_errors_total", "version", "reason") == {}
+    finally:
+        filler.close()
+        full.close()
+
+
 @pytest.fixture
 async def one_shot_upstream() -> AsyncIterator[tuple[str, list[int]]]:
     """Answers the first request on each connection (keep-alive), then closes the connection

@@ -136,6 +136,35 @@ async def test_expect_100_continue(backends: tuple[Backend, Backend], proxy_fact
     assert "expect" not in {k.lower() for k, _ in header_pairs(record)}
 
 
+async def test_pipelined_requests_are_answered_in_order_on_one_connection(
+    backends: tuple[Backend, Backend], proxy_factory: ProxyFactory
+) -> None:
+    stable, canary = backends
+    proxy = await proxy_factory(base_config(stable, canary))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(proxy.url))
+    writer.write(  # in one segment: all parsed in one read, begun one after the other
+        b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+        b"GET /c HTTP/1.1\r\nHost: x\r\nExpect: teapot\r\n\r\n"  # answered by the proxy itself
+        b"HEAD /bytes/7 HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /e HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    data = await asyncio.wait_for(reader.read(-1), 10)  # until the proxy closes after /e
+    writer.close()
+    answers: list[tuple[bytes, bytes]] = []  # (status, body)
+    for method in ("GET", "POST", "GET", "HEAD", "GET"):
+        head, _, data = data.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        fields = {k.lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
+        length = 0 if method == "HEAD" else int(fields[b"content-length"])
+        answers.append((lines[0].split(b" ")[1], data[:length]))
+        data = data[length:]
+    assert data == b""
+    assert [status for status, _ in answers] == [b"200", b"200", b"417", b"200", b"200"]
+    assert [json.loads(answers[i][1])["path"] for i in (0, 1, 4)] == ["/a", "/b", "/e"]
+    assert json.loads(answers[1][1])["body_bytes"] == 5
+
+
 async def test_a_gibibyte_streams_both_ways_in_bounded_memory(
     backends: tuple[Backend, Backend], proxy_factory: ProxyFactory
 ) -> None:
