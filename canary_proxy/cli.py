@@ -297,6 +297,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if isinstance(source, int):
         return source
     initial, updates, origin = source
+    from .memory import tune_malloc
+
+    tune_malloc()  # before the data path allocates: see memory.py
     if settings.workers > 1:
         from .supervisor import run_supervisor
 

@@ -102,12 +102,14 @@ async def run_worker(status_fd: int) -> int:
 def main() -> None:
     from .cli import run_async
     from .logs import setup_logging
+    from .memory import tune_malloc
 
     setup_logging(
         os.environ.get("CANARY_PROXY_LOG_FORMAT", "json"),
         os.environ.get("CANARY_PROXY_LOG_LEVEL", "info"),
     )
     status_fd = int(sys.argv[1])
+    tune_malloc()  # each worker is a process of its own: see memory.py
     sys.exit(run_async(run_worker(status_fd)))
 
 
