@@ -38,7 +38,7 @@ from .mirror import Copy, Mirrors
 from .outlier import WINDOW, OutlierDetector
 from .router import CANARY, STABLE, Decision, decide, mirrored, random_bucket_source
 from .tls import TlsError, read_ca, upstream_context
-from .upstream import ConnectFailed, UpstreamConnection, UpstreamPool
+from .upstream import ConnectFailed, UpstreamConnection, UpstreamPool, write_parts
 
 log = logging.getLogger(__name__)
 
@@ -466,10 +466,7 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if len(parts) == 1:
-            transport.write(parts[0])
-        else:
-            transport.writelines(parts)
+        write_parts(transport, parts)
 
     def close(self) -> None:
         self.flush()

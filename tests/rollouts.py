@@ -175,13 +175,9 @@ def file_state(config_path: Path) -> tuple[Any, dict[str, str]]:
     return config.get("canary-weight", 0), state
 
 
-def weights_loaded(proxy_logs: list[dict[str, Any]]) -> list[Any]:
-    """Each canary-weight the proxy loaded, in order (a repeat of the same weight once)."""
-    loaded = [
-        e["effective"]["canary-weight"]
-        for e in proxy_logs
-        if str(e.get("msg", "")).startswith("config loaded")
-    ]
+def weights_loaded(proxy_logs: list[dict[str, Any]], key: str = "canary-weight") -> list[Any]:
+    """Each canary-weight (or other ``key``) the proxy loaded, in order (a repeat once)."""
+    loaded = [e["effective"][key] for e in proxy_logs if str(e.get("msg", "")).startswith("config loaded")]
     return [w for i, w in enumerate(loaded) if i == 0 or loaded[i - 1] != w]
 
 

@@ -19,13 +19,7 @@ async def proxy(backends: tuple[Backend, Backend], proxy_factory: ProxyFactory) 
 
 
 def mirrors_loaded(proxy_logs: list[dict[str, Any]]) -> list[Any]:
-    """Each canary-mirror-percent the proxy loaded, in order (a repeat of the same value once)."""
-    loaded = [
-        e["effective"]["canary-mirror-percent"]
-        for e in proxy_logs
-        if str(e.get("msg", "")).startswith("config loaded")
-    ]
-    return [m for i, m in enumerate(loaded) if i == 0 or loaded[i - 1] != m]
+    return weights_loaded(proxy_logs, "canary-mirror-percent")
 
 
 def mirrored_copies(backend: Backend) -> int:
