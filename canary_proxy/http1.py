@@ -55,6 +55,7 @@ _REPLACED: Final = frozenset(
 _UPSTREAM_DROP: Final = HOP_BY_HOP | _REPLACED
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _MAX_REQUEST_ID = 200
+_WRITE_NOW = 64 << 10  # a response body read this large is written at once, not batched
 _BODY_BUFFER_LIMIT = 1 << 20  # buffered request body before the upstream is ready; then pause
 _STATUS_TEXT: Final = {400: b"Bad Request", 405: b"Method Not Allowed", 413: b"Content Too Large",
                        417: b"Expectation Failed",
@@ -915,6 +916,11 @@ class Cycle:
             self.connection.send(b"%x\r\n" % len(data), data, b"\r\n")
         else:
             self.connection.send(data)
+        if len(data) >= _WRITE_NOW:
+            # A large body can arrive as several reads in one loop iteration (libuv reads on
+            # while data is there): held until the batch, a 1 MiB response went out as one
+            # writev the client socket could not take, with no backpressure in between.
+            self.connection.flush()
 
     def on_response_complete(self) -> None:
         conn = self.conn
