@@ -38,7 +38,7 @@ from .mirror import Copy, Mirrors
 from .outlier import WINDOW, OutlierDetector
 from .router import CANARY, STABLE, Decision, decide, mirrored, random_bucket_source
 from .tls import TlsError, read_ca, upstream_context
-from .upstream import ConnectFailed, UpstreamConnection, UpstreamPool, write_parts
+from .upstream import IDEMPOTENT, ConnectFailed, UpstreamConnection, UpstreamPool, write_parts
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,6 @@ _REPLACED: Final = frozenset(
      b"content-length", b"host"}
 )  # fmt: skip
 _UPSTREAM_DROP: Final = HOP_BY_HOP | _REPLACED
-IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _MAX_REQUEST_ID = 200
 _WRITE_NOW = 64 << 10  # a response body read this large is written at once, not batched
 _BODY_BUFFER_LIMIT = 1 << 20  # buffered request body before the upstream is ready; then pause
@@ -460,14 +459,8 @@ class ClientConnection(asyncio.Protocol):
         self.flush()
 
     def flush(self) -> None:
-        parts = self.out
-        if not parts:
-            return
-        self.out = []
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        write_parts(transport, parts)
+        parts, self.out = self.out, []
+        write_parts(self.transport, parts)
 
     def close(self) -> None:
         self.flush()
@@ -702,8 +695,7 @@ class Cycle:
         if ex is None or pool is None:  # answered before routing
             return
         server.websocket_closed(self)
-        pool.active -= 1
-        server.pool_idle(pool)
+        pool.leave()
         ex.bytes_in = self.bytes_in
         server.leave(ex)
 
@@ -893,7 +885,7 @@ class Cycle:
         if self.request.method == "HEAD":
             # llhttp cannot be told this response has no body: give the connection a fresh
             # parser and finish now; the Content-Length describes the GET body, not this one.
-            conn.parser = httptools.HttpResponseParser(conn)
+            conn.restart_parser()
             self.connection.send(self._client_head(conn, runtime.config))
             ex.started = True
             self.on_response_complete()
@@ -1246,9 +1238,7 @@ class ProxyServer:
         stable, canary = self._pool(config.stable, ca), self._pool(config.canary, ca)
         self.runtime = Runtime(config, stable, canary)
         for key in [k for k, p in self.pools.items() if p is not stable and p is not canary]:
-            pool = self.pools.pop(key)
-            pool.retired = True
-            self.pool_idle(pool)
+            self.pools.pop(key).retire()
 
     def _upstream_ca(self, config: Config) -> tuple[str, ssl.SSLContext] | None:
         """The client context for https upstreams, built once per distinct CA bundle content."""
@@ -1294,10 +1284,6 @@ class ProxyServer:
         log.warning(
             "upstream %s (%s) sent %s; closed that connection", version, conn.pool.upstream.url, detail
         )
-
-    def pool_idle(self, pool: UpstreamPool) -> None:
-        if pool.retired and pool.active == 0:
-            pool.close()
 
     # -- accounting -------------------------------------------------------------------------
 

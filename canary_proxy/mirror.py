@@ -23,16 +23,13 @@ import logging
 import time
 from typing import Final
 
-import httptools
-
 from .config import Config
 from .metrics import Metrics
-from .upstream import ConnectFailed, UpstreamConnection, UpstreamPool
+from .upstream import IDEMPOTENT, ConnectFailed, UpstreamConnection, UpstreamPool
 
 log = logging.getLogger(__name__)
 
 MIRROR_HEADER: Final = b"X-Canary-Mirror: 1\r\n"
-_IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 class _Failed(Exception):
@@ -53,7 +50,7 @@ class _Answer:
 
     def on_response_head(self, conn: UpstreamConnection) -> None:
         if self.head_only:  # HEAD: the Content-Length describes a body that will not come
-            conn.parser = httptools.HttpResponseParser(conn)
+            conn.restart_parser()
             conn.sink = None
             self.on_response_complete()
 
@@ -179,16 +176,14 @@ class Mirrors:
             log.debug("mirror copy to %s failed: %s", pool.upstream.url, exc)
         finally:
             self.in_flight -= 1
-            pool.active -= 1
-            if pool.retired and pool.active == 0:
-                pool.close()
+            pool.leave()
         self.metrics.count_mirror(code, time.monotonic() - start)
 
     async def _exchange(self, copy: Copy, message: bytes, has_body: bool) -> int:
         """The canary's status. A pooled connection the canary had closed is retried once on
         a fresh one, when that is safe (as for client requests)."""
         pool = copy.pool
-        safe = copy.method in _IDEMPOTENT or not has_body
+        safe = copy.method in IDEMPOTENT or not has_body
         conn = pool.take_idle()
         reused = conn is not None
         while True:

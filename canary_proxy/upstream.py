@@ -23,7 +23,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Final, Protocol
 
 import httptools
 
@@ -31,6 +31,8 @@ from .config import Upstream
 
 log = logging.getLogger(__name__)
 
+# Methods a stale pooled connection may be retried for (RFC 9110 9.2.2), by the proxy and the mirror.
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 IDLE_TIMEOUT = 15.0  # seconds; below common upstream keep-alive timeouts (nginx 75 s, node 5 s -> retried)
 MAX_IDLE = 512  # idle connections kept per upstream
 
@@ -73,6 +75,7 @@ class UpstreamConnection(asyncio.Protocol):
         "sink",
         "status",
         "transport",
+        "until_close",
         "upgraded",
         "version",
     )
@@ -93,6 +96,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.out: list[bytes] = []  # held by ``hold`` until ``flush``
         self.body_left = -1  # Content-Length bytes still to come; -1: not a length-framed body
         self.keep_alive = False  # the response head allows another request on this connection
+        self.until_close = False  # the response head has no framing: the close ends its body
         self._writable = True
 
     # -- asyncio.Protocol -------------------------------------------------------------------
@@ -136,7 +140,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.body_left = 0
             sink.on_response_body(data[:left])
         if self.body_left == 0:
-            self.parser = httptools.HttpResponseParser(self)  # in step again for the next response
+            self.restart_parser()
             self.on_message_complete()
             if len(data) > left:
                 self._stray(f"{len(data) - left} bytes after the end of the response")
@@ -148,7 +152,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.upgraded:
             sink.on_upstream_error("closed", "upstream closed the upgraded connection")
-        elif self.status and not self.keep_alive and _close_delimited(self):
+        elif self.status and not self.keep_alive and self.until_close:
             sink.on_response_complete()  # a body delimited by the close itself
         elif exc is None and self.got_bytes:
             sink.on_upstream_error(
@@ -199,7 +203,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.status = code
         self.keep_alive = self.parser.should_keep_alive()
-        self.body_left = _content_length(self.headers) if code not in (101, 204, 304) else -1
+        length, self.until_close = _framing(self.headers)
+        self.body_left = length if code not in (101, 204, 304) else -1
         self.sink.on_response_head(self)
 
     def on_body(self, body: bytes) -> None:
@@ -222,6 +227,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers = []
         self.got_bytes = False
         self.body_left = -1
+        self.until_close = False
 
     @property
     def writable(self) -> bool:
@@ -239,14 +245,13 @@ class UpstreamConnection(asyncio.Protocol):
         return first
 
     def flush(self) -> None:
-        parts = self.out
-        if not parts:
-            return
-        self.out = []
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return  # connection_lost reports it to the request, if one is in flight
-        write_parts(transport, parts)
+        parts, self.out = self.out, []
+        write_parts(self.transport, parts)
+
+    def restart_parser(self) -> None:
+        """The response ended where llhttp did not see its end (a HEAD's head, or a body
+        relayed past the parser): the next response needs a parser in step."""
+        self.parser = httptools.HttpResponseParser(self)
 
     def reusable(self) -> bool:
         return not self.closed and not self.upgraded and self.keep_alive
@@ -265,34 +270,30 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
 
-def write_parts(transport: asyncio.Transport, parts: list[bytes]) -> None:
-    """Held parts in one system call: a plain write for one, a writev for several."""
+def write_parts(transport: asyncio.Transport | None, parts: list[bytes]) -> None:
+    """Held parts in one system call: a plain write for one, a writev for several. Nothing
+    for a transport gone or closing: its connection_lost reports that, where it matters."""
+    if not parts or transport is None or transport.is_closing():
+        return
     if len(parts) == 1:
         transport.write(parts[0])
     else:
         transport.writelines(parts)
 
 
-def _content_length(headers: list[tuple[bytes, bytes]]) -> int:
-    """A response body's Content-Length (llhttp validated it), or -1 when it is chunked or
-    delimited by the close: only a length lets the body be relayed without the parser."""
-    length = -1
+def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[int, bool]:
+    """From a response head: its Content-Length (llhttp validated it), or -1 when a transfer
+    coding is named or there is none (only a length lets the body be relayed without the
+    parser); and whether the close delimits the body (neither a length nor chunked)."""
+    length, coded, chunked = -1, False, False
     for name, value in headers:
         low = name.lower()
         if low == b"transfer-encoding":
-            return -1
-        if low == b"content-length":
+            coded = True
+            chunked = chunked or b"chunked" in value.lower()
+        elif low == b"content-length":
             length = int(value)
-    return length
-
-
-def _close_delimited(conn: UpstreamConnection) -> bool:
-    """A response with neither Content-Length nor chunked coding ends when the upstream closes."""
-    for name, value in conn.headers:
-        low = name.lower()
-        if low == b"content-length" or (low == b"transfer-encoding" and b"chunked" in value.lower()):
-            return False
-    return True
+    return (-1 if coded else length), (length < 0 and not chunked)
 
 
 class UpstreamPool:
@@ -301,7 +302,7 @@ class UpstreamPool:
     def __init__(self, upstream: Upstream, *, ssl_context: ssl.SSLContext | None = None) -> None:
         self.upstream = upstream
         self.idle: deque[UpstreamConnection] = deque()
-        self.active = 0  # requests using this pool now; a retired pool closes when it hits 0
+        self.active = 0  # requests using this pool now; a retired pool closes when it hits 0 (leave)
         self.retired = False
         # Told about bytes an idle connection received (it is closed): counted by the server.
         self.on_stray: Callable[[UpstreamConnection, str], None] | None = None
@@ -313,6 +314,20 @@ class UpstreamPool:
             if upstream.port == (443 if upstream.tls else 80)
             else f"{upstream.host}:{upstream.port}"
         ).encode()
+
+    def leave(self) -> None:
+        """A request (or a mirror copy) is done with this pool."""
+        self.active -= 1
+        self._close_if_retired()
+
+    def retire(self) -> None:
+        """No longer in the config: closes once the requests still using it are done."""
+        self.retired = True
+        self._close_if_retired()
+
+    def _close_if_retired(self) -> None:
+        if self.retired and self.active == 0:
+            self.close()
 
     def take_idle(self) -> UpstreamConnection | None:
         now = time.monotonic()
