@@ -261,6 +261,7 @@ async def serve_public(
     tls: ssl.SSLContext | None = None,
 ) -> Public:
     sock = public_socket(address, reuse_port=reuse_port)
+    proxy.tls = tls  # handshakes in progress count as connections: see ProxyServer.protocol
     server = await asyncio.get_running_loop().create_server(
         proxy.protocol, sock=sock, backlog=1024, **_tls_options(proxy, tls)
     )
@@ -272,8 +273,7 @@ async def serve_public(
 def _tls_options(proxy: ProxyServer, tls: ssl.SSLContext | None) -> dict[str, Any]:
     if tls is None:
         return {}
-    # The handshake comes before our protocol's header timeout starts: bound it the same way.
-    return {"ssl": tls, "ssl_handshake_timeout": max(0.1, proxy.limits.client_header_timeout)}
+    return {"ssl": tls, "ssl_handshake_timeout": proxy.handshake_timeout()}
 
 
 def public_tls(settings: Settings) -> ssl.SSLContext | None:

@@ -62,6 +62,18 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _cidrs(text: str) -> tuple[str, ...]:
+    import ipaddress
+
+    cidrs = tuple(part.strip() for part in str(text).split(",") if part.strip())
+    for cidr in cidrs:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{cidr!r}: expected a CIDR such as 10.0.0.0/8") from None
+    return cidrs
+
+
 def _on_off(text: str) -> bool:
     if text not in ("on", "off"):
         raise argparse.ArgumentTypeError(f"{text!r}: expected on or off")
@@ -123,6 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_env(
         "--max-connections", default="10000", type=_count, help="open client connections; beyond it 503"
+    )
+    serve.add_env(
+        "--underscores-in-headers",
+        default="off",
+        type=_on_off,
+        help="forward request header names with '_' (nginx drops them: CGI maps X_A and X-A alike)",
+    )
+    serve.add_env(
+        "--trust-forwarded-from",
+        default="",
+        type=_cidrs,
+        help="CIDR,...: peers whose X-Forwarded-*, X-Real-IP and Forwarded are kept and appended to; "
+        "from anyone else they are replaced by what the proxy saw",
     )
     serve.add_env("--tls-cert", help="PEM certificate chain: TLS on the public port (reloaded on change)")
     serve.add_env("--tls-key", help="PEM private key for --tls-cert")
@@ -282,6 +307,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 max_headers=args.max_headers,
                 max_body_size=args.max_body_size,
                 max_connections=args.max_connections,
+                underscores_in_headers=args.underscores_in_headers,
+                trust_forwarded_from=args.trust_forwarded_from,
             ),
             tls_cert=args.tls_cert or None,
             tls_key=args.tls_key or None,

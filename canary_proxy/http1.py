@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import logging
 import os
 import random
+import re
 import ssl
 import time
 from collections import deque
@@ -36,9 +38,9 @@ from .config import Config, Upstream, format_duration
 from .metrics import Metrics
 from .mirror import Copy, Mirrors
 from .outlier import WINDOW, OutlierDetector
-from .router import CANARY, STABLE, Decision, decide, mirrored, random_bucket_source
+from .router import CANARY, STABLE, UNROUTED, Decision, decide, mirrored, random_bucket_source
 from .tls import TlsError, read_ca, upstream_context
-from .upstream import IDEMPOTENT, ConnectFailed, UpstreamConnection, UpstreamPool, write_parts
+from .upstream import CHUNKED, IDEMPOTENT, ConnectFailed, UpstreamConnection, UpstreamPool, write_parts
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +49,29 @@ HOP_BY_HOP: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
      b"te", b"trailer", b"transfer-encoding", b"upgrade"}
 )  # fmt: skip
-# Set from what the proxy saw (it is the edge), or handled by the proxy itself.
-_REPLACED: Final = frozenset(
-    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id", b"expect",
-     b"content-length", b"host"}
+# What the edge says about the client: replaced by what the proxy saw, unless the peer is a
+# trusted proxy (``--trust-forwarded-from``), whose values are kept and appended to.
+FORWARDING: Final = frozenset(
+    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port", b"x-real-ip",
+     b"forwarded"}
 )  # fmt: skip
+# Set from what the proxy saw, or handled by the proxy itself.
+_REPLACED: Final = FORWARDING | {b"x-request-id", b"expect", b"content-length", b"host"}
 _UPSTREAM_DROP: Final = HOP_BY_HOP | _REPLACED
+# Fields a request may carry once at most (RFC 9112 3.2, 6.1); a second one is a 400.
+_SINGLE: Final = frozenset({b"host", b"transfer-encoding"})
+# RFC 3986 host [":" port]: an IP literal, or reg-name characters (no "/", "?", "@", space...).
+_VALID_HOST: Final = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]{0,5})?")
 _MAX_REQUEST_ID = 200
 _WRITE_NOW = 64 << 10  # a response body read this large is written at once, not batched
 _BODY_BUFFER_LIMIT = 1 << 20  # buffered request body before the upstream is ready; then pause
+_REPLAY_LIMIT = 64 << 10  # request body kept for a retry after a stale pooled connection
 _STATUS_TEXT: Final = {400: b"Bad Request", 405: b"Method Not Allowed", 413: b"Content Too Large",
                        417: b"Expectation Failed",
                        431: b"Request Header Fields Too Large", 499: b"Client Closed Request",
                        500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
-                       503: b"Service Unavailable", 504: b"Gateway Timeout"}  # fmt: skip
+                       503: b"Service Unavailable", 504: b"Gateway Timeout",
+                       505: b"HTTP Version Not Supported"}  # fmt: skip
 _BODY_ERRORS: Final = {400: "malformed request body", 413: "request body too large"}
 WS_CLOSE_GOING_AWAY_TO_CLIENT: Final = b"\x88\x02\x03\xe9"  # unmasked close frame, code 1001
 
@@ -84,7 +95,12 @@ class Limits:
     max_header_size: int = 8 << 10  # request line + headers, bytes; beyond it 431
     max_headers: int = 100  # header fields; beyond it 431
     max_body_size: int = 0  # request body bytes; beyond it 413; 0 = no limit
-    max_connections: int = 10_000  # open client connections; beyond it new ones get 503
+    max_connections: int = 10_000  # open client connections (TLS handshakes too); beyond it 503
+    # Header names with "_" are dropped, as nginx does: CGI-style backends read X_Forwarded_For
+    # as X-Forwarded-For (HTTP_X_FORWARDED_FOR), so a client could spoof what the edge set.
+    underscores_in_headers: bool = False
+    # CIDRs of proxies in front of us (a cloud load balancer) whose X-Forwarded-* are kept.
+    trust_forwarded_from: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +165,7 @@ def request_target(url: bytes) -> bytes:
     """Path and query byte for byte. An absolute-form target is routed by its path only, so
     its host is never contacted: this proxy forwards to the configured upstreams, nowhere else.
     """
-    if url.startswith(b"/"):
+    if url.startswith(b"/") or url == b"*":  # "*": OPTIONS for the server as a whole
         return url
     scheme_end = url.find(b"://")
     if scheme_end < 0:
@@ -159,6 +175,34 @@ def request_target(url: bytes) -> bytes:
     if slash < 0 or 0 <= query < slash:
         return b"/" + (url[query:] if query >= 0 else b"")
     return url[slash:]
+
+
+def forwarding(
+    headers: list[tuple[bytes, bytes]], client: str, secure: bool, port: bytes, host: bytes | None
+) -> bytes:
+    """The X-Forwarded-* and X-Real-IP fields for a request from a trusted proxy: its values
+    are kept (it saw the real client), the peer is appended to X-Forwarded-For, and what it
+    did not say is filled in from what we saw."""
+    given: dict[bytes, bytes] = {}
+    chain: list[bytes] = []
+    for name, value in headers:
+        low = name.lower()
+        if low == b"x-forwarded-for":
+            chain.append(value)
+        elif low in FORWARDING:
+            given[low] = value
+    peer = client.encode()
+    first = chain[0].split(b",")[0].strip() if chain else b""
+    real_ip = given.get(b"x-real-ip") or first or peer
+    fields = [
+        (b"X-Forwarded-For", b", ".join([*chain, peer])),
+        (b"X-Real-IP", real_ip),
+        (b"X-Forwarded-Proto", given.get(b"x-forwarded-proto") or (b"https" if secure else b"http")),
+        (b"X-Forwarded-Port", given.get(b"x-forwarded-port") or port),
+        (b"X-Forwarded-Host", given.get(b"x-forwarded-host") or host or b""),
+        (b"Forwarded", given.get(b"forwarded", b"")),
+    ]
+    return b"".join(b"%s: %s\r\n" % (name, value) for name, value in fields if value)
 
 
 def cookie_value(cookie_header: bytes | None, name: str) -> str | None:
@@ -196,6 +240,7 @@ class Request:
         "lookup",
         "method",
         "received",
+        "repeated",
         "sink",
         "upgrade",
         "upgrade_rest",
@@ -218,6 +263,7 @@ class Request:
         self.buffered = 0
         self.received = 0  # body bytes, counted only when there is a size limit to enforce
         self.body_done = False
+        self.repeated = False  # a field of _SINGLE came twice
         self.sink: Callable[[bytes], None] | None = None
 
     @property
@@ -233,6 +279,9 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.client = ""
         self.secure = False
+        self.trusted = False  # the peer is in --trust-forwarded-from
+        self.edge = b""  # X-Forwarded-For/-Proto/-Port and X-Real-IP, the same for each request
+        self.port = b""  # our own port, for X-Forwarded-Port
         self.parser = httptools.HttpRequestParser(self)
         self.request: Request | None = None  # being parsed
         self.queue: deque[Request] = deque()  # parsed, waiting for the one in flight (pipelining)
@@ -246,23 +295,44 @@ class ClientConnection(asyncio.Protocol):
         self._bad: int = 0  # status to answer once the request in flight is done
         self._reading_head = True
         self._head_bytes = 0
+        # A non-WebSocket Upgrade request's Content-Length body, relayed here byte by byte:
+        # httptools hands every upgrade request's bytes back unparsed (see _on_upgrade_request).
+        self._raw_left = 0
+        self._discard = False  # after a CONNECT: what follows is no HTTP, and is never parsed
         self.out: list[bytes] = []  # response bytes to write at the end of this loop iteration
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport subclass
+        server = self.server
         peer = transport.get_extra_info("peername")
         self.client = str(peer[0]) if peer else "unknown"
         self.secure = transport.get_extra_info("sslcontext") is not None
-        limits = self.server.limits
-        if len(self.server.connections) >= limits.max_connections:
+        server.handshaking.pop(self, None)
+        if len(server.connections) + len(server.handshaking) >= server.limits.max_connections:
             transport.write(simple_response(503, b"503: too many connections\n", close=True))  # type: ignore[attr-defined]
             transport.close()
             return
-        self.server.connections.add(self)
+        server.connections.add(self)
+        self.trusted = server.trusts(self.client)
+        sock = transport.get_extra_info("sockname")
+        self.port = str(sock[1]).encode() if sock else b""
+        self.edge = self._edge_headers()
         self._set_phase("head")
-        self._tick_handle = self.server.loop.call_later(self.server.tick, self._tick)
+        self._tick_handle = server.loop.call_later(server.tick, self._tick)
+
+    def _edge_headers(self) -> bytes:
+        """What the proxy saw of this connection, for every request on it."""
+        client = self.client.encode()
+        proto = b"https" if self.secure else b"http"
+        if self.trusted:
+            return b""  # built per request: the peer's own values are kept (see ``forwarding``)
+        return b"".join(
+            b"%s: %s\r\n" % field
+            for field in ((b"X-Forwarded-For", client), (b"X-Real-IP", client),
+                          (b"X-Forwarded-Proto", proto), (b"X-Forwarded-Port", self.port))
+        )  # fmt: skip
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
@@ -281,6 +351,12 @@ class ClientConnection(asyncio.Protocol):
         if self.request is not None and self.request.upgrade and self.request.body_done:
             self.request.upgrade_rest += data  # bytes sent before the upstream answered 101
             return
+        if self._discard:
+            return
+        if self._raw_left:
+            data = self._raw_body(data)
+            if not data:
+                return
         if self._reading_head:
             self._head_bytes += len(data)
         try:
@@ -317,8 +393,13 @@ class ClientConnection(asyncio.Protocol):
         request = self.request
         if request is None or request.method:  # trailers after a chunked body are dropped
             return
+        if b"_" in name and not self.server.limits.underscores_in_headers:
+            return  # see Limits.underscores_in_headers
+        low = name.lower()
+        if low in request.lookup and low in _SINGLE:
+            request.repeated = True
         request.headers.append((name, value))
-        request.lookup[name.lower()] = value
+        request.lookup[low] = value
         if len(request.headers) > self.server.limits.max_headers:
             self.fail(431)
             raise RuntimeError("too many headers")
@@ -337,8 +418,10 @@ class ClientConnection(asyncio.Protocol):
         request.method = parser.get_method().decode("ascii", "replace")
         request.version = parser.get_http_version()
         request.keep_alive = parser.should_keep_alive()
-        # Decided now, not when llhttp reports the upgrade: the request goes upstream at once.
-        request.upgrade = parser.should_upgrade() and request.method != "CONNECT" and _is_websocket(request)
+        status = _invalid(request)
+        if status:
+            self.fail(status)
+            raise RuntimeError("invalid request head")
         te = request.lookup.get(b"transfer-encoding")
         if te is not None:
             if te.strip().lower() != b"chunked":  # gzip, chunked etc.: we relay no other coding
@@ -351,6 +434,10 @@ class ClientConnection(asyncio.Protocol):
             if limits.max_body_size and request.content_length > limits.max_body_size:
                 self.fail(413)
                 raise RuntimeError("request body too large")
+        if request.method == "CONNECT":
+            self._discard = True  # a tunnel's bytes follow: answered 405 and closed, never parsed
+        elif parser.should_upgrade():
+            self._upgrade_request(request)
         self.queue.append(request)
         if self.cycle is None:
             self._start_next()
@@ -373,6 +460,11 @@ class ClientConnection(asyncio.Protocol):
             self.pause_reading("body")
 
     def on_message_complete(self) -> None:
+        if self._raw_left:  # httptools skipped this upgrade request's body: _raw_body relays it
+            return
+        self._message_done()
+
+    def _message_done(self) -> None:
         request = self.request
         assert request is not None
         request.body_done = True
@@ -387,16 +479,45 @@ class ClientConnection(asyncio.Protocol):
 
     # -- running requests -------------------------------------------------------------------
 
+    def _upgrade_request(self, request: Request) -> None:
+        """Decided at the head, not when llhttp reports the upgrade: the request goes upstream
+        at once. A WebSocket handshake is relayed as one (and may carry no body: its bytes
+        after the head are WebSocket frames, never a body). Any other Upgrade (h2c, a custom
+        one) is proxied as a plain request without it (Upgrade is hop-by-hop): its body is
+        relayed exactly as framed and never parsed as a request of its own."""
+        if _is_websocket(request):
+            if request.has_body:
+                self.fail(400)
+                raise RuntimeError("a WebSocket handshake must not carry a body")
+            request.upgrade = True
+        elif request.chunked:  # llhttp would not find this body's end for us
+            self.fail(400)
+            raise RuntimeError("chunked upgrade request")
+        else:
+            self._raw_left = request.content_length or 0
+
     def _on_upgrade_request(self, rest: bytes) -> None:
+        """llhttp stopped after an upgrade request's head; ``rest`` is what followed it."""
         request = self.request
-        if request is None or not request.upgrade:
-            # Not a WebSocket (CONNECT, h2c...): a plain request; later bytes need a fresh parser.
-            self.request = None
-            self.parser = httptools.HttpRequestParser(self)
-            if rest:
-                self.data_received(rest)
+        if request is not None and request.upgrade:  # a WebSocket: frames, held until the 101
+            request.upgrade_rest = rest
             return
-        request.upgrade_rest = rest
+        self.parser = httptools.HttpRequestParser(self)  # this one parses nothing more
+        if rest and not self._discard:
+            self.data_received(rest)
+
+    def _raw_body(self, data: bytes) -> bytes:
+        """Relay the next of ``_raw_left`` body bytes; return what follows the body."""
+        take = min(self._raw_left, len(data))
+        self._raw_left -= take
+        try:
+            self.on_body(data[:take])
+        except RuntimeError:  # on_body answered (e.g. 413) and will close
+            self._discard = True
+            return b""
+        if not self._raw_left:
+            self._message_done()
+        return data[take:]
 
     def _start_next(self) -> None:
         if self.cycle is not None or not self.queue or self.transport is None:
@@ -430,8 +551,26 @@ class ClientConnection(asyncio.Protocol):
             self._bad = status  # a later, pipelined request is malformed
             self.pause_reading("bad")
             return
+        if self.transport is None or self.transport.is_closing():
+            return
+        self._account_rejected(status)
         self.send_now(simple_response(status, b"%d\n" % status, close=True))
         self.close()
+
+    def _account_rejected(self, status: int) -> None:
+        """Counted (``version="none"``) and logged like any request: bad input is visible."""
+        request = self.request
+        ex = Exchange(
+            start=time.monotonic(),
+            method=request.method if request is not None else "",
+            path=request.url.decode("latin-1") if request is not None else "",
+            client=self.client,
+            version=UNROUTED,
+            rule="rejected",
+            request_id=new_request_id(),
+            status=status,
+        )
+        self.server.reject(ex)
 
     def pause_reading(self, reason: str) -> None:
         if not self._paused and self.transport is not None:
@@ -514,6 +653,26 @@ class ClientConnection(asyncio.Protocol):
         self._tick_handle = self.server.loop.call_later(self.server.tick, self._tick)
 
 
+def _invalid(request: Request) -> int:
+    """The status for a request head that is no valid HTTP/1.x request, or 0 (RFC 9112)."""
+    version = request.version
+    if version != "1.1" and version != "1.0":
+        return 400 if version == "0.9" else 505  # llhttp knows 0.9 (no version at all) and 2.0
+    if request.repeated:  # two Host or Transfer-Encoding fields: which one would a peer use?
+        return 400
+    host = request.lookup.get(b"host")
+    if host is None:
+        if version == "1.1":
+            return 400
+    elif not _VALID_HOST.fullmatch(host):
+        return 400
+    if version == "1.0" and b"transfer-encoding" in request.lookup:  # 1.0 has no chunked coding
+        return 400
+    if request.url == b"*" and request.method != "OPTIONS":
+        return 400
+    return 0
+
+
 def _is_websocket(request: Request) -> bool:
     upgrade = request.lookup.get(b"upgrade", b"").strip().lower()
     return upgrade == b"websocket" and b"upgrade" in connection_tokens(request.headers)
@@ -559,6 +718,9 @@ class Cycle:
         self.close_after = False
         self.websocket = False
         self.forwarded = 0  # request body bytes written upstream
+        # The body sent on a pooled connection, kept (up to _REPLAY_LIMIT) so that a retry on
+        # a fresh connection can resend it whole; None once it grew past the limit.
+        self.replay: list[bytes] | None = []
         self.bytes_in = 0  # request body bytes received from the client
         self.bad_status = 0  # set when the request's own body is malformed
         self.mirror: Copy | None = None  # collecting the body of a copy for the canary
@@ -650,6 +812,7 @@ class Cycle:
         assert conn is not None
         if self._retryable(error, conn):
             self.retried = True
+            self.request.sink = None  # body that arrives meanwhile is buffered for the new attempt
             log.info("stale pooled connection to %s; retrying once on a fresh one", conn.pool.upstream.url)
             self._acquire()
             return
@@ -738,10 +901,11 @@ class Cycle:
         self.state = _WAITING
         self.conn = self.tried = conn
         self.reused = reused
-        conn.start(self)
+        request = self.request
+        framing = CHUNKED if request.chunked else request.content_length or 0
+        conn.start(self, framing=framing, upgrade=self.websocket)
         conn.version = ex.version
         self.server.hold_upstream(conn, self._upstream_head(runtime, conn.pool))
-        request = self.request
         if self.expect_continue and request.version == "1.1" and not request.body_done:
             self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._attach_body(conn)
@@ -749,10 +913,12 @@ class Cycle:
 
     def _retryable(self, failure: UpstreamFailure, conn: UpstreamConnection) -> bool:
         """A pooled connection the upstream had closed: retry once, when it is safe to:
-        idempotent methods, and requests none of whose body has been sent yet."""
-        request = self.request
-        safe = request.method in IDEMPOTENT or self.forwarded == 0
-        return failure.reason == "reset" and self.reused and not self.retried and not conn.got_bytes and safe
+        idempotent methods, and requests none of whose body has been sent yet; and only if
+        the body can be sent again in full (none sent yet, or all of it kept in ``replay``)."""
+        safe = self.request.method in IDEMPOTENT or self.forwarded == 0
+        whole = self.forwarded == 0 or self.replay is not None
+        stale = failure.reason == "reset" and self.reused and not self.retried and not conn.got_bytes
+        return stale and safe and whole
 
     # -- opening a connection: the one part that awaits ---------------------------------
 
@@ -811,26 +977,21 @@ class Cycle:
     def _upstream_head(self, runtime: Runtime, pool: UpstreamPool, *, framing: bool = True) -> bytes:
         """The request head for ``pool``'s upstream; without the framing fields and the blank
         line that ends it if not ``framing`` (a mirror copy adds its own)."""
-        request, ex = self.request, self.ex
+        request, ex, client = self.request, self.ex, self.connection
         assert ex is not None
         drop = _drop(_UPSTREAM_DROP, request.headers)
         parts = [request.method.encode(), b" ", request_target(request.url), b" HTTP/1.1\r\n"]
         host = request.lookup.get(b"host")
         parts += [b"Host: ", host if host is not None else pool.host_header, b"\r\n"]
-        forwarded_for = []
         for name, value in request.headers:
-            low = name.lower()
-            if low == b"x-forwarded-for":
-                forwarded_for.append(value)
-            elif low not in drop:
+            if name.lower() not in drop:
                 parts += [name, b": ", value, b"\r\n"]
-        forwarded_for.append(self.connection.client.encode())
-        parts += [b"X-Forwarded-For: ", b", ".join(forwarded_for), b"\r\n"]
-        parts.append(
-            b"X-Forwarded-Proto: https\r\n" if self.connection.secure else b"X-Forwarded-Proto: http\r\n"
-        )
-        if host is not None:
-            parts += [b"X-Forwarded-Host: ", host, b"\r\n"]
+        if client.trusted:
+            parts.append(forwarding(request.headers, client.client, client.secure, client.port, host))
+        else:
+            parts.append(client.edge)  # the same for every request on this connection
+            if host is not None:
+                parts += [b"X-Forwarded-Host: ", host, b"\r\n"]
         parts += [b"X-Request-Id: ", ex.request_id.encode(), b"\r\n"]
         if self.websocket:
             parts += [b"Connection: Upgrade\r\nUpgrade: ", request.lookup[b"upgrade"], b"\r\n"]
@@ -844,27 +1005,29 @@ class Cycle:
         return b"".join(parts)
 
     def _attach_body(self, conn: UpstreamConnection) -> None:
-        """Send what the client sent so far; then relay each new chunk as it is parsed."""
+        """Send what the client sent so far; then relay each new chunk as it is parsed. On a
+        retry, what the first attempt sent goes first (``_retryable`` made sure it is whole)."""
         request = self.request
         if not request.has_body:
             return
-        chunked = request.chunked
         mirror = self.mirror
+        sent = (self.replay or []) if self.retried else []
+        self.replay = [] if self.reused else None  # only a pooled connection can turn out stale
+        self.forwarded = 0
 
         def sink(data: bytes) -> None:
+            if not data:  # end of body
+                if mirror is not None:
+                    mirror.feed(data)
+                conn.end_body()
+                return
             if mirror is not None:
                 mirror.feed(data)
-            if not data:  # end of body
-                if chunked:
-                    conn.write(b"0\r\n\r\n")
-                return
             self.bytes_in += len(data)
-            self.forwarded += len(data)
-            if chunked:
-                conn.write(b"%x\r\n" % len(data), data, b"\r\n")
-            else:
-                conn.write(data)
+            self._forward(conn, data)
 
+        for data in sent:
+            self._forward(conn, data)
         buffered, request.buffer = request.buffer, []
         request.buffered = 0
         request.sink = sink
@@ -873,6 +1036,16 @@ class Cycle:
         if request.body_done:
             sink(b"")
         self.connection.resume_reading("body")
+
+    def _forward(self, conn: UpstreamConnection, data: bytes) -> None:
+        self.forwarded += len(data)
+        replay = self.replay
+        if replay is not None:
+            if self.forwarded <= _REPLAY_LIMIT:
+                replay.append(data)  # a reference, not a copy: bytes are immutable
+            else:
+                self.replay = None
+        conn.write_body(data)
 
     # -- upstream callbacks (ResponseSink) ------------------------------------------------
 
@@ -885,14 +1058,10 @@ class Cycle:
         if self.request.method == "HEAD":
             # llhttp cannot be told this response has no body: give the connection a fresh
             # parser and finish now; the Content-Length describes the GET body, not this one.
-            conn.restart_parser()
+            conn.head_response_done()
             self.connection.send(self._client_head(conn, runtime.config))
             ex.started = True
             self.on_response_complete()
-            return
-        if conn.status == 101 and not self.websocket:
-            conn.abort()  # an upgrade we did not ask for
-            self._resolve(self._failure(502, "protocol", "unexpected 101 from upstream"))
             return
         if self.websocket and conn.status != 101:
             self.close_after = True  # refused: our parser is past the upgrade, start afresh
@@ -920,11 +1089,11 @@ class Cycle:
             self.connection.send(b"0\r\n\r\n")
         if conn is not None:
             self.conn = None
-            if self.request.body_done or not self.request.has_body:
-                conn.pool.release(conn)
-            else:
-                conn.close()  # the upstream answered before reading the whole body
+            if self.request.has_body and not self.request.body_done:
+                # Answered before the whole body arrived: the client is still sending it,
+                # and its connection ends with this response (the upstream's is not reused).
                 self.close_after = True
+            conn.pool.release(conn)
         self._resolve(None)
 
     def on_upstream_upgraded(self, rest: bytes) -> None:
@@ -1144,6 +1313,12 @@ class ProxyServer:
         self.access_log = access_log
         self.draw = draw or random_bucket_source()
         self.limits = limits or Limits()
+        self.tls: ssl.SSLContext | None = None  # the public port's, set by serve_public
+        # Connections accepted whose TLS handshake is not done: they count toward
+        # max_connections. The TLS layer tells us nothing of a failed handshake, so an entry
+        # leaves by age once the handshake timeout has surely ended it (see _handshakes).
+        self.handshaking: dict[ClientConnection, float] = {}
+        self._trusted = tuple(ipaddress.ip_network(c, strict=False) for c in self.limits.trust_forwarded_from)
         self.tick = _tick_for(self.limits, None)
         self.runtime: Runtime | None = None
         self.pools: dict[str, UpstreamPool] = {}  # by URL (and CA bundle, for https)
@@ -1223,7 +1398,38 @@ class ProxyServer:
             self._batch_due = False
 
     def protocol(self) -> ClientConnection:
-        return ClientConnection(self)
+        connection = ClientConnection(self)
+        if self.tls is not None:  # called at accept, before the handshake
+            now = time.monotonic()
+            self._handshakes(now)
+            self.handshaking[connection] = now
+        return connection
+
+    def handshake_timeout(self) -> float:
+        # The handshake comes before our header timeout starts: bound it the same way.
+        return max(0.1, self.limits.client_header_timeout)
+
+    def _handshakes(self, now: float) -> None:
+        """Forget handshakes older than the handshake timeout: failed, never to be made."""
+        expired = now - self.handshake_timeout() - 1.0
+        handshaking = self.handshaking
+        while handshaking:
+            oldest, since = next(iter(handshaking.items()))
+            if since > expired:
+                break
+            del handshaking[oldest]
+
+    def trusts(self, client: str) -> bool:
+        """Whether ``client`` is a proxy in --trust-forwarded-from, whose X-Forwarded-* we keep."""
+        if not self._trusted:
+            return False
+        try:
+            address = ipaddress.ip_address(client)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self._trusted)
 
     def apply(self, config: Config) -> None:
         try:
@@ -1295,6 +1501,11 @@ class ProxyServer:
         self.metrics.in_flight_by[ex.version].dec()
         ex.version, ex.rule = version, rule
         self.metrics.in_flight_by[version].inc()
+
+    def reject(self, ex: Exchange) -> None:
+        self.metrics.count_rejected(ex.status, ex.method)
+        if self.access_log is not None:
+            self.access_log.write(ex, 0.0)
 
     def leave(self, ex: Exchange) -> None:
         seconds = time.monotonic() - ex.start

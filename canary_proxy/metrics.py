@@ -10,7 +10,7 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .router import VERSIONS
+from .router import UNROUTED, VERSIONS
 
 NAMESPACE: Final = "canary_proxy"
 
@@ -170,6 +170,10 @@ class Metrics:
             self._request_children[key] = child
         child.inc()
         self._duration_by[version].observe(seconds)
+
+    def count_rejected(self, code: int, method: str) -> None:
+        """A request refused before it was routed (malformed, too large): ``version="none"``."""
+        self.requests.labels(UNROUTED, str(code), method_label(method)).inc()
 
     def count_mirror(self, code: str, seconds: float) -> None:
         self.mirror_requests.labels(code).inc()

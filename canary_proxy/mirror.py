@@ -50,7 +50,7 @@ class _Answer:
 
     def on_response_head(self, conn: UpstreamConnection) -> None:
         if self.head_only:  # HEAD: the Content-Length describes a body that will not come
-            conn.restart_parser()
+            conn.head_response_done()
             conn.sink = None
             self.on_response_complete()
 
@@ -61,7 +61,7 @@ class _Answer:
         if not self.done.done():
             self.done.set_result(self.conn.status)
 
-    def on_upstream_upgraded(self, rest: bytes) -> None:
+    def on_upstream_upgraded(self, rest: bytes) -> None:  # never asked for: the connection fails it
         self.conn.abort()
         self.on_upstream_error("protocol", "unexpected 101 from the canary")
 
@@ -156,19 +156,17 @@ class Mirrors:
             self.skip("in-flight-limit")
             return
         self.in_flight += 1
-        framing = b"Content-Length: %d\r\n" % len(body) if copy.framed else b""
-        message = copy.head + MIRROR_HEADER + framing + b"\r\n" + body
-        task = asyncio.get_running_loop().create_task(self._send(copy, message, bool(body)))
+        task = asyncio.get_running_loop().create_task(self._send(copy, body))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _send(self, copy: Copy, message: bytes, has_body: bool) -> None:
+    async def _send(self, copy: Copy, body: bytes) -> None:
         pool, start = copy.pool, time.monotonic()
         pool.active += 1
         code = "error"
         try:
             async with asyncio.timeout(copy.timeout):
-                code = str(await self._exchange(copy, message, has_body))
+                code = str(await self._exchange(copy, body))
         except TimeoutError:
             code = "timeout"
             log.debug("mirror copy to %s timed out after %gs", pool.upstream.url, copy.timeout)
@@ -179,19 +177,22 @@ class Mirrors:
             pool.leave()
         self.metrics.count_mirror(code, time.monotonic() - start)
 
-    async def _exchange(self, copy: Copy, message: bytes, has_body: bool) -> int:
+    async def _exchange(self, copy: Copy, body: bytes) -> int:
         """The canary's status. A pooled connection the canary had closed is retried once on
-        a fresh one, when that is safe (as for client requests)."""
+        a fresh one, when that is safe (as for client requests: the whole body is resent)."""
         pool = copy.pool
-        safe = copy.method in IDEMPOTENT or not has_body
+        safe = copy.method in IDEMPOTENT or not body
+        framing = b"Content-Length: %d\r\n" % len(body) if copy.framed else b""
+        head = copy.head + MIRROR_HEADER + framing + b"\r\n"
         conn = pool.take_idle()
         reused = conn is not None
         while True:
             if conn is None:
                 conn = await pool.connect(copy.timeout)
             done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-            conn.start(_Answer(conn, done, head_only=copy.method == "HEAD"))
-            conn.write(message)
+            conn.start(_Answer(conn, done, head_only=copy.method == "HEAD"), framing=len(body))
+            conn.hold(head)
+            conn.write_body(body)
             try:
                 status = await done
             except _Failed as failed:

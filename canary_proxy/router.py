@@ -31,6 +31,7 @@ from .config import BUCKETS, Config
 STABLE: Final = "stable"
 CANARY: Final = "canary"
 VERSIONS: Final = (STABLE, CANARY)
+UNROUTED: Final = "none"  # the version label of a request the proxy answered itself, unrouted
 RULES: Final = ("header", "cookie", "sticky", "weight", "failover")
 
 

@@ -13,6 +13,12 @@ shorter than its Content-Length, an unfinished chunked body or head), is ``proto
 anything malformed and any byte that arrives when no response is expected (a body longer than
 its Content-Length): those bytes are never taken as the next request's response, because the
 connection is closed at once.
+
+Reuse is decided in one place, ``reuse_refusal``: a connection goes back to the pool only if
+the request body written is exactly what the forwarded head announced, the response was read to
+its framed end, and no upgrade was asked for or happened. Every path (relay, retry, mirror,
+error) hands a connection back through ``UpstreamPool.release``, which asks it; nothing else
+puts a connection in the pool.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ log = logging.getLogger(__name__)
 
 # Methods a stale pooled connection may be retried for (RFC 9110 9.2.2), by the proxy and the mirror.
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+CHUNKED: Final = -1  # ``start``'s framing for a chunked request body
 IDLE_TIMEOUT = 15.0  # seconds; below common upstream keep-alive timeouts (nginx 75 s, node 5 s -> retried)
 MAX_IDLE = 512  # idle connections kept per upstream
 
@@ -64,14 +71,18 @@ class UpstreamConnection(asyncio.Protocol):
         "_writable",
         "body_left",
         "closed",
+        "expect_upgrade",
         "got_bytes",
         "headers",
         "idle_since",
         "keep_alive",
         "out",
+        "overrun",
         "parser",
         "pool",
         "reason",
+        "request_left",
+        "response_done",
         "sink",
         "status",
         "transport",
@@ -97,6 +108,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.body_left = -1  # Content-Length bytes still to come; -1: not a length-framed body
         self.keep_alive = False  # the response head allows another request on this connection
         self.until_close = False  # the response head has no framing: the close ends its body
+        # The request side's framing, for ``reuse_refusal``: body bytes the head announced and
+        # not yet written (CHUNKED until the last chunk went out), and whether more was offered.
+        self.request_left = 0
+        self.overrun = False
+        self.expect_upgrade = False  # the request asked for an upgrade (a WebSocket handshake)
+        self.response_done = False  # the response was read to its framed end
         self._writable = True
 
     # -- asyncio.Protocol -------------------------------------------------------------------
@@ -119,6 +136,8 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
+            if self.closed or self.sink is not sink:  # a 101 we did not ask for: already failed
+                return
             self.upgraded = True
             sink.on_upstream_upgraded(data[exc.args[0] :])
         except httptools.HttpParserError as exc:
@@ -201,6 +220,12 @@ class UpstreamConnection(asyncio.Protocol):
             self.headers = []  # 100 Continue and other interim answers are not relayed
             self.reason = b""
             return
+        if code == 101 and not self.expect_upgrade:
+            # Whatever follows a 101 is another protocol: none of it may reach the client.
+            sink, self.sink = self.sink, None
+            self.abort()
+            sink.on_upstream_error("protocol", "unexpected 101 from upstream (no upgrade was asked for)")
+            return
         self.status = code
         self.keep_alive = self.parser.should_keep_alive()
         length, self.until_close = _framing(self.headers)
@@ -215,12 +240,15 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if self.status and self.status != 101 and self.sink is not None:  # 101: raw bytes follow
+            self.response_done = True
             sink, self.sink = self.sink, None
             sink.on_response_complete()
 
     # -- use --------------------------------------------------------------------------------
 
-    def start(self, sink: ResponseSink) -> None:
+    def start(self, sink: ResponseSink, *, framing: int, upgrade: bool = False) -> None:
+        """Serve one request: its head announces ``framing`` (a Content-Length, CHUNKED, or 0
+        for no body); ``upgrade`` if it asks to switch protocols (a 101 is expected)."""
         self.sink = sink
         self.status = 0
         self.reason = b""
@@ -228,6 +256,33 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = False
         self.body_left = -1
         self.until_close = False
+        self.request_left = framing
+        self.overrun = False
+        self.expect_upgrade = upgrade
+        self.response_done = False
+
+    def write_body(self, data: bytes) -> None:
+        """A piece of the request body, framed as the head announced; never more than it did."""
+        left = self.request_left
+        if left == CHUNKED:
+            self.write(b"%x\r\n" % len(data), data, b"\r\n")
+        elif len(data) <= left:
+            self.request_left = left - len(data)
+            self.write(data)
+        else:  # more than announced: never written, and the connection is not reused
+            self.overrun = True
+
+    def end_body(self) -> None:
+        """The request body is complete: the last chunk of a chunked one goes out."""
+        if self.request_left == CHUNKED:
+            self.request_left = 0
+            self.write(b"0\r\n\r\n")
+
+    def head_response_done(self) -> None:
+        """A response with no body that llhttp cannot know has none (a HEAD's): it ended at
+        its head, and the next response needs a parser in step."""
+        self.restart_parser()
+        self.response_done = True
 
     @property
     def writable(self) -> bool:
@@ -254,7 +309,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
 
     def reusable(self) -> bool:
-        return not self.closed and not self.upgraded and self.keep_alive
+        return reuse_refusal(self) is None
 
     def close(self) -> None:
         self.closed = True
@@ -268,6 +323,24 @@ class UpstreamConnection(asyncio.Protocol):
         self.out = []
         if self.transport is not None:
             self.transport.abort()
+
+
+def reuse_refusal(conn: UpstreamConnection) -> str | None:
+    """Why ``conn`` must not carry another request, or None if it may: the one rule that
+    keeps one request's bytes out of another's. Reused only if both directions were framed
+    exactly (the request body written is what its head announced; the response was read to
+    its framed end), the upstream did not ask to close, and no upgrade was asked for or made."""
+    if conn.closed:
+        return "closed"
+    if conn.upgraded or conn.expect_upgrade:
+        return "upgrade"
+    if conn.request_left != 0 or conn.overrun:
+        return "request body not sent exactly as framed"
+    if not conn.response_done:
+        return "response not read to its end"
+    if not conn.keep_alive:
+        return "upstream asked to close"
+    return None
 
 
 def write_parts(transport: asyncio.Transport | None, parts: list[bytes]) -> None:
@@ -360,6 +433,8 @@ class UpstreamPool:
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
+        """Done with ``conn``, whatever happened: back to the pool if ``reuse_refusal`` allows,
+        else closed. The only way into the pool."""
         conn.sink = None
         if self.retired or not conn.reusable() or len(self.idle) >= MAX_IDLE:
             conn.close()

@@ -70,12 +70,13 @@ async def _read_configs(proxy: ProxyServer, stop: asyncio.Event, first: asyncio.
 
 async def run_worker(status_fd: int) -> int:
     raw = json.loads(os.environ[SETTINGS_ENV])
+    limits = raw["limits"]  # JSON has no tuples
     settings = Settings(
         listen=Address(raw["host"], raw["port"]),
         drain_delay=raw["drain_delay"],
         shutdown_timeout=raw["shutdown_timeout"],
         access_log=raw["access_log"],
-        limits=Limits(**raw["limits"]),
+        limits=Limits(**{**limits, "trust_forwarded_from": tuple(limits["trust_forwarded_from"])}),
         tls_cert=raw["tls_cert"],
         tls_key=raw["tls_key"],
     )

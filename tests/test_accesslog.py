@@ -149,14 +149,16 @@ async def test_paths_are_escaped_one_line_per_request(
         port, b'GET /last HTTP/1.1\r\nHost: x\r\nX-Request-Id: q"u\\o\r\nConnection: close\r\n\r\n'
     )
     assert b'\r\nx-request-id: q"u\\o\r\n' in answer.lower(), answer[:300]
-    lines = await access_lines(proxy, len(paths) + 1)
+    lines = await access_lines(proxy, len(paths) + 2)
     assert lines[-1]["request_id"] == 'q"u\\o'
     assert all("raw" not in line for line in lines), lines
     assert [line["status"] for line in lines[:4]] == statuses
+    # The parser's 400 is logged too, as unrouted: bad input is visible.
+    assert (lines[4]["status"], lines[4]["version"], lines[4]["rule"]) == (400, "none", "rejected")
     logged = [line["path"] for line in lines]
     assert logged[:3] == paths[:3]
     assert logged[3] == paths[3][:2048] + "..."  # a huge path is cut, the line stays small
-    assert logged[4:] == ["/last"]
+    assert logged[5:] == ["/last"]
 
 
 async def test_access_log_off_writes_nothing_on_stdout(

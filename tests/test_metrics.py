@@ -268,13 +268,17 @@ async def test_client_input_cannot_create_series(
     )
     methods = {dict(k)["method"] for k in after.series("canary_proxy_requests_total")}
     assert methods <= KNOWN_METHODS | {"OTHER"}
-    # The only new series: that one counter and its _created timestamp.
+    # The only new series: that counter, and the parser's 400s for the random tokens (counted
+    # unrouted, with the same OTHER), each with its _created timestamp.
     new = set(after.samples) - set(before.samples)
     assert {name for name, _ in new} <= {
         "canary_proxy_requests_total",
         "canary_proxy_requests_created",
     }
-    assert len(new) == 2, new
+    assert {tuple(sorted(dict(labels).items())) for _, labels in new} == {
+        (("code", "200"), ("method", "OTHER"), ("version", "stable")),
+        (("code", "400"), ("method", "OTHER"), ("version", "none")),
+    }, new
 
 
 async def test_a_method_the_parser_does_not_know_is_a_400_and_never_proxied(

@@ -49,8 +49,11 @@ async def test_hop_by_hop_headers_are_dropped_and_forwarding_headers_set(
                  "te", "trailer", "upgrade"):  # fmt: skip
         assert gone not in headers, gone
     assert headers["host"] == "shop.example.com"
-    assert headers["x-forwarded-for"] == "203.0.113.7, 127.0.0.1"
+    # The edge replaces what an untrusted client says about itself (--trust-forwarded-from keeps it).
+    assert headers["x-forwarded-for"] == "127.0.0.1"
+    assert headers["x-real-ip"] == "127.0.0.1"
     assert headers["x-forwarded-proto"] == "http"
+    assert headers["x-forwarded-port"] == str(port_of(proxy.url))
     assert headers["x-forwarded-host"] == "shop.example.com"
     assert headers["x-custom"] == "kept"
     assert len(headers["x-request-id"]) == 32
