@@ -3,6 +3,10 @@
 The keys follow ingress-nginx's canary annotations so its users can bring their
 settings over unchanged, and the shape (a flat string mapping) is a ConfigMap's
 ``data``, so a file and a ConfigMap are one format.
+
+Each key is declared once, as a field of ``Config``: its type, default, parser, how
+``check`` prints it, and its line in docs/configuration.md. The parser table, the
+effective config and the reference table in the docs are all derived from those fields.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ import math
 import re
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, replace
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -46,67 +51,6 @@ class Upstream:
     @property
     def tls(self) -> bool:
         return self.scheme == "https"
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    """The effective configuration. Built once per (re)load, never mutated, swapped whole."""
-
-    stable: Upstream
-    canary: Upstream
-    canary_weight: float = 0.0
-    canary_weight_total: int = 100
-    canary_by_header: str | None = None
-    canary_by_header_value: str | None = None
-    canary_by_header_pattern: str | None = None
-    canary_by_cookie: str | None = None
-    sticky_cookie: str = "canary_proxy_bucket"
-    sticky_max_age: int = 86400
-    upstream_connect_timeout: float = 2.0
-    upstream_timeout: float = 60.0
-    canary_failover: bool = True
-    canary_outlier_failures: int = 0  # connect failures within 10 s that eject the canary; 0 = off
-    canary_outlier_cooldown: float = 30.0  # how long an ejected canary gets no weighted traffic
-    version_header: str = "X-Canary-Version"
-    upstream_ca: str | None = None  # CA bundle for https upstreams, instead of the system's
-    canary_mirror_percent: float = 0.0  # share of weight-routed stable requests copied to the canary
-    canary_mirror_max_body: int = 64 << 10  # bodies above this are not mirrored (they are buffered)
-    canary_mirror_timeout: float = 10.0  # a mirror copy gets no more than this, connect included
-    canary_mirror_max_in_flight: int = 100  # mirror copies in progress at once, per process
-    # Derived once here so the request path does no arithmetic or regex compilation.
-    canary_buckets: int = field(default=0, compare=False)
-    mirror_buckets: int = field(default=0, compare=False)
-    header_regex: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def weight_ratio(self) -> float:
-        return self.canary_weight / self.canary_weight_total
-
-    def effective(self) -> dict[str, Any]:
-        """The flat mapping ``check`` prints and ``/config`` serves; it parses back to ``self``."""
-        return {
-            "stable-url": self.stable.url,
-            "canary-url": self.canary.url,
-            "canary-weight": _number_out(self.canary_weight),
-            "canary-weight-total": self.canary_weight_total,
-            "canary-by-header": self.canary_by_header,
-            "canary-by-header-value": self.canary_by_header_value,
-            "canary-by-header-pattern": self.canary_by_header_pattern,
-            "canary-by-cookie": self.canary_by_cookie,
-            "sticky-cookie": self.sticky_cookie,
-            "sticky-max-age": self.sticky_max_age,
-            "upstream-connect-timeout": format_duration(self.upstream_connect_timeout),
-            "upstream-timeout": format_duration(self.upstream_timeout),
-            "canary-failover": self.canary_failover,
-            "canary-outlier-failures": self.canary_outlier_failures,
-            "canary-outlier-cooldown": format_duration(self.canary_outlier_cooldown),
-            "version-header": self.version_header,
-            "upstream-ca": self.upstream_ca,
-            "canary-mirror-percent": _number_out(self.canary_mirror_percent),
-            "canary-mirror-max-body": format_size(self.canary_mirror_max_body),
-            "canary-mirror-timeout": format_duration(self.canary_mirror_timeout),
-            "canary-mirror-max-in-flight": self.canary_mirror_max_in_flight,
-        }
 
 
 def canary_buckets(weight: float, total: int) -> int:
@@ -290,32 +234,239 @@ def _regex(value: Any) -> str | None:
     return text
 
 
-_PARSERS: dict[str, Callable[[Any], Any]] = {
-    "stable-url": parse_upstream,
-    "canary-url": parse_upstream,
-    "canary-weight": _parse_number,
-    "canary-weight-total": lambda v: _parse_whole(v, minimum=1),
-    "canary-by-header": lambda v: _optional_token(v, allow_empty=False),
-    "canary-by-header-value": _optional_text,
-    "canary-by-header-pattern": _regex,
-    "canary-by-cookie": lambda v: _optional_token(v, allow_empty=False),
-    "sticky-cookie": lambda v: _optional_token(v, allow_empty=True) or "",
-    "sticky-max-age": lambda v: _parse_whole(v, minimum=0),
-    "upstream-connect-timeout": parse_duration,
-    "upstream-timeout": parse_duration,
-    "canary-failover": parse_bool,
-    "canary-outlier-failures": lambda v: _parse_whole(v, minimum=0),
-    "canary-outlier-cooldown": parse_duration,
-    "version-header": lambda v: _optional_token(v, allow_empty=True) or "",
-    "upstream-ca": _optional_path,
-    "canary-mirror-percent": _parse_percent,
-    "canary-mirror-max-body": parse_size,
-    "canary-mirror-timeout": parse_duration,
-    "canary-mirror-max-in-flight": lambda v: _parse_whole(v, minimum=1),
-}
+def _same(value: Any) -> Any:
+    return value
 
-KEYS: tuple[str, ...] = tuple(_PARSERS)
-REQUIRED = ("stable-url", "canary-url")
+
+def _upstream_url(upstream: Upstream) -> str:
+    return upstream.url
+
+
+def _name_or_none(value: Any) -> str | None:
+    return _optional_token(value, allow_empty=False)
+
+
+def _name_or_off(value: Any) -> str:
+    """A header or cookie name; ``""`` turns the feature off."""
+    return _optional_token(value, allow_empty=True) or ""
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """One config key, as its ``Config`` field declares it."""
+
+    name: str  # as written in a config file: "canary-weight"
+    attribute: str  # the Config attribute: "canary_weight"
+    default: Any  # the attribute's default; MISSING for a required key
+    parse: Callable[[Any], Any]  # raw value -> attribute value; raises ValueError saying what was expected
+    show: Callable[[Any], Any]  # attribute value -> its effective form, which parses back to it
+    doc: str  # one line, the "meaning" column of the key table in docs/configuration.md
+
+    @property
+    def required(self) -> bool:
+        return self.default is MISSING
+
+
+_KEY = "canary_proxy.key"  # where a field's metadata holds its Key
+
+
+def key(
+    parse: Callable[[Any], Any], doc: str, *, show: Callable[[Any], Any] = _same, name: str = ""
+) -> dict[str, Key]:
+    """The field metadata that makes a ``Config`` attribute a config key.
+
+    The key is named after the attribute, ``-`` for ``_``, unless ``name`` says otherwise.
+    Name, attribute and default are filled in from the field itself (see ``DECLARATIONS``).
+    """
+    return {_KEY: Key(name=name, attribute="", default=MISSING, parse=parse, show=show, doc=doc)}
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The effective configuration. Built once per (re)load, never mutated, swapped whole.
+
+    Every field with ``key`` metadata is a config key, in the order ``check`` prints them and
+    the docs list them; the fields after them are derived by ``parse_config``.
+    """
+
+    stable: Upstream = field(
+        metadata=key(
+            parse_upstream,
+            "`http(s)://host:port` of the stable Service",
+            show=_upstream_url,
+            name="stable-url",
+        )
+    )
+    canary: Upstream = field(
+        metadata=key(
+            parse_upstream,
+            "`http(s)://host:port` of the canary Service",
+            show=_upstream_url,
+            name="canary-url",
+        )
+    )
+    canary_weight: float = field(
+        default=0.0,
+        metadata=key(
+            _parse_number, "canary share, 0 to `canary-weight-total`; decimals allowed", show=_number_out
+        ),
+    )
+    canary_weight_total: int = field(
+        default=100,
+        metadata=key(partial(_parse_whole, minimum=1), "what the weight is out of; a positive whole number"),
+    )
+    canary_by_header: str | None = field(
+        default=None,
+        metadata=key(
+            _name_or_none,
+            "header name: `always` → canary, `never` → stable, other values fall through",
+        ),
+    )
+    canary_by_header_value: str | None = field(
+        default=None,
+        metadata=key(
+            _optional_text, "with `canary-by-header`: this exact value → canary; others fall through"
+        ),
+    )
+    canary_by_header_pattern: str | None = field(
+        default=None,
+        metadata=key(_regex, "with `canary-by-header`: a regex; a full match → canary"),
+    )
+    canary_by_cookie: str | None = field(
+        default=None,
+        metadata=key(_name_or_none, "cookie name: `always` → canary, `never` → stable"),
+    )
+    sticky_cookie: str = field(
+        default="canary_proxy_bucket",
+        metadata=key(
+            _name_or_off,
+            'the cookie that keeps a user on their version; `""` turns stickiness off',
+        ),
+    )
+    sticky_max_age: int = field(default=86400, metadata=key(partial(_parse_whole, minimum=0), "seconds"))
+    upstream_connect_timeout: float = field(
+        default=2.0,
+        metadata=key(parse_duration, "`500ms`, `2s`, `1m` (a plain number is seconds)", show=format_duration),
+    )
+    upstream_timeout: float = field(
+        default=60.0,
+        metadata=key(
+            parse_duration,
+            "longest wait for the upstream's response headers, and between two reads of its body",
+            show=format_duration,
+        ),
+    )
+    canary_failover: bool = field(
+        default=True,
+        metadata=key(parse_bool, "a canary that cannot be connected to is retried on stable"),
+    )
+    canary_outlier_failures: int = field(
+        default=0,
+        metadata=key(
+            partial(_parse_whole, minimum=0),
+            "this many canary connect failures within 10 s eject the canary for the cool-down "
+            "(see [Outlier protection](routing.md#outlier-protection)); `0` turns it off",
+        ),
+    )
+    canary_outlier_cooldown: float = field(
+        default=30.0,
+        metadata=key(
+            parse_duration, "how long an ejected canary gets no weighted traffic", show=format_duration
+        ),
+    )
+    version_header: str = field(
+        default="X-Canary-Version",
+        metadata=key(
+            _name_or_off,
+            "response header naming the version that served (or, on our own 502/504, was tried); "
+            '`""` turns it off',
+        ),
+    )
+    upstream_ca: str | None = field(
+        default=None,
+        metadata=key(
+            _optional_path,
+            "path to a PEM (or DER) CA bundle that `https://` upstreams are verified against, "
+            "instead of the system's CAs",
+        ),
+    )
+    canary_mirror_percent: float = field(
+        default=0.0,
+        metadata=key(
+            _parse_percent,
+            "share (0 to 100, decimals allowed) of the requests the weight sends to stable that are "
+            "also copied to the canary (see [Traffic mirroring](mirroring.md))",
+            show=_number_out,
+        ),
+    )
+    canary_mirror_max_body: int = field(
+        default=64 << 10,  # larger bodies are not mirrored because mirroring buffers them
+        metadata=key(
+            parse_size,
+            "requests with a larger body are not mirrored; `8KiB`, `1MiB` or bytes",
+            show=format_size,
+        ),
+    )
+    canary_mirror_timeout: float = field(
+        default=10.0,
+        metadata=key(
+            parse_duration,
+            "a mirror copy's whole exchange (connect included) gets no longer than this",
+            show=format_duration,
+        ),
+    )
+    canary_mirror_max_in_flight: int = field(
+        default=100,
+        metadata=key(
+            partial(_parse_whole, minimum=1),
+            "mirror copies in progress at once, per process; beyond it copies are skipped",
+        ),
+    )
+    # Derived once by parse_config so the request path does no arithmetic or regex compilation.
+    canary_buckets: int = field(default=0, compare=False)
+    mirror_buckets: int = field(default=0, compare=False)
+    header_regex: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def weight_ratio(self) -> float:
+        return self.canary_weight / self.canary_weight_total
+
+    def effective(self) -> dict[str, Any]:
+        """The flat mapping ``check`` prints and ``/config`` serves; it parses back to ``self``."""
+        return {k.name: k.show(getattr(self, k.attribute)) for k in DECLARATIONS}
+
+
+def _declared() -> tuple[Key, ...]:
+    keys = []
+    for f in fields(Config):
+        if _KEY in f.metadata:
+            spec: Key = f.metadata[_KEY]
+            name = spec.name or f.name.replace("_", "-")
+            keys.append(replace(spec, name=name, attribute=f.name, default=f.default))
+    return tuple(keys)
+
+
+# Every key, in declaration order: the one table parsing, ``effective`` and the docs read.
+DECLARATIONS: tuple[Key, ...] = _declared()
+KEYS: tuple[str, ...] = tuple(k.name for k in DECLARATIONS)
+REQUIRED: tuple[str, ...] = tuple(k.name for k in DECLARATIONS if k.required)
+DEFAULTS: dict[str, Any] = {k.attribute: k.default for k in DECLARATIONS if not k.required}
+
+
+def reference_table() -> str:
+    """The key table of docs/configuration.md, in Markdown (tests/test_docs.py compares them)."""
+    rows = ["| key | meaning | default |", "|---|---|---|"]
+    rows += [f"| `{k.name}` | {k.doc} | {_documented_default(k)} |" for k in DECLARATIONS]
+    return "\n".join(rows)
+
+
+def _documented_default(k: Key) -> str:
+    if k.required:
+        return "required"
+    if k.default is None:
+        return "none"
+    shown = k.show(k.default)
+    return f"`{str(shown).lower() if isinstance(shown, bool) else shown}`"
 
 
 def _describe(value: Any) -> str:
@@ -330,23 +481,19 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
     """Validate every key of ``raw`` and build a Config, or raise ConfigError listing all errors."""
     if not isinstance(raw, Mapping):
         raise ConfigError(["the config must be a mapping of keys to values"])
-    errors: list[str] = []
+    errors = [_unknown(k) for k in sorted(set(raw) - set(KEYS), key=str)]
     values: dict[str, Any] = {}
-    for key in sorted(set(raw) - set(_PARSERS), key=str):
-        errors.append(f"{key}: unknown key; expected one of {', '.join(KEYS)}")
-    for key in REQUIRED:
-        if raw.get(key) in (None, ""):
-            errors.append(f"{key}: required; expected a URL such as http://host:port")
-    for key, parser in _PARSERS.items():
-        if key not in raw or (key in REQUIRED and raw[key] in (None, "")):
-            continue
-        try:
-            values[key] = parser(raw[key])
-        except ValueError as exc:
-            errors.append(f"{key}: invalid value {_describe(raw[key])}; expected {exc}")
-    total = values.get("canary-weight-total", 100)
-    weight = values.get("canary-weight", 0.0)
-    if "canary-weight" in values and not 0 <= weight <= total:
+    for k in DECLARATIONS:
+        if k.required and raw.get(k.name) in (None, ""):
+            errors.append(f"{k.name}: required; expected {_expected(k)}")
+        elif k.name in raw:
+            try:
+                values[k.attribute] = k.parse(raw[k.name])
+            except ValueError as exc:
+                errors.append(f"{k.name}: invalid value {_describe(raw[k.name])}; expected {exc}")
+    total = values.get("canary_weight_total", DEFAULTS["canary_weight_total"])
+    weight = values.get("canary_weight", DEFAULTS["canary_weight"])
+    if "canary_weight" in values and not 0 <= weight <= total:
         errors.append(
             f"canary-weight: invalid value {_describe(raw['canary-weight'])}; "
             f"expected a number from 0 to {total} (canary-weight-total)"
@@ -356,18 +503,26 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
     return _build(values)
 
 
+def _unknown(name: Any) -> str:
+    return f"{name}: unknown key; expected one of {', '.join(KEYS)}"
+
+
+def _expected(k: Key) -> str:
+    """What a required key expects, in its parser's own words."""
+    try:
+        k.parse(None)
+    except ValueError as exc:
+        return str(exc)
+    return "a value"
+
+
 def _build(values: dict[str, Any]) -> Config:
-    weight = float(values.get("canary-weight", 0.0))
-    total = int(values.get("canary-weight-total", 100))
-    pattern = values.get("canary-by-header-pattern")
-    kwargs = {k.replace("-", "_"): v for k, v in values.items() if k not in ("stable-url", "canary-url")}
-    kwargs.update(canary_weight=weight, canary_weight_total=total)
-    mirror = float(values.get("canary-mirror-percent", 0.0))
-    return Config(
-        stable=values["stable-url"],
-        canary=values["canary-url"],
-        canary_buckets=canary_buckets(weight, total),
-        mirror_buckets=canary_buckets(mirror, 100),
+    """``values``: parsed keys by attribute; the rest keep their defaults."""
+    config = Config(**values)
+    pattern = config.canary_by_header_pattern
+    return replace(
+        config,
+        canary_buckets=canary_buckets(config.canary_weight, config.canary_weight_total),
+        mirror_buckets=canary_buckets(config.canary_mirror_percent, 100),
         header_regex=_compile(pattern) if pattern else None,
-        **kwargs,
     )

@@ -1,8 +1,10 @@
-"""The docs hold together: links resolve, every ``serve`` flag is documented, the README stays short."""
+"""The docs hold together: links resolve, every ``serve`` flag and config key is documented as the
+code declares it, the README stays short."""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import re
 from collections import Counter
 from pathlib import Path
@@ -11,6 +13,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 from canary_proxy.cli import build_parser
+from canary_proxy.config import reference_table
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -98,6 +101,25 @@ def test_every_serve_flag_is_documented(flag: str) -> None:
     docs = "\n".join(page.read_text(encoding="utf-8") for page in DOC_PAGES)
     whole_flag = rf"(?<![\w-]){re.escape(flag)}(?![\w-])"  # --config is not --configmap
     assert re.search(whole_flag, docs), f"serve {flag} appears in no docs/*.md page"
+
+
+def table_at(path: Path, header: str) -> list[str]:
+    """The rows of the table that starts with ``header``: up to the first line that is no row."""
+    lines = prose_lines(path)
+    start = lines.index(header)
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
+
+
+def test_the_config_key_table_is_the_declared_keys() -> None:
+    """Every key, its meaning and its default, in order, as canary_proxy/config.py declares them."""
+    declared = reference_table().splitlines()
+    documented = table_at(ROOT / "docs" / "configuration.md", declared[0])
+    diff = "\n".join(difflib.unified_diff(documented, declared, "docs", "declared", lineterm=""))
+    assert documented == declared, (
+        "docs/configuration.md's key table differs from the keys declared in canary_proxy/config.py; "
+        f"replace it with the output of canary_proxy.config.reference_table():\n{diff}"
+    )
 
 
 def test_readme_is_a_front_door() -> None:
