@@ -11,6 +11,7 @@ effective config and the reference table in the docs are all derived from those 
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 import warnings
@@ -504,6 +505,10 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
 
 
 def _unknown(name: Any) -> str:
+    """A mistyped key names the key it is closest to; anything else lists them all."""
+    close = difflib.get_close_matches(str(name), KEYS, n=1)
+    if close:
+        return f"{name}: unknown key; did you mean {close[0]}?"
     return f"{name}: unknown key; expected one of {', '.join(KEYS)}"
 
 

@@ -112,6 +112,29 @@ def test_errors_name_the_key_the_value_and_what_was_expected(
     assert fragment in matching[0]
 
 
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("canary-wieght", "canary-wieght: unknown key; did you mean canary-weight?"),
+        ("canary_by_header", "canary_by_header: unknown key; did you mean canary-by-header?"),
+        ("stable", "stable: unknown key; did you mean stable-url?"),
+        ("upstream-timout", "upstream-timout: unknown key; did you mean upstream-timeout?"),
+    ],
+)
+def test_a_mistyped_key_names_the_closest_key(key: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({**BASE, key: 1})
+    assert info.value.errors == [message]
+
+
+def test_an_unknown_key_like_no_other_lists_them_all() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({**BASE, "bogus": 1})
+    [error] = info.value.errors
+    assert error.startswith("bogus: unknown key; expected one of stable-url, canary-url, canary-weight,")
+    assert error.endswith("canary-mirror-max-in-flight")
+
+
 def test_every_error_is_listed_at_once() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config({"canary-weight": "x", "bogus": 1, "upstream-timeout": "soon"})
