@@ -14,11 +14,14 @@ from .router import UNROUTED, VERSIONS
 
 NAMESPACE: Final = "canary_proxy"
 
-# Prometheus' classic latency buckets span 5 ms .. 10 s. They resolve the p99 limits a
-# rollout compares (hundreds of ms) with interpolation error well under a bucket, and 14
-# buckets keep each histogram observation and scrape cheap.
+# Prometheus' classic latency buckets (5 ms .. 10 s) plus 0.15, 0.2, 0.3 and 0.4 s, where
+# web latencies and the p99 limits a rollout compares live. A quantile is interpolated
+# within its bucket, so it is only as precise as that bucket is narrow: with the classic
+# set alone, everything from 100 to 250 ms read as one value. 18 buckets still keep each
+# observation and scrape cheap.
 DURATION_BUCKETS: Final = (
-    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+    7.5, 10.0,
 )  # fmt: skip
 
 KNOWN_METHODS: Final = frozenset(
