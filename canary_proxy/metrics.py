@@ -27,7 +27,6 @@ DURATION_BUCKETS: Final = (
 KNOWN_METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
 )
-UPSTREAM_ERROR_REASONS: Final = ("connect", "timeout", "reset", "protocol")
 MIRROR_SKIP_REASONS: Final = ("body-too-large", "in-flight-limit")
 
 
