@@ -532,7 +532,12 @@ WatchState = Literal["listed", "watching", "relisting", "retrying"]
 
 @dataclass(frozen=True, slots=True)
 class WatchStatus:
-    """What the watcher is doing, for log lines, metrics and readiness."""
+    """What ``watch_configmap`` is doing, passed to its ``on_status`` callback at each step.
+
+    Its one consumer, the ConfigMap source's ``follow_configmap``, logs a warning on
+    ``retrying`` (the API is unavailable; the last good config keeps serving), and the tests
+    wait on it. Nothing turns it into a metric or into readiness.
+    """
 
     state: WatchState
     resource_version: str | None = None
