@@ -23,10 +23,11 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from .accesslog import AccessLog
 from .config import Config, ConfigError, parse_config
-from .http1 import Limits, ProxyServer
 from .metrics import Metrics
+from .proxy.accesslog import AccessLog
+from .proxy.limits import Limits
+from .proxy.server import ProxyServer
 from .sources.file import RawConfig
 from .stats import RolloutNotes, Sampler, stats_document
 from .tls import TlsError, server_context, validate_upstream_ca, watch_certificate

@@ -287,7 +287,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # prometheus_client picks its value store at import time, so this must come first.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="canary-proxy-metrics-")
     from .app import Settings, parse_address
-    from .http1 import Limits
+    from .proxy.limits import Limits
 
     try:
         settings = Settings(

@@ -29,8 +29,9 @@ from .app import (
     watch_tls,
 )
 from .config import parse_config
-from .http1 import Limits, ProxyServer
 from .metrics import Metrics
+from .proxy.limits import Limits
+from .proxy.server import ProxyServer
 
 log = logging.getLogger(__name__)
 

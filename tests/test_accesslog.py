@@ -14,8 +14,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from canary_proxy import accesslog
-from canary_proxy.accesslog import AccessLog
+from canary_proxy.proxy import accesslog
+from canary_proxy.proxy.accesslog import AccessLog
 
 from .conftest import (
     Backend,

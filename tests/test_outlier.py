@@ -6,7 +6,7 @@ import asyncio
 
 import aiohttp
 
-from canary_proxy.outlier import WINDOW, OutlierDetector
+from canary_proxy.proxy.outlier import WINDOW, OutlierDetector
 
 from .conftest import Backend, ProxyFactory
 from .scrape import scrape

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from canary_proxy.config import parse_upstream
-from canary_proxy.upstream import CHUNKED, UpstreamConnection, UpstreamPool, reuse_refusal
+from canary_proxy.proxy.upstream import CHUNKED, UpstreamConnection, UpstreamPool, reuse_refusal
 
 
 class _Sink:

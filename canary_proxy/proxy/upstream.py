@@ -33,7 +33,7 @@ from typing import Final, Protocol
 
 import httptools
 
-from .config import Upstream
+from ..config import Upstream
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import logging
 import time
 from typing import Final
 
-from .config import Config
-from .metrics import Metrics
+from ..config import Config
+from ..metrics import Metrics
 from .upstream import IDEMPOTENT, ConnectFailed, UpstreamConnection, UpstreamPool
 
 log = logging.getLogger(__name__)

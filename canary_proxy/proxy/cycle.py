@@ -1,0 +1,695 @@
+"""One request's exchange: route it, relay it to an upstream connection and back, account it.
+
+A Cycle talks to its client connection through ``Client`` and to the server through
+``Proxy``, two narrow Protocols, the way an upstream connection talks to it through
+``ResponseSink``: no module here imports the others' classes.
+
+The exception ladder: a client that leaves cancels its request (499 if nothing was sent);
+a connect failure is 502 (or a failover to stable); no response headers within
+``upstream-timeout`` is 504; a reset or malformed answer before the headers is 502; an
+unexpected bug is a logged 500. Once response bytes went out no error page is written:
+the client connection is aborted, so a truncated body never poses as a complete one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Final, Protocol
+
+from ..config import Config
+from ..metrics import Metrics
+from ..router import CANARY, STABLE, Decision, decide, mirrored
+from .headers import (
+    CHUNKED_BODY,
+    NO_BODY,
+    Peer,
+    client_head,
+    cookie_value,
+    new_request_id,
+    request_framing,
+    simple_response,
+    upstream_head,
+    valid_request_id,
+)
+from .mirror import Copy, Mirrors
+from .request import Request
+from .upstream import CHUNKED, IDEMPOTENT, ConnectFailed, UpstreamConnection, UpstreamPool
+
+log = logging.getLogger(__name__)
+
+_WRITE_NOW = 64 << 10  # a response body read this large is written at once, not batched
+_REPLAY_LIMIT = 64 << 10  # request body kept for a retry after a stale pooled connection
+_BODY_ERRORS: Final = {400: "malformed request body", 413: "request body too large"}
+
+
+class UpstreamFailure(Exception):
+    """Failed before any response byte went to the client; ``status`` is what we answer."""
+
+    def __init__(self, status: int, reason: str, detail: str, *, counted: bool = False) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.reason = reason
+        self.counted = counted  # already in upstream_errors_total and the log
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """What one request needs, swapped as a whole when the config changes."""
+
+    config: Config
+    stable: UpstreamPool
+    canary: UpstreamPool
+
+    def pool(self, version: str) -> UpstreamPool:
+        return self.canary if version == CANARY else self.stable
+
+
+@dataclass(slots=True)
+class Exchange:
+    """Per-request facts for the metrics and the access log."""
+
+    start: float
+    method: str
+    path: str
+    client: str
+    version: str
+    rule: str
+    request_id: str
+    status: int = 0
+    upstream_seconds: float | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    started: bool = False  # response headers sent to the client
+
+
+@dataclass(slots=True)
+class Route:
+    """What routing decided, set once by ``Cycle._route``."""
+
+    runtime: Runtime
+    decision: Decision
+    ex: Exchange
+    pool: UpstreamPool  # the routed pool; its ``active`` counts this request
+
+
+class Client(Protocol):
+    """What a Cycle needs of its client connection."""
+
+    peer: Peer
+    tunnel: UpstreamConnection | None  # after a WebSocket upgrade: raw bytes both ways
+
+    @property
+    def draining(self) -> bool: ...
+    def send(self, *parts: bytes) -> None: ...
+    def send_now(self, data: bytes) -> None: ...
+    def flush(self) -> None: ...
+    def abort(self) -> None: ...
+    def close(self) -> None: ...
+    def cycle_done(self, *, close: bool) -> None: ...
+    def pause_reading(self, reason: str) -> None: ...
+    def resume_reading(self, reason: str) -> None: ...
+
+
+class Proxy(Protocol):
+    """What a Cycle needs of the server: the config, the pools, accounting and batching."""
+
+    runtime: Runtime | None
+    metrics: Metrics
+    mirrors: Mirrors
+    draw: Callable[[], int]
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+    def hold_upstream(self, upstream: UpstreamConnection, head: bytes) -> None: ...
+    def account_later(self, cycle: Cycle) -> None: ...
+    def enter(self, ex: Exchange) -> None: ...
+    def move(self, ex: Exchange, version: str, rule: str) -> None: ...
+    def leave(self, ex: Exchange) -> None: ...
+    def canary_ejected(self) -> bool: ...
+    def canary_failed(self, config: Config) -> None: ...
+    def websocket_opened(self, cycle: Cycle) -> None: ...
+    def websocket_closed(self, cycle: Cycle) -> None: ...
+
+
+# A Cycle's states. Most requests never leave the event loop's callbacks: a pooled connection
+# is taken, the head written, and the cycle finishes in the upstream's completion callback.
+# Only opening a connection needs a task (``_connect``): no Task or Future per request else.
+_ROUTING: Final = 0  # not yet dispatched upstream
+_CONNECTING: Final = 1  # the ``_connect`` task is opening a connection
+_WAITING: Final = 2  # the request went upstream; an upstream callback or the clock settles it
+_DONE: Final = 3  # accounted, and the connection told (``cycle_done``)
+
+
+class Cycle:
+    """One request's trip through the proxy: route, relay, account.
+
+    Driven by callbacks: ``begin`` routes and dispatches; ``_resolve`` (from the upstream
+    callbacks, the timeout clock or a malformed body) settles the attempt: done, retried once
+    on a stale pooled connection, or answered with an error page; ``client_gone`` ends it with
+    499. ``_finish`` runs exactly once, whatever the path.
+    """
+
+    route: Route  # set by _route; read only once ``routed``
+
+    def __init__(self, client: Client, server: Proxy, request: Request) -> None:
+        self.client = client
+        self.server = server
+        self.request = request
+        self.state = _ROUTING
+        self.routed = False
+        self.task: asyncio.Task[None] | None = None  # only while opening a connection
+        self.upstream: UpstreamConnection | None = None  # in use, not yet released
+        self.tried: UpstreamConnection | None = None  # of the current attempt, for the retry rule
+        self.reused = False  # the current attempt's connection came from the pool
+        self.retried = False
+        self.expect_continue = False
+        self.watching = False  # the upstream timeout applies (checked by the connection's clock)
+        self.timeout = 0.0
+        self.last_activity = 0.0
+        self.body_framing = NO_BODY  # of the response to the client (headers.client_head)
+        self.close_after = False
+        self.websocket = False
+        self.forwarded = 0  # request body bytes written upstream
+        # The body sent on a pooled connection, kept (up to _REPLAY_LIMIT) so that a retry on
+        # a fresh connection can resend it whole; None once it grew past the limit.
+        self.replay: list[bytes] | None = []
+        self.bytes_in = 0  # request body bytes received from the client
+        self.bad_status = 0  # set when the request's own body is malformed
+        self.mirror: Copy | None = None  # collecting the body of a copy for the canary
+
+    # -- begin, settle, finish ------------------------------------------------------------
+
+    def begin(self) -> None:
+        if self.state != _ROUTING:  # the client left before its turn came
+            return
+        try:
+            self._begin()
+        except Exception:
+            self._crash()
+
+    def _begin(self) -> None:
+        request = self.request
+        if request.method == "CONNECT":
+            self.client.send_now(simple_response(405, b"405: CONNECT is not allowed\n", close=True))
+            self.close_after = True
+            self._finish()
+            return
+        runtime = self.server.runtime
+        if runtime is None:
+            body = b"503: no config loaded yet\n"
+            self.client.send_now(simple_response(503, body, head=request.method == "HEAD"))
+            self._finish()
+            return
+        self._route(runtime)
+        if self.bad_status:  # malformed before we even started
+            self._fail(self._body_failure())
+            return
+        expect = request.lookup.get(b"expect")
+        if expect is not None and expect.strip().lower() != b"100-continue":
+            self._fail(UpstreamFailure(417, "client", "unsupported expectation"))
+            return
+        self.expect_continue = expect is not None
+        self.websocket = request.upgrade
+        self._acquire()
+
+    def _route(self, runtime: Runtime) -> None:
+        request, server = self.request, self.server
+        config = runtime.config
+        decision = self._decide(config)
+        ejectable = decision.rule in ("weight", "sticky") and decision.version == CANARY
+        if ejectable and config.canary_outlier_failures and server.canary_ejected():
+            decision = replace(decision, version=STABLE, rule="failover")
+        rid = request.lookup.get(b"x-request-id")
+        ex = Exchange(
+            start=time.monotonic(),
+            method=request.method,
+            path=request.url.decode("latin-1"),
+            client=self.client.peer.client,
+            version=decision.version,
+            rule=decision.rule,
+            request_id=rid.decode("ascii") if rid is not None and valid_request_id(rid) else new_request_id(),
+        )
+        server.enter(ex)
+        self.route = Route(runtime, decision, ex, runtime.pool(ex.version))
+        self.routed = True
+        self.route.pool.active += 1
+        if mirrored(config, decision, server.draw) and not request.upgrade:
+            self._start_mirror(runtime)
+
+    def _acquire(self) -> None:
+        """Dispatch on a pooled connection now, or open one in a task."""
+        route = self.route
+        upstream = route.runtime.pool(route.ex.version).take_idle()
+        if upstream is not None:
+            self._dispatch(upstream, reused=True)
+            return
+        self.state = _CONNECTING
+        self.task = self.server.loop.create_task(self._connect(route.runtime))
+
+    def _resolve(self, error: UpstreamFailure | None) -> None:
+        """The attempt in flight ended; anything reported after that is ignored."""
+        if self.state != _WAITING:
+            return
+        self.state = _ROUTING
+        try:
+            self._settle(error)
+        except Exception:
+            self._crash()
+
+    def _settle(self, error: UpstreamFailure | None) -> None:
+        if error is None:
+            self._finish()
+            return
+        upstream = self.tried
+        if upstream is not None and self._retryable(error, upstream):
+            self.retried = True
+            self.request.relay = None  # body that arrives meanwhile is buffered for the new attempt
+            log.info(
+                "stale pooled connection to %s; retrying once on a fresh one", upstream.pool.upstream.url
+            )
+            self._acquire()
+            return
+        if not error.counted and error.reason != "client":
+            self._count_failure(error)
+        self._fail(error)
+
+    def _fail(self, failure: UpstreamFailure) -> None:
+        """Answer an error page: nothing was sent to the client yet."""
+        self.route.ex.status = failure.status
+        self.close_after = self.close_after or (self.request.has_body and not self.request.body_done)
+        self._send_error(failure.status, str(failure))
+        self._finish()
+
+    def _crash(self) -> None:
+        """A bug: a logged 500, or an aborted client connection once bytes went out."""
+        self._drop_upstream()
+        if self.routed and self.route.ex.started:
+            log.exception("proxying failed after the response started; aborting")
+            self.client.abort()
+        else:
+            log.exception("proxying failed")
+            if self.routed:
+                self.route.ex.status = 500
+                self._send_error(500, "internal proxy error")
+        self.close_after = True
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.state == _DONE:
+            return
+        self.state = _DONE
+        self._cancel_timer()
+        if self.routed:
+            self.server.account_later(self)  # after the response is written: see run_batch
+        close = not self.request.keep_alive or self.close_after
+        self.client.cycle_done(close=close or self.client.draining)
+
+    def account(self) -> None:
+        if not self.routed:  # answered before routing
+            return
+        ex = self.route.ex
+        self.server.websocket_closed(self)
+        self.route.pool.leave()
+        ex.bytes_in = self.bytes_in
+        self.server.leave(ex)
+
+    def _start_mirror(self, runtime: Runtime) -> None:
+        request = self.request
+        head = self._upstream_head(runtime.canary, framing=False)
+        self.mirror = self.server.mirrors.begin(
+            runtime.canary, runtime.config, request.method, head,
+            length=request.content_length, chunked=request.chunked,
+        )  # fmt: skip
+
+    def _decide(self, config: Config) -> Decision:
+        lookup = self.request.lookup
+        cookies = lookup.get(b"cookie")
+        header = None
+        if config.canary_by_header:
+            raw = lookup.get(config.canary_by_header.lower().encode())
+            header = raw.decode("latin-1") if raw is not None else None
+        return decide(
+            config,
+            header=header,
+            cookie=cookie_value(cookies, config.canary_by_cookie) if config.canary_by_cookie else None,
+            sticky=cookie_value(cookies, config.sticky_cookie),
+            draw=self.server.draw,
+        )
+
+    def _body_failure(self) -> UpstreamFailure:
+        return UpstreamFailure(
+            self.bad_status, "client", _BODY_ERRORS.get(self.bad_status, "bad request body")
+        )
+
+    def _dispatch(self, upstream: UpstreamConnection, *, reused: bool) -> None:
+        """Send the head (and what body there is) on ``upstream``; the upstream callbacks follow."""
+        route = self.route
+        if self.bad_status:  # the body turned out malformed while we connected
+            upstream.pool.release(upstream)
+            self._fail(self._body_failure())
+            return
+        self.state = _WAITING
+        self.upstream = self.tried = upstream
+        self.reused = reused
+        request = self.request
+        framing = CHUNKED if request.chunked else request.content_length or 0
+        upstream.start(self, framing=framing, upgrade=self.websocket)
+        upstream.version = route.ex.version
+        self.server.hold_upstream(upstream, self._upstream_head(upstream.pool, framing=True))
+        if self.expect_continue and request.version == "1.1" and not request.body_done:
+            self.client.send_now(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._attach_body(upstream)
+        self._arm_timer(route.runtime.config.upstream_timeout)
+
+    def _retryable(self, failure: UpstreamFailure, upstream: UpstreamConnection) -> bool:
+        """A pooled connection the upstream had closed: retry once, when it is safe to:
+        idempotent methods, and requests none of whose body has been sent yet; and only if
+        the body can be sent again in full (none sent yet, or all of it kept in ``replay``)."""
+        safe = self.request.method in IDEMPOTENT or self.forwarded == 0
+        whole = self.forwarded == 0 or self.replay is not None
+        stale = failure.reason == "reset" and self.reused and not self.retried and not upstream.got_bytes
+        return stale and safe and whole
+
+    # -- opening a connection: the one part that awaits ---------------------------------
+
+    async def _connect(self, runtime: Runtime) -> None:
+        # A client that leaves cancels this task; ``client_gone`` has finished the cycle then.
+        try:
+            upstream, reused = await self._open_with_failover(runtime)
+            self.task = None
+            self._dispatch(upstream, reused=reused)
+        except UpstreamFailure as failure:
+            self.task = None
+            self._fail(failure)
+        except Exception:
+            self.task = None
+            self._crash()
+
+    async def _open_with_failover(self, runtime: Runtime) -> tuple[UpstreamConnection, bool]:
+        ex = self.route.ex
+        try:
+            return await self._open(runtime.pool(ex.version), runtime)
+        except UpstreamFailure as failure:
+            config = runtime.config
+            if failure.reason == "connect" and ex.version == CANARY:
+                self.server.canary_failed(config)
+            if not (failure.reason == "connect" and ex.version == CANARY and config.canary_failover):
+                raise
+        log.warning("canary unreachable, failing over to stable (request %s)", ex.request_id)
+        self.server.move(ex, STABLE, "failover")
+        return await self._open(runtime.pool(STABLE), runtime)
+
+    async def _open(self, pool: UpstreamPool, runtime: Runtime) -> tuple[UpstreamConnection, bool]:
+        upstream = pool.take_idle()
+        if upstream is not None:
+            return upstream, True
+        try:
+            return await pool.connect(runtime.config.upstream_connect_timeout), False
+        except ConnectFailed as exc:
+            raise self._failure(502, "connect", str(exc)) from None
+
+    def _failure(self, status: int, reason: str, detail: str) -> UpstreamFailure:
+        failure = UpstreamFailure(status, reason, detail, counted=True)
+        self._count_failure(failure)
+        return failure
+
+    def _count_failure(self, failure: UpstreamFailure) -> None:
+        ex = self.route.ex
+        self.server.metrics.upstream_errors.labels(ex.version, failure.reason).inc()
+        log.warning(
+            "upstream %s failed (%s): %s [request %s]", ex.version, failure.reason, failure, ex.request_id
+        )
+
+    # -- the request head and body, upstream ----------------------------------------------
+
+    def _upstream_head(self, pool: UpstreamPool, *, framing: bool) -> bytes:
+        """The request head for ``pool``'s upstream; open (no framing, no blank line) if not
+        ``framing``: a mirror copy adds its own."""
+        request = self.request
+        return upstream_head(
+            method=request.method,
+            url=request.url,
+            headers=request.headers,
+            host=request.lookup.get(b"host"),
+            default_host=pool.host_header,
+            peer=self.client.peer,
+            request_id=self.route.ex.request_id,
+            upgrade=request.lookup[b"upgrade"] if self.websocket else None,
+            framing=request_framing(chunked=request.chunked, content_length=request.content_length)
+            if framing
+            else None,
+        )
+
+    def _attach_body(self, upstream: UpstreamConnection) -> None:
+        """Send what the client sent so far; then relay each new piece as it is parsed
+        (``request_body``). On a retry, what the first attempt sent goes first
+        (``_retryable`` made sure it is whole)."""
+        request = self.request
+        if not request.has_body:
+            return
+        sent = (self.replay or []) if self.retried else []
+        self.replay = [] if self.reused else None  # only a pooled connection can turn out stale
+        self.forwarded = 0
+        for data in sent:
+            self._forward(upstream, data)
+        buffered, request.buffer = request.buffer, []
+        request.buffered = 0
+        request.relay = self
+        for data in buffered:
+            self.request_body(data)
+        if request.body_done:
+            self.request_body(b"")
+        self.client.resume_reading("body")
+
+    def request_body(self, data: bytes) -> None:
+        """A piece of the request body as the client's parser reads it; ``b""`` ends it."""
+        mirror = self.mirror
+        if mirror is not None:
+            mirror.feed(data)
+        upstream = self.upstream
+        if not data:
+            if upstream is not None:
+                upstream.end_body()
+            return
+        self.bytes_in += len(data)
+        if upstream is not None:  # else answered already: the rest is read, not relayed
+            self._forward(upstream, data)
+
+    def _forward(self, upstream: UpstreamConnection, data: bytes) -> None:
+        self.forwarded += len(data)
+        replay = self.replay
+        if replay is not None:
+            if self.forwarded <= _REPLAY_LIMIT:
+                replay.append(data)  # a reference, not a copy: bytes are immutable
+            else:
+                self.replay = None
+        upstream.write_body(data)
+
+    # -- upstream callbacks (ResponseSink) ------------------------------------------------
+
+    def on_response_head(self, upstream: UpstreamConnection) -> None:
+        ex = self.route.ex
+        ex.upstream_seconds = time.monotonic() - ex.start
+        ex.status = upstream.status
+        self.last_activity = time.monotonic()
+        if self.request.method == "HEAD":
+            # llhttp cannot be told this response has no body: give the connection a fresh
+            # parser and finish now; the Content-Length describes the GET body, not this one.
+            upstream.head_response_done()
+            self.client.send(self._client_head(upstream))
+            ex.started = True
+            self.on_response_complete()
+            return
+        if self.websocket and upstream.status != 101:
+            self.close_after = True  # refused: our parser is past the upgrade, start afresh
+        self.client.send(self._client_head(upstream))
+        ex.started = True
+
+    def on_response_body(self, data: bytes) -> None:
+        self.route.ex.bytes_out += len(data)
+        self.last_activity = time.monotonic()
+        if self.body_framing == CHUNKED_BODY:
+            self.client.send(b"%x\r\n" % len(data), data, b"\r\n")
+        else:
+            self.client.send(data)
+        if len(data) >= _WRITE_NOW:
+            # A large body can arrive as several reads in one loop iteration (libuv reads on
+            # while data is there): held until the batch, a 1 MiB response went out as one
+            # writev the client socket could not take, with no backpressure in between.
+            self.client.flush()
+
+    def on_response_complete(self) -> None:
+        upstream = self.upstream
+        if self.body_framing == CHUNKED_BODY:
+            self.client.send(b"0\r\n\r\n")
+        if upstream is not None:
+            self.upstream = None
+            if self.request.has_body and not self.request.body_done:
+                # Answered before the whole body arrived: the client is still sending it,
+                # and its connection ends with this response (the upstream's is not reused).
+                self.close_after = True
+            upstream.pool.release(upstream)
+        self._resolve(None)
+
+    def on_upstream_upgraded(self, rest: bytes) -> None:
+        """The upstream switched protocols: from here on, splice raw bytes both ways."""
+        upstream = self.upstream
+        if upstream is None:
+            return
+        self._cancel_timer()
+        self.client.tunnel = upstream
+        self.server.websocket_opened(self)
+        if rest:
+            self.on_upstream_raw(rest)
+        early = self.request.upgrade_rest
+        if early:
+            upstream.write(early)
+
+    def on_upstream_raw(self, data: bytes) -> None:
+        self.route.ex.bytes_out += len(data)
+        self.client.send_now(data)
+
+    def on_upstream_error(self, reason: str, detail: str) -> None:
+        self.upstream = None
+        if reason == "closed":  # an upgraded connection ended: that is the end of the session
+            self.close_after = True
+            self.server.websocket_closed(self)
+            self._resolve(None)
+            return
+        if self.route.ex.started:
+            self._mid_body_failure(reason, detail)
+            return
+        # Counted by _settle unless it retries: a stale pooled connection is no upstream error.
+        self._resolve(UpstreamFailure(502, reason, detail))
+
+    def on_upstream_writable(self, writable: bool) -> None:
+        if writable:
+            self.client.resume_reading("upstream")
+        else:
+            self.client.pause_reading("upstream")
+
+    # -- client side ------------------------------------------------------------------------
+
+    def client_writable(self, writable: bool) -> None:
+        upstream = self.upstream if self.upstream is not None else self.client.tunnel
+        if upstream is None or upstream.transport is None:
+            return
+        if writable:
+            upstream.transport.resume_reading()
+        else:
+            upstream.transport.pause_reading()
+
+    def bad_body(self, status: int) -> None:
+        """The client's body turned out malformed mid-stream: the upstream must not take an
+        incomplete request for a whole one, so its connection is aborted."""
+        log.debug("rejected the request body from %s with %d", self.client.peer.client, status)
+        self._drop_upstream()
+        self.close_after = True
+        self.bad_status = status
+        self.client.pause_reading("bad")
+        self._resolve(self._body_failure())
+
+    def client_gone(self) -> None:
+        if self.websocket and self.client.tunnel is not None:
+            self.client.tunnel.close()
+            return
+        if self.state == _ROUTING:  # not begun: nothing to account, as if never parsed
+            self.state = _DONE
+            return
+        if self.state == _DONE:
+            return
+        task, self.task = self.task, None
+        if task is not None:
+            task.cancel()  # stop opening a connection nobody will use
+        self._drop_upstream()
+        if self.routed and not self.route.ex.started:
+            self.route.ex.status = 499  # nginx's code for a client that left before the response
+        self.close_after = True
+        self._finish()
+
+    def _client_head(self, upstream: UpstreamConnection) -> bytes:
+        request = self.request
+        head, self.body_framing, close = client_head(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=upstream.headers,
+            head_request=request.method == "HEAD",
+            http11=request.version == "1.1",
+            close=self.close_after or self.client.draining or not request.keep_alive,
+            own=self._own_headers(),
+        )
+        self.close_after = self.close_after or close
+        return head
+
+    def _own_headers(self) -> bytes:
+        config, decision, ex = self.route.runtime.config, self.route.decision, self.route.ex
+        own = b""
+        if config.version_header:
+            own += b"%s: %s\r\n" % (config.version_header.encode(), ex.version.encode())
+        own += b"X-Request-Id: %s\r\n" % ex.request_id.encode()
+        if decision.set_cookie and decision.bucket is not None:
+            own += b"Set-Cookie: %s=%d; Path=/; Max-Age=%d; HttpOnly; SameSite=Lax\r\n" % (
+                config.sticky_cookie.encode(),
+                decision.bucket,
+                config.sticky_max_age,
+            )
+        return own
+
+    def _send_error(self, status: int, detail: str) -> None:
+        close = self.close_after or self.client.draining or not self.request.keep_alive
+        body = f"{status}: {detail}\n".encode()
+        head = self.request.method == "HEAD"
+        own = self._own_headers()
+        self.client.send_now(simple_response(status, body, extra=own, close=close, head=head))
+
+    def _mid_body_failure(self, reason: str, detail: str) -> None:
+        version = self.route.ex.version
+        self.server.metrics.upstream_errors.labels(version, reason).inc()
+        log.warning(
+            "upstream %s broke mid-body (%s: %s); aborting the client connection", version, reason, detail
+        )
+        self.client.abort()
+        self.close_after = True
+        self._resolve(None)
+
+    def _drop_upstream(self) -> None:
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.abort()
+
+    # -- WebSockets -------------------------------------------------------------------------
+
+    def go_away(self, to_client: bytes, to_upstream: bytes) -> None:
+        """Shutting down: send each end of this WebSocket its close frame, and close both."""
+        tunnel, self.client.tunnel = self.client.tunnel, None  # stop relaying the client's own
+        self.client.send_now(to_client)
+        if tunnel is not None:
+            tunnel.write(to_upstream)
+            tunnel.close()
+        self.client.close()
+
+    # -- timeouts -------------------------------------------------------------------------
+
+    def _arm_timer(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.last_activity = time.monotonic()
+        self.watching = True
+
+    def check_timeout(self, now: float) -> None:
+        """No response head, or no body data, for ``upstream-timeout``: 504 or an abort."""
+        timeout = self.timeout
+        if not self.watching or now - self.last_activity < timeout:
+            return
+        self.watching = False
+        self._drop_upstream()
+        if self.route.ex.started:
+            self._mid_body_failure("timeout", f"no data for {timeout:g}s")
+        else:
+            self._resolve(self._failure(504, "timeout", f"no response within {timeout:g}s"))
+
+    def _cancel_timer(self) -> None:
+        self.watching = False
