@@ -1,0 +1,272 @@
+"""Routes: which stable/canary pair serves a request, by host and path. Pure, no I/O.
+
+A route is today's flat config plus ``host``, ``path`` and ``path-type`` (and an optional
+``name``). A config without them is one catch-all route: exactly the single-pair proxy.
+
+Which route wins, as Ingress controllers decide (the candidates are every route whose host
+and path match the request):
+
+1. An exact host beats a wildcard (``*.example.com``: exactly one more label), which beats
+   a route for any host (``host`` empty).
+2. Then the longest path wins.
+3. At the same path, ``exact`` beats ``prefix``.
+
+A ``prefix`` path matches by whole segments, as Ingress ``Prefix``: ``/api`` matches
+``/api`` and ``/api/x``, not ``/apix``; a trailing ``/`` is ignored. A request's Host is
+matched without its port and without regard to case.
+
+Two routes with the same host, path and path type conflict: the one created first wins
+(its ``order``), the other is reported and not served.
+
+Lookup cost: the table is precomputed at load. One dict lookup finds the request's host
+(or its wildcard suffix, or the any-host list), then a scan of that host's candidates, in
+precedence order, stops at the first match: nothing grows with the total number of routes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Generic, TypeVar
+
+from .config import Config, ConfigError, parse_config
+
+PREFIX: Final = "prefix"
+EXACT: Final = "exact"
+DEFAULT_ROUTE: Final = "default"  # the name (and metrics label) of a lone catch-all route
+ROUTE_KEYS: Final = ("name", "host", "path", "path-type")
+
+_HOST_LABEL = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One route: where it applies, and the stable/canary config it serves."""
+
+    name: str
+    host: str  # "" (any host), "shop.example.com", or "*.example.com"
+    path: str  # starts with "/"
+    path_type: str  # PREFIX or EXACT
+    config: Config
+    order: tuple[Any, ...] = ()  # creation order: the earlier one wins a conflict
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.host, self.path, self.path_type)
+
+    @property
+    def catch_all(self) -> bool:
+        return self.host == "" and self.path == "/" and self.path_type == PREFIX
+
+    def describe(self) -> dict[str, Any]:
+        """Where the route applies, for /config, ``check`` and ``routes``."""
+        return {"name": self.name, "host": self.host or "*", "path": self.path, "path-type": self.path_type}
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """A route that is not served because an earlier one has the same host, path and type."""
+
+    route: str
+    winner: str
+    host: str
+    path: str
+    path_type: str
+
+    def message(self) -> str:
+        where = f"host {self.host or '*'} path {self.path} ({self.path_type})"
+        return f"route {self.route} conflicts with {self.winner} on {where}; {self.winner} wins"
+
+
+def parse_route(raw: Mapping[str, Any], *, name: str, order: tuple[Any, ...] = ()) -> Route:
+    """A route from one flat mapping (a YAML document, a ConfigMap's data). Raises ConfigError
+    listing every problem, the route keys' and the config's together."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(["the config must be a mapping of keys to values"])
+    errors: list[str] = []
+    own_name = raw.get("name")
+    if own_name not in (None, "") and (not isinstance(own_name, str) or not own_name.strip()):
+        errors.append(f"name: invalid value {own_name!r}; expected a non-empty string")
+    host = _field(raw, "host", "", _parse_host, errors)
+    path = _field(raw, "path", "/", _parse_path, errors)
+    path_type = _field(raw, "path-type", PREFIX, _parse_path_type, errors)
+    try:
+        config = parse_config({k: v for k, v in raw.items() if k not in ROUTE_KEYS})
+    except ConfigError as exc:
+        errors += exc.errors
+    if errors:
+        raise ConfigError(errors)
+    if path_type == PREFIX and path != "/":
+        path = path.rstrip("/") or "/"
+    chosen = own_name.strip() if isinstance(own_name, str) and own_name.strip() else name
+    return Route(chosen, host, path, path_type, config, order)
+
+
+def _field(raw: Mapping[str, Any], key: str, default: str, parse: Any, errors: list[str]) -> str:
+    value = raw.get(key)
+    if value is None or value == "":
+        return default
+    try:
+        result: str = parse(value)
+    except ValueError as exc:
+        errors.append(f"{key}: invalid value {value!r}; expected {exc}")
+        return default
+    return result
+
+
+def _parse_host(value: Any) -> str:
+    expected = "a host name such as shop.example.com, or *.example.com"
+    if not isinstance(value, str):
+        raise ValueError(expected)
+    host = value.strip().lower().rstrip(".")
+    name = host[2:] if host.startswith("*.") else host
+    labels = name.split(".")
+    if not name or "*" in name or not all(label and set(label) <= _HOST_LABEL for label in labels):
+        raise ValueError(expected)
+    if host.startswith("*.") and len(labels) < 2:
+        raise ValueError(expected + " (a wildcard needs a domain: *.example.com)")
+    return host
+
+
+def _parse_path(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or any(c in value for c in " ?#\t\r\n"):
+        raise ValueError("a path starting with / (no query, no spaces)")
+    return value
+
+
+def _parse_path_type(value: Any) -> str:
+    text = str(value).strip().lower()
+    if text not in (PREFIX, EXACT):
+        raise ValueError("prefix or exact")
+    return text
+
+
+def request_host(value: bytes | None) -> bytes:
+    """A Host header as routes match it: without its port, in lower case."""
+    if not value:
+        return b""
+    if value.startswith(b"["):  # an IPv6 literal: [::1]:8080
+        end = value.find(b"]")
+        return value[: end + 1].lower() if end > 0 else value.lower()
+    colon = value.find(b":")
+    return (value[:colon] if colon >= 0 else value).lower()
+
+
+def request_path(target: bytes) -> bytes:
+    """The path of a request target (no query), as routes match it."""
+    end = len(target)
+    for stop in (b"?", b"#"):
+        at = target.find(stop)
+        if 0 <= at < end:
+            end = at
+    return target[:end] or b"/"
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry(Generic[T]):
+    path: bytes
+    exact: bool
+    route: Route
+    value: T
+
+    def matches(self, path: bytes) -> bool:
+        mine = self.path
+        if self.exact:
+            return path == mine
+        if mine == b"/" or path == mine:
+            return True
+        return path.startswith(mine) and path[len(mine) : len(mine) + 1] == b"/"
+
+
+# Host classes, most specific first.
+_EXACT_HOST, _WILDCARD, _ANY_HOST = 0, 1, 2
+
+
+class RouteTable(Generic[T]):
+    """Routes, precomputed for lookup; each carries a value (what the data path needs)."""
+
+    def __init__(self, items: Iterable[tuple[Route, T]]) -> None:
+        chosen: dict[tuple[str, str, str], tuple[Route, T]] = {}
+        conflicts: list[Conflict] = []
+        for route, value in sorted(items, key=lambda item: (item[0].order, item[0].name)):
+            winner = chosen.get(route.key)
+            if winner is not None:
+                first = winner[0]
+                conflicts.append(Conflict(route.name, first.name, route.host, route.path, route.path_type))
+                continue
+            chosen[route.key] = (route, value)
+        self.items: tuple[tuple[Route, T], ...] = tuple(chosen.values())
+        self.conflicts: tuple[Conflict, ...] = tuple(conflicts)
+        self._build()
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        return tuple(route for route, _ in self.items)
+
+    def _build(self) -> None:
+        exact: dict[bytes, list[tuple[int, _Entry[T]]]] = {}
+        wildcard: dict[bytes, list[tuple[int, _Entry[T]]]] = {}
+        any_host: list[tuple[int, _Entry[T]]] = []
+        for route, value in self.items:
+            entry = _Entry(route.path.encode(), route.path_type == EXACT, route, value)
+            if not route.host:
+                any_host.append((_ANY_HOST, entry))
+            elif route.host.startswith("*."):
+                wildcard.setdefault(route.host[1:].encode(), []).append((_WILDCARD, entry))
+            else:
+                exact.setdefault(route.host.encode(), []).append((_EXACT_HOST, entry))
+        # Each host's candidates, in precedence order, include the wildcard and any-host
+        # routes that also cover it: one list to scan per request.
+        self._exact = {
+            host: _ordered(own + wildcard.get(_suffix(host), []) + any_host) for host, own in exact.items()
+        }
+        self._wildcard = {suffix: _ordered(own + any_host) for suffix, own in wildcard.items()}
+        self._any = _ordered(any_host)
+        only = self.items[0][0] if len(self.items) == 1 else None
+        self._single: _Entry[T] | None = self._any[0] if only is not None and only.catch_all else None
+
+    def lookup(self, host: bytes, path: bytes) -> tuple[Route, T] | None:
+        """The route for a request (``host`` as ``request_host`` gives it, ``path`` as
+        ``request_path`` does), or None: no route matches."""
+        single = self._single
+        if single is not None:  # one catch-all route: today's single-pair proxy
+            return single.route, single.value
+        for entry in self.candidates(host):
+            if entry.matches(path):
+                return entry.route, entry.value
+        return None
+
+    def candidates(self, host: bytes) -> list[_Entry[T]]:
+        entries = self._exact.get(host)
+        if entries is not None:
+            return entries
+        dot = host.find(b".")
+        if dot > 0:
+            entries = self._wildcard.get(host[dot:])
+            if entries is not None:
+                return entries
+        return self._any
+
+    def explain(self, host: bytes, path: bytes) -> list[str]:
+        """Why ``lookup`` picks what it picks: each candidate in order, and whether it matched."""
+        lines = []
+        for entry in self.candidates(host):
+            route = entry.route
+            verdict = "matches" if entry.matches(path) else "does not match"
+            lines.append(f"{route.name} (host {route.host or '*'}, {route.path_type} {route.path}) {verdict}")
+            if verdict == "matches":
+                break
+        return lines
+
+
+def _suffix(host: bytes) -> bytes:
+    dot = host.find(b".")
+    return host[dot:] if dot > 0 else b""
+
+
+def _ordered(entries: list[tuple[int, _Entry[T]]]) -> list[_Entry[T]]:
+    """Most specific host first; then the longest path; then exact before prefix."""
+    entries.sort(key=lambda pair: (pair[0], -len(pair[1].path), not pair[1].exact))
+    return [entry for _, entry in entries]

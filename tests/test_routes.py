@@ -1,0 +1,117 @@
+"""Routes by host and path (``routes.py``), as tables of cases: pure, no sockets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from canary_proxy.config import ConfigError
+from canary_proxy.routes import Route, RouteTable, parse_route, request_host, request_path
+
+UPSTREAMS = {"stable-url": "http://127.0.0.1:1", "canary-url": "http://127.0.0.1:2"}
+
+
+def route(name: str, host: str = "", path: str = "/", path_type: str = "prefix", order: int = 0) -> Route:
+    raw: dict[str, Any] = {**UPSTREAMS, "host": host, "path": path, "path-type": path_type}
+    return parse_route(raw, name=name, order=(order,))
+
+
+def table(*routes: Route) -> RouteTable[str]:
+    return RouteTable((r, r.name) for r in routes)
+
+
+def pick(t: RouteTable[str], host: str, target: str) -> str | None:
+    found = t.lookup(request_host(host.encode()), request_path(target.encode()))
+    return None if found is None else found[1]
+
+
+ROUTES = table(
+    route("any-root"),
+    route("any-api", path="/api"),
+    route("shop-root", host="shop.example.com"),
+    route("shop-api", host="shop.example.com", path="/api/"),  # trailing / ignored for prefix
+    route("shop-api-exact", host="shop.example.com", path="/api", path_type="exact"),
+    route("wild-v2", host="*.example.com", path="/v2"),
+    route("wild-root", host="*.example.com"),
+    route("only-exact", host="exact.example.com", path="/health", path_type="exact"),
+)
+
+
+@pytest.mark.parametrize(
+    ("host", "target", "expected"),
+    [
+        ("shop.example.com", "/", "shop-root"),
+        ("SHOP.example.com:8080", "/api/x?q=1", "shop-api"),  # port and case do not matter
+        ("shop.example.com", "/api", "shop-api-exact"),  # exact beats prefix at the same path
+        ("shop.example.com", "/apix", "shop-root"),  # prefixes match whole segments
+        ("shop.example.com", "/v2/a", "shop-root"),  # the exact host beats the wildcard
+        ("other.example.com", "/v2/a", "wild-v2"),
+        ("other.example.com", "/api/x", "wild-root"),  # a wildcard beats any host, path aside
+        ("a.b.example.com", "/api/x", "any-api"),  # a wildcard covers exactly one label
+        ("example.com", "/", "any-root"),
+        ("", "/api", "any-api"),
+        ("exact.example.com", "/health", "only-exact"),
+        ("exact.example.com", "/other", "wild-root"),  # falls through to the wildcard
+        ("[::1]:8080", "/", "any-root"),
+    ],
+)
+def test_which_route_wins(host: str, target: str, expected: str) -> None:
+    assert pick(ROUTES, host, target) == expected
+
+
+def test_no_route_is_none() -> None:
+    t = table(route("api", host="shop.example.com", path="/api"))
+    assert pick(t, "shop.example.com", "/") is None
+    assert pick(t, "other", "/api") is None
+
+
+def test_a_lone_catch_all_route_takes_everything() -> None:
+    t = table(route("default"))
+    assert pick(t, "anything", "/whatever?x") == "default"
+    assert t.conflicts == ()
+
+
+def test_the_earlier_of_two_conflicting_routes_wins_and_the_other_is_reported() -> None:
+    t = table(route("late", host="a.example", order=2), route("early", host="a.example", order=1))
+    assert pick(t, "a.example", "/") == "early"
+    assert [c.message() for c in t.conflicts] == [
+        "route late conflicts with early on host a.example path / (prefix); early wins"
+    ]
+    assert [r.name for r in t.routes] == ["early"]
+
+
+def test_same_path_different_type_is_no_conflict() -> None:
+    t = table(route("p", path="/x"), route("e", path="/x", path_type="exact"))
+    assert t.conflicts == () and pick(t, "", "/x") == "e" and pick(t, "", "/x/y") == "p"
+
+
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        ({"host": "a b"}, "host: invalid value 'a b'"),
+        ({"host": "*.com."}, "a wildcard needs a domain"),
+        ({"host": "a.*.com"}, "host: invalid value"),
+        ({"path": "api"}, "path: invalid value 'api'; expected a path starting with /"),
+        ({"path-type": "regex"}, "path-type: invalid value 'regex'; expected prefix or exact"),
+        ({"name": ""}, None),  # empty: the default name is used
+        ({"canary-weight": 200}, "canary-weight: invalid value 200"),
+    ],
+)
+def test_bad_route_keys_are_named(raw: dict[str, Any], error: str | None) -> None:
+    if error is None:
+        assert parse_route({**UPSTREAMS, **raw}, name="file.yaml").name == "file.yaml"
+        return
+    with pytest.raises(ConfigError) as caught:
+        parse_route({**UPSTREAMS, **raw}, name="r")
+    assert any(error in line for line in caught.value.errors), caught.value.errors
+
+
+def test_a_route_may_name_itself() -> None:
+    assert parse_route({**UPSTREAMS, "name": "shop"}, name="file.yaml#2").name == "shop"
+
+
+def test_explain_lists_the_candidates_until_the_match() -> None:
+    lines = ROUTES.explain(b"shop.example.com", b"/apix")
+    assert lines[-1].startswith("shop-root") and lines[-1].endswith("matches")
+    assert all(line.endswith("does not match") for line in lines[:-1])
