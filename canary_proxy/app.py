@@ -28,6 +28,7 @@ from .metrics import Metrics
 from .proxy.accesslog import AccessLog
 from .proxy.limits import Limits
 from .proxy.server import ProxyServer
+from .router import DEFAULT_ROUTE
 from .sources.file import RawConfig
 from .stats import RolloutNotes, Sampler, stats_document
 from .tls import TlsError, server_context, validate_upstream_ca, watch_certificate
@@ -119,7 +120,7 @@ class ConfigControl:
         self.current_raw = dict(raw.data)
         self.metrics.config_reloads.labels("success").inc()
         self.metrics.config_last_success.set(time.time())
-        self.metrics.weight_ratio.set(config.weight_ratio)
+        self.metrics.weight_ratio.labels(DEFAULT_ROUTE).set(config.weight_ratio)
         if changed:
             for callback in self.on_change:
                 callback(config, self.current_raw)

@@ -1,7 +1,10 @@
 """Every Prometheus collector canary-proxy exports, built in one place on a registry passed in.
 
 Label values come only from fixed sets (versions, rules, reasons, a method allow-list and
-HTTP status codes), so no client input can create a new series.
+HTTP status codes) and from the config (route names), so no client input can create a new
+series. Every per-version series carries the ``route`` it served (``default`` for a lone
+catch-all route, ``none`` for a request no route matched): the number of series grows with
+the number of routes and nothing else (docs/metrics.md gives the count per route).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .router import UNROUTED, VERSIONS
+from .router import DEFAULT_ROUTE, UNROUTED, VERSIONS
 
 NAMESPACE: Final = "canary_proxy"
 
@@ -45,14 +48,14 @@ class Metrics:
         self.requests = Counter(
             "requests",
             "Requests answered, by the version that served (or was tried), status and method.",
-            ["version", "code", "method"],
+            ["route", "version", "code", "method"],
             namespace=NAMESPACE,
             registry=registry,
         )
         self.duration = Histogram(
             "request_duration_seconds",
             "Time from request received to last response byte sent.",
-            ["version"],
+            ["route", "version"],
             namespace=NAMESPACE,
             buckets=DURATION_BUCKETS,
             registry=registry,
@@ -60,21 +63,21 @@ class Metrics:
         self.upstream_errors = Counter(
             "upstream_errors",
             "Upstream failures by version and reason (connect, timeout, reset, protocol).",
-            ["version", "reason"],
+            ["route", "version", "reason"],
             namespace=NAMESPACE,
             registry=registry,
         )
         self.decisions = Counter(
             "routing_decisions",
             "Routing decisions by the version chosen and the rule that chose it.",
-            ["version", "rule"],
+            ["route", "version", "rule"],
             namespace=NAMESPACE,
             registry=registry,
         )
         self.in_flight = Gauge(
             "in_flight_requests",
             "Requests being proxied now.",
-            ["version"],
+            ["route", "version"],
             namespace=NAMESPACE,
             registry=registry,
             multiprocess_mode="livesum",
@@ -82,7 +85,7 @@ class Metrics:
         self.websockets = Gauge(
             "websocket_connections",
             "WebSocket connections open now.",
-            ["version"],
+            ["route", "version"],
             namespace=NAMESPACE,
             registry=registry,
             multiprocess_mode="livesum",
@@ -90,6 +93,7 @@ class Metrics:
         self.weight_ratio = Gauge(
             "canary_weight_ratio",
             "The canary's configured share of weighted traffic, 0..1.",
+            ["route"],
             namespace=NAMESPACE,
             registry=registry,
             multiprocess_mode="mostrecent",
@@ -112,6 +116,7 @@ class Metrics:
             "outlier_ejections",
             "Times the canary was ejected from its weighted share after canary-outlier-failures "
             "connect failures within 10 s.",
+            ["route"],
             namespace=NAMESPACE,
             registry=registry,
         )
@@ -125,13 +130,14 @@ class Metrics:
             "mirror_requests",
             "Mirror copies sent to the canary, by the canary's status, or error or timeout. "
             "Not in requests_total: the client never sees them.",
-            ["code"],
+            ["route", "code"],
             namespace=NAMESPACE,
             registry=registry,
         )
         self.mirror_duration = Histogram(
             "mirror_request_duration_seconds",
             "Time from sending a mirror copy to the canary's last response byte (or its failure).",
+            ["route"],
             namespace=NAMESPACE,
             buckets=DURATION_BUCKETS,
             registry=registry,
@@ -143,19 +149,22 @@ class Metrics:
             namespace=NAMESPACE,
             registry=registry,
         )
-        self._request_children: dict[tuple[str, int, str], Counter] = {}
-        # labels() takes a lock and builds a tuple each call; the per-request path reuses children.
-        self.in_flight_by = {v: self.in_flight.labels(v) for v in VERSIONS}
-        self._duration_by = {v: self.duration.labels(v) for v in VERSIONS}
-        self._decisions_by: dict[tuple[str, str], Counter] = {}
+        # labels() takes a lock and builds a tuple each call; the per-request path reuses
+        # children, keyed by label values (so client input cannot grow these caches).
+        self._request_children: dict[tuple[str, str, int, str], Counter] = {}
+        self._in_flight_by: dict[tuple[str, str], Gauge] = {}
+        self._duration_by: dict[tuple[str, str], Histogram] = {}
+        self._decisions_by: dict[tuple[str, str, str], Counter] = {}
 
-    def init_data_plane(self) -> None:
-        """Create the per-version series at zero so rate() works from the first scrape."""
+    def init_data_plane(self, route: str = DEFAULT_ROUTE) -> None:
+        """Create a route's per-version series at zero so rate() works from the first scrape."""
         for version in VERSIONS:
-            self.duration.labels(version)
-            self.in_flight.labels(version)
-            self.websockets.labels(version)
-            self.decisions.labels(version, "weight")
+            self.duration.labels(route, version)
+            self.in_flight.labels(route, version)
+            self.websockets.labels(route, version)
+            self.decisions.labels(route, version, "weight")
+        self.outlier_ejections.labels(route)
+        self.mirror_duration.labels(route)
         for reason in MIRROR_SKIP_REASONS:
             self.mirror_skipped.labels(reason)
 
@@ -163,27 +172,38 @@ class Metrics:
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
 
-    def count_request(self, version: str, code: int, method: str, seconds: float) -> None:
+    def in_flight_of(self, route: str, version: str) -> Gauge:
+        key = (route, version)
+        child = self._in_flight_by.get(key)
+        if child is None:
+            child = self._in_flight_by[key] = self.in_flight.labels(route, version)
+        return child
+
+    def count_request(self, route: str, version: str, code: int, method: str, seconds: float) -> None:
         # Keyed by the *label* so that random client methods cannot grow this cache.
-        key = (version, code, method_label(method))
+        key = (route, version, code, method_label(method))
         child = self._request_children.get(key)
         if child is None:
-            child = self.requests.labels(version, str(code), key[2])
+            child = self.requests.labels(route, version, str(code), key[3])
             self._request_children[key] = child
         child.inc()
-        self._duration_by[version].observe(seconds)
+        timer = self._duration_by.get((route, version))
+        if timer is None:
+            timer = self._duration_by[(route, version)] = self.duration.labels(route, version)
+        timer.observe(seconds)
 
     def count_rejected(self, code: int, method: str) -> None:
-        """A request refused before it was routed (malformed, too large): ``version="none"``."""
-        self.requests.labels(UNROUTED, str(code), method_label(method)).inc()
+        """A request answered before a route took it (malformed, too large, no route):
+        ``route="none", version="none"``."""
+        self.requests.labels(UNROUTED, UNROUTED, str(code), method_label(method)).inc()
 
-    def count_mirror(self, code: str, seconds: float) -> None:
-        self.mirror_requests.labels(code).inc()
-        self.mirror_duration.observe(seconds)
+    def count_mirror(self, route: str, code: str, seconds: float) -> None:
+        self.mirror_requests.labels(route, code).inc()
+        self.mirror_duration.labels(route).observe(seconds)
 
-    def count_decision(self, version: str, rule: str) -> None:
-        key = (version, rule)
+    def count_decision(self, route: str, version: str, rule: str) -> None:
+        key = (route, version, rule)
         child = self._decisions_by.get(key)
         if child is None:
-            child = self._decisions_by[key] = self.decisions.labels(version, rule)
+            child = self._decisions_by[key] = self.decisions.labels(route, version, rule)
         child.inc()

@@ -31,7 +31,8 @@ from .config import BUCKETS, Config
 STABLE: Final = "stable"
 CANARY: Final = "canary"
 VERSIONS: Final = (STABLE, CANARY)
-UNROUTED: Final = "none"  # the version label of a request the proxy answered itself, unrouted
+UNROUTED: Final = "none"  # the version (and route) label of a request no route took
+DEFAULT_ROUTE: Final = "default"  # the name (and route label) of a lone catch-all route
 RULES: Final = ("header", "cookie", "sticky", "weight", "failover")
 
 

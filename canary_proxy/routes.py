@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
 from .config import Config, ConfigError, parse_config
+from .router import DEFAULT_ROUTE
 
 PREFIX: Final = "prefix"
 EXACT: Final = "exact"
-DEFAULT_ROUTE: Final = "default"  # the name (and metrics label) of a lone catch-all route
 ROUTE_KEYS: Final = ("name", "host", "path", "path-type")
 
 _HOST_LABEL = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
@@ -55,6 +55,11 @@ class Route:
     @property
     def key(self) -> tuple[str, str, str]:
         return (self.host, self.path, self.path_type)
+
+    @classmethod
+    def default(cls, config: Config) -> Route:
+        """The one catch-all route of a config with no host or path: the single-pair proxy."""
+        return cls(DEFAULT_ROUTE, "", "/", PREFIX, config)
 
     @property
     def catch_all(self) -> bool:
@@ -224,15 +229,13 @@ class RouteTable(Generic[T]):
         }
         self._wildcard = {suffix: _ordered(own + any_host) for suffix, own in wildcard.items()}
         self._any = _ordered(any_host)
-        only = self.items[0][0] if len(self.items) == 1 else None
-        self._single: _Entry[T] | None = self._any[0] if only is not None and only.catch_all else None
+        only = self.items[0] if len(self.items) == 1 else None
+        # One catch-all route (today's single-pair proxy): no Host or path to look at.
+        self.only: T | None = only[1] if only is not None and only[0].catch_all else None
 
     def lookup(self, host: bytes, path: bytes) -> tuple[Route, T] | None:
         """The route for a request (``host`` as ``request_host`` gives it, ``path`` as
         ``request_path`` does), or None: no route matches."""
-        single = self._single
-        if single is not None:  # one catch-all route: today's single-pair proxy
-            return single.route, single.value
         for entry in self.candidates(host):
             if entry.matches(path):
                 return entry.route, entry.value

@@ -17,19 +17,19 @@ PREFIX = "canary_proxy_"
 # The contract's table: every family and the only labels it may carry. ``le`` belongs to the
 # histogram buckets and is not a label of ours.
 LABELS: dict[str, frozenset[str]] = {
-    "canary_proxy_requests": frozenset({"version", "code", "method"}),
-    "canary_proxy_request_duration_seconds": frozenset({"version"}),
-    "canary_proxy_upstream_errors": frozenset({"version", "reason"}),
-    "canary_proxy_routing_decisions": frozenset({"version", "rule"}),
-    "canary_proxy_in_flight_requests": frozenset({"version"}),
-    "canary_proxy_websocket_connections": frozenset({"version"}),
-    "canary_proxy_canary_weight_ratio": frozenset(),
+    "canary_proxy_requests": frozenset({"route", "version", "code", "method"}),
+    "canary_proxy_request_duration_seconds": frozenset({"route", "version"}),
+    "canary_proxy_upstream_errors": frozenset({"route", "version", "reason"}),
+    "canary_proxy_routing_decisions": frozenset({"route", "version", "rule"}),
+    "canary_proxy_in_flight_requests": frozenset({"route", "version"}),
+    "canary_proxy_websocket_connections": frozenset({"route", "version"}),
+    "canary_proxy_canary_weight_ratio": frozenset({"route"}),
     "canary_proxy_config_reloads": frozenset({"result"}),
     "canary_proxy_config_last_success_timestamp_seconds": frozenset(),
     "canary_proxy_worker_restarts": frozenset(),
-    "canary_proxy_outlier_ejections": frozenset(),
-    "canary_proxy_mirror_requests": frozenset({"code"}),
-    "canary_proxy_mirror_request_duration_seconds": frozenset(),
+    "canary_proxy_outlier_ejections": frozenset({"route"}),
+    "canary_proxy_mirror_requests": frozenset({"route", "code"}),
+    "canary_proxy_mirror_request_duration_seconds": frozenset({"route"}),
     "canary_proxy_mirror_skipped": frozenset({"reason"}),
 }
 TYPES: dict[str, str] = {
@@ -59,6 +59,10 @@ class Scrape:
     samples: dict[Key, float]
 
     def get(self, name: str, **labels: str) -> float | None:
+        """One sample. A family with a ``route`` label is read for the ``default`` route (the
+        lone catch-all route of a single-pair config) unless ``route`` is given."""
+        if "route" not in labels and "route" in LABELS.get(_family(name), ()):
+            labels = {"route": "default", **labels}
         return self.samples.get((name, frozenset(labels.items())))
 
     def value(self, name: str, **labels: str) -> float:
@@ -80,6 +84,13 @@ class Scrape:
             for labels, v in self.series(name).items()
             if v != 0
         }
+
+
+def _family(sample: str) -> str:
+    for suffix in ("_total", "_created", "_bucket", "_count", "_sum"):
+        if sample.endswith(suffix) and sample.removesuffix(suffix) in LABELS:
+            return sample.removesuffix(suffix)
+    return sample
 
 
 def parse(text: str) -> Scrape:

@@ -33,6 +33,7 @@ FIELDS = {
     "method",
     "path",
     "status",
+    "route",
     "version",
     "rule",
     "upstream_seconds",
@@ -219,7 +220,8 @@ async def test_a_loop_iterations_lines_are_written_after_it_in_whole_lines_withi
         for i in range(40):
             ex = SimpleNamespace(
                 method="GET", path=f"/{i}", client="127.0.0.1", version="stable", rule="weight",
-                status=200, upstream_seconds=None, bytes_in=0, bytes_out=2, request_id=f"id-{i}",
+                route="default", status=200, upstream_seconds=None, bytes_in=0, bytes_out=2,
+                request_id=f"id-{i}",
             )  # fmt: skip
             log.write(ex, 0.001)
         held = len(writes)

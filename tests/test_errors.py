@@ -128,12 +128,17 @@ async def test_a_stale_pooled_connection_is_retried_once_for_idempotent_requests
                 assert r.status == 200 and await r.read() == b"ok"
         assert len(served) == 3  # each retry went to a fresh connection and was answered
         metrics = await proxy.metrics_text()
-        assert 'canary_proxy_upstream_errors_total{reason="reset",version="stable"}' not in metrics
+        assert (
+            'canary_proxy_upstream_errors_total{reason="reset",route="default",version="stable"}'
+            not in metrics
+        )
         async with client.post(proxy.url + "/", data=b"body") as r:
             await r.read()
             assert r.status == 502  # its body went out on the stale connection: not replayed
     metrics = await proxy.metrics_text()
-    assert 'canary_proxy_upstream_errors_total{reason="reset",version="stable"} 1.0' in metrics
+    assert (
+        'canary_proxy_upstream_errors_total{reason="reset",route="default",version="stable"} 1.0' in metrics
+    )
 
 
 # -- a scripted upstream: one misbehaviour per request, then well-behaved --------------------

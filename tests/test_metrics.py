@@ -276,8 +276,8 @@ async def test_client_input_cannot_create_series(
         "canary_proxy_requests_created",
     }
     assert {tuple(sorted(dict(labels).items())) for _, labels in new} == {
-        (("code", "200"), ("method", "OTHER"), ("version", "stable")),
-        (("code", "400"), ("method", "OTHER"), ("version", "none")),
+        (("code", "200"), ("method", "OTHER"), ("route", "default"), ("version", "stable")),
+        (("code", "400"), ("method", "OTHER"), ("route", "none"), ("version", "none")),
     }, new
 
 

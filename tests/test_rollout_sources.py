@@ -29,10 +29,10 @@ def exposition(requests: dict[tuple[str, int], int], latency: dict[str, list[flo
     metrics.init_data_plane()
     for (version, code), count in requests.items():
         for _ in range(count):
-            metrics.requests.labels(version, str(code), "GET").inc()
+            metrics.requests.labels("default", version, str(code), "GET").inc()
     for version, seconds in latency.items():
         for value in seconds:
-            metrics.duration.labels(version).observe(value)
+            metrics.duration.labels("default", version).observe(value)
     return generate_latest(registry).decode()
 
 
@@ -59,9 +59,9 @@ def test_the_mirror_copies_are_a_window_of_their_own() -> None:
         ("error", 3, 0.001),
     ):
         for _ in range(count):
-            metrics.count_mirror(code, seconds)
+            metrics.count_mirror("default", code, seconds)
     for _ in range(50):
-        metrics.count_request("stable", 200, "GET", 0.004)
+        metrics.count_request("default", "stable", 200, "GET", 0.004)
     window = window_of(parse_scrape(generate_latest(registry).decode()))
     assert window.mirror is not None
     assert (window.mirror.requests, window.mirror.errors) == (100, 10)  # 5xx, timeout and error

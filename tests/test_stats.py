@@ -23,15 +23,15 @@ def test_rates_error_share_and_quantiles_come_from_snapshot_deltas() -> None:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     metrics.init_data_plane()
-    metrics.weight_ratio.set(0.25)
+    metrics.weight_ratio.labels("default").set(0.25)
     first = snapshot(registry.collect(), 100.0)
     for _ in range(18):
-        metrics.count_request("stable", 200, "GET", 0.02)
+        metrics.count_request("default", "stable", 200, "GET", 0.02)
     for _ in range(2):
-        metrics.count_request("stable", 503, "GET", 0.02)
+        metrics.count_request("default", "stable", 503, "GET", 0.02)
     for _ in range(10):
-        metrics.count_request("canary", 200, "GET", 0.3)
-    metrics.count_decision("canary", "header")
+        metrics.count_request("default", "canary", 200, "GET", 0.3)
+    metrics.count_decision("default", "canary", "header")
     second = snapshot(registry.collect(), 102.0)
 
     columns = series([first, second])
@@ -139,7 +139,9 @@ async def test_stats_match_the_metrics_in_one_and_many_processes(
     served = sum(v or 0 for v in stats["series"]["canary"]["requestRate"]) * stats["interval"]
     assert served == pytest.approx(5, abs=0.5)  # the points add up to what was served
     metrics = await proxy.metrics_text()
-    assert 'canary_proxy_requests_total{code="500",method="GET",version="canary"} 1.0' in metrics
+    assert (
+        'canary_proxy_requests_total{code="500",method="GET",route="default",version="canary"} 1.0' in metrics
+    )
 
 
 async def test_the_dashboard_page_and_its_files_are_served(

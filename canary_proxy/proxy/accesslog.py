@@ -23,6 +23,7 @@ class _Exchange(Protocol):
     client: str
     version: str
     rule: str
+    route: str
     status: int
     upstream_seconds: float | None
     bytes_in: int
@@ -80,7 +81,8 @@ class AccessLog:
         upstream = "null" if ex.upstream_seconds is None else f"{ex.upstream_seconds:.6f}"
         line = (
             f'{{"time": "{rfc3339(time.time())}", "method": {_q(ex.method)}, "path": {_q(path)}, '
-            f'"status": {ex.status}, "version": "{ex.version}", "rule": "{ex.rule}", '
+            f'"status": {ex.status}, "route": {_q(ex.route)}, "version": "{ex.version}", '
+            f'"rule": "{ex.rule}", '
             f'"upstream_seconds": {upstream}, "duration_seconds": {seconds:.6f}, '
             f'"bytes_in": {ex.bytes_in}, "bytes_out": {ex.bytes_out}, "client": {_q(ex.client)}, '
             f'"request_id": {_q(ex.request_id)}}}\n'

@@ -17,12 +17,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Final, Protocol
 
 from ..config import Config
 from ..metrics import Metrics
-from ..router import CANARY, STABLE, Decision, decide, mirrored
+from ..router import CANARY, DEFAULT_ROUTE, STABLE, UNROUTED, Decision, decide, mirrored
+from ..routes import RouteTable, request_host, request_path
 from .headers import (
     CHUNKED_BODY,
     NO_BODY,
@@ -31,11 +32,13 @@ from .headers import (
     cookie_value,
     new_request_id,
     request_framing,
+    request_target,
     simple_response,
     upstream_head,
     valid_request_id,
 )
 from .mirror import Copy, Mirrors
+from .outlier import OutlierDetector
 from .request import Request
 from .upstream import CHUNKED, IDEMPOTENT, ConnectFailed, UpstreamConnection, UpstreamPool
 
@@ -58,11 +61,14 @@ class UpstreamFailure(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Runtime:
-    """What one request needs, swapped as a whole when the config changes."""
+    """What a request on one route needs, rebuilt when the config changes (its pools and its
+    outlier state are kept while its upstreams stay the same)."""
 
     config: Config
     stable: UpstreamPool
     canary: UpstreamPool
+    name: str = DEFAULT_ROUTE  # the route's, and its metrics' ``route`` label
+    outlier: OutlierDetector = field(default_factory=OutlierDetector)  # the canary's connect failures
 
     def pool(self, version: str) -> UpstreamPool:
         return self.canary if version == CANARY else self.stable
@@ -79,6 +85,7 @@ class Exchange:
     version: str
     rule: str
     request_id: str
+    route: str = UNROUTED
     status: int = 0
     upstream_seconds: float | None = None
     bytes_in: int = 0
@@ -117,7 +124,8 @@ class Client(Protocol):
 class Proxy(Protocol):
     """What a Cycle needs of the server: the config, the pools, accounting and batching."""
 
-    runtime: Runtime | None
+    table: RouteTable[Runtime] | None  # None until a config is loaded
+    fallback: Runtime | None  # --default-backend: takes what no route matches
     metrics: Metrics
     mirrors: Mirrors
     draw: Callable[[], int]
@@ -129,8 +137,9 @@ class Proxy(Protocol):
     def enter(self, ex: Exchange) -> None: ...
     def move(self, ex: Exchange, version: str, rule: str) -> None: ...
     def leave(self, ex: Exchange) -> None: ...
-    def canary_ejected(self) -> bool: ...
-    def canary_failed(self, config: Config) -> None: ...
+    def canary_ejected(self, runtime: Runtime) -> bool: ...
+    def canary_failed(self, runtime: Runtime) -> None: ...
+    def reject(self, ex: Exchange) -> None: ...
     def websocket_opened(self, cycle: Cycle) -> None: ...
     def websocket_closed(self, cycle: Cycle) -> None: ...
 
@@ -198,12 +207,18 @@ class Cycle:
             self.close_after = True
             self._finish()
             return
-        runtime = self.server.runtime
-        if runtime is None:
+        table = self.server.table
+        if table is None:
             body = b"503: no config loaded yet\n"
             self.client.send_now(simple_response(503, body, head=request.method == "HEAD"))
             self._finish()
             return
+        runtime = table.only
+        if runtime is None:
+            runtime = self._find(table)
+            if runtime is None:
+                self._no_route()
+                return
         self._route(runtime)
         if self.bad_status:  # malformed before we even started
             self._fail(self._body_failure())
@@ -216,12 +231,41 @@ class Cycle:
         self.websocket = request.upgrade
         self._acquire()
 
+    def _find(self, table: RouteTable[Runtime]) -> Runtime | None:
+        """The route for this request's Host and path (see routes.py), or the default backend."""
+        request = self.request
+        host = request_host(request.lookup.get(b"host"))
+        found = table.lookup(host, request_path(request_target(request.url)))
+        return found[1] if found is not None else self.server.fallback
+
+    def _no_route(self) -> None:
+        """No route matches and there is no default backend: 404, counted unrouted."""
+        request = self.request
+        self.close_after = request.has_body and not request.body_done
+        host = (request.lookup.get(b"host") or b"").decode("latin-1")
+        body = f"404: no route for host {host or '(none)'} path {request.url.decode('latin-1')}\n"
+        ex = Exchange(
+            start=time.monotonic(),
+            method=request.method,
+            path=request.url.decode("latin-1"),
+            client=self.client.peer.client,
+            version=UNROUTED,
+            rule="no-route",
+            request_id=new_request_id(),
+            status=404,
+        )
+        self.server.reject(ex)
+        close = self.close_after or self.client.draining or not request.keep_alive
+        response = simple_response(404, body.encode(), close=close, head=request.method == "HEAD")
+        self.client.send_now(response)
+        self._finish()
+
     def _route(self, runtime: Runtime) -> None:
         request, server = self.request, self.server
         config = runtime.config
         decision = self._decide(config)
         ejectable = decision.rule in ("weight", "sticky") and decision.version == CANARY
-        if ejectable and config.canary_outlier_failures and server.canary_ejected():
+        if ejectable and config.canary_outlier_failures and server.canary_ejected(runtime):
             decision = replace(decision, version=STABLE, rule="failover")
         rid = request.lookup.get(b"x-request-id")
         ex = Exchange(
@@ -232,6 +276,7 @@ class Cycle:
             version=decision.version,
             rule=decision.rule,
             request_id=rid.decode("ascii") if rid is not None and valid_request_id(rid) else new_request_id(),
+            route=runtime.name,
         )
         server.enter(ex)
         self.route = Route(runtime, decision, ex, runtime.pool(ex.version))
@@ -321,7 +366,7 @@ class Cycle:
         request = self.request
         head = self._upstream_head(runtime.canary, framing=False)
         self.mirror = self.server.mirrors.begin(
-            runtime.canary, runtime.config, request.method, head,
+            runtime.canary, runtime.config, runtime.name, request.method, head,
             length=request.content_length, chunked=request.chunked,
         )  # fmt: skip
 
@@ -358,7 +403,7 @@ class Cycle:
         request = self.request
         framing = CHUNKED if request.chunked else request.content_length or 0
         upstream.start(self, framing=framing, upgrade=self.websocket)
-        upstream.version = route.ex.version
+        upstream.version, upstream.route = route.ex.version, route.ex.route
         self.server.hold_upstream(upstream, self._upstream_head(upstream.pool, framing=True))
         if self.expect_continue and request.version == "1.1" and not request.body_done:
             self.client.send_now(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -396,7 +441,7 @@ class Cycle:
         except UpstreamFailure as failure:
             config = runtime.config
             if failure.reason == "connect" and ex.version == CANARY:
-                self.server.canary_failed(config)
+                self.server.canary_failed(runtime)
             if not (failure.reason == "connect" and ex.version == CANARY and config.canary_failover):
                 raise
         log.warning("canary unreachable, failing over to stable (request %s)", ex.request_id)
@@ -419,7 +464,7 @@ class Cycle:
 
     def _count_failure(self, failure: UpstreamFailure) -> None:
         ex = self.route.ex
-        self.server.metrics.upstream_errors.labels(ex.version, failure.reason).inc()
+        self.server.metrics.upstream_errors.labels(ex.route, ex.version, failure.reason).inc()
         log.warning(
             "upstream %s failed (%s): %s [request %s]", ex.version, failure.reason, failure, ex.request_id
         )
@@ -647,8 +692,8 @@ class Cycle:
         self.client.send_now(simple_response(status, body, extra=own, close=close, head=head))
 
     def _mid_body_failure(self, reason: str, detail: str) -> None:
-        version = self.route.ex.version
-        self.server.metrics.upstream_errors.labels(version, reason).inc()
+        route, version = self.route.ex.route, self.route.ex.version
+        self.server.metrics.upstream_errors.labels(route, version, reason).inc()
         log.warning(
             "upstream %s broke mid-body (%s: %s); aborting the client connection", version, reason, detail
         )

@@ -81,14 +81,23 @@ class Copy:
 
     __slots__ = (
         "dropped", "framed", "head", "limit", "max_in_flight", "method", "mirrors", "parts", "pool",
-        "size", "timeout",
+        "route", "size", "timeout",
     )  # fmt: skip
 
     def __init__(
-        self, mirrors: Mirrors, pool: UpstreamPool, config: Config, method: str, head: bytes, *, framed: bool
+        self,
+        mirrors: Mirrors,
+        pool: UpstreamPool,
+        config: Config,
+        route: str,
+        method: str,
+        head: bytes,
+        *,
+        framed: bool,
     ) -> None:
         self.mirrors = mirrors
         self.pool = pool
+        self.route = route  # the route label its metrics carry
         self.timeout = config.canary_mirror_timeout
         self.limit = config.canary_mirror_max_body
         self.max_in_flight = config.canary_mirror_max_in_flight
@@ -129,6 +138,7 @@ class Mirrors:
         self,
         pool: UpstreamPool,
         config: Config,
+        route: str,
         method: str,
         head: bytes,
         *,
@@ -142,7 +152,7 @@ class Mirrors:
         if length is not None and length > config.canary_mirror_max_body:
             self.skip("body-too-large")
             return None
-        copy = Copy(self, pool, config, method, head, framed=chunked or length is not None)
+        copy = Copy(self, pool, config, route, method, head, framed=chunked or length is not None)
         if not (chunked or length):
             self.launch(copy, b"")
             return None
@@ -175,7 +185,7 @@ class Mirrors:
         finally:
             self.in_flight -= 1
             pool.leave()
-        self.metrics.count_mirror(code, time.monotonic() - start)
+        self.metrics.count_mirror(copy.route, code, time.monotonic() - start)
 
     async def _exchange(self, copy: Copy, body: bytes) -> int:
         """The canary's status. A pooled connection the canary had closed is retried once on

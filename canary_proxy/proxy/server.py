@@ -10,11 +10,12 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from ..config import Config, Upstream, format_duration
 from ..metrics import Metrics
 from ..router import STABLE, random_bucket_source
+from ..routes import Route, RouteTable
 from ..tls import TlsError, read_ca, upstream_context
 from .accesslog import AccessLog
 from .client import ClientConnection
@@ -66,10 +67,10 @@ class ProxyServer:
         self.handshaking: dict[ClientConnection, float] = {}
         self._trusted = tuple(ipaddress.ip_network(c, strict=False) for c in self.limits.trust_forwarded_from)
         self.tick = _tick_for(self.limits, None)
-        self.runtime: Runtime | None = None
+        self.table: RouteTable[Runtime] | None = None  # swapped whole by apply_routes
+        self.fallback: Runtime | None = None  # --default-backend
         self.pools: dict[str, UpstreamPool] = {}  # by URL (and CA bundle, for https)
-        self._ca: tuple[str, ssl.SSLContext] | None = None  # upstream-ca: (digest, context)
-        self.outlier = OutlierDetector()
+        self._ca: dict[str, ssl.SSLContext] = {}  # upstream-ca contexts by content digest
         self.connections: set[ClientConnection] = set()
         self.websockets: set[Cycle] = set()
         self.mirrors = Mirrors(metrics)
@@ -177,20 +178,50 @@ class ProxyServer:
             address = address.ipv4_mapped
         return any(address in network for network in self._trusted)
 
+    @property
+    def runtime(self) -> Runtime | None:
+        """The lone catch-all route's, when that is all there is (the single-pair proxy)."""
+        return self.table.only if self.table is not None else None
+
     def apply(self, config: Config) -> None:
+        """One config, one catch-all route: the single-pair proxy."""
+        self.apply_routes([Route.default(config)])
+
+    def apply_routes(self, routes: Sequence[Route], *, fallback: Config | None = None) -> None:
+        """Serve ``routes`` from now on: one table, swapped in one assignment. A route whose
+        upstreams did not change keeps its pools (pools are shared by URL) and its outlier
+        state; no other route's are touched."""
+        previous = {runtime.name: runtime for _, runtime in self.table.items} if self.table else {}
+        items = []
+        for route in routes:
+            runtime = self._runtime(route.name, route.config, previous.get(route.name))
+            if runtime is not None:
+                items.append((route, runtime))
+                self.metrics.init_data_plane(route.name)
+        table = RouteTable(items)
+        self.fallback = self._runtime("default-backend", fallback, None) if fallback is not None else None
+        configs = [runtime.config for _, runtime in table.items]
+        self.tick = min((_tick_for(self.limits, c) for c in configs), default=_tick_for(self.limits, None))
+        self.table = table
+        used = {id(p) for _, r in table.items for p in (r.stable, r.canary)}
+        if self.fallback is not None:
+            used.add(id(self.fallback.stable))
+        for key in [k for k, p in self.pools.items() if id(p) not in used]:
+            self.pools.pop(key).retire()
+
+    def _runtime(self, name: str, config: Config, previous: Runtime | None) -> Runtime | None:
         try:
             ca = self._upstream_ca(config)
         except TlsError as exc:  # validated before, so only if the file changed since
-            log.error("cannot apply the new config, keeping the current one: upstream-ca: %s", exc)
-            return
-        self.tick = _tick_for(self.limits, config)
-        previous = self.runtime.config if self.runtime is not None else None
-        if previous is None or previous.canary != config.canary or not config.canary_outlier_failures:
-            self.outlier.reset()  # a new canary (or protection turned off) starts with a clean slate
-        stable, canary = self._pool(config.stable, ca), self._pool(config.canary, ca)
-        self.runtime = Runtime(config, stable, canary)
-        for key in [k for k, p in self.pools.items() if p is not stable and p is not canary]:
-            self.pools.pop(key).retire()
+            if previous is not None:
+                log.error("route %s: upstream-ca: %s; keeping its current config", name, exc)
+            else:
+                log.error("route %s: upstream-ca: %s; not served", name, exc)
+            return previous
+        outlier = previous.outlier if previous is not None else OutlierDetector()
+        if previous is None or previous.config.canary != config.canary or not config.canary_outlier_failures:
+            outlier.reset()  # a new canary (or protection turned off) starts with a clean slate
+        return Runtime(config, self._pool(config.stable, ca), self._pool(config.canary, ca), name, outlier)
 
     def _upstream_ca(self, config: Config) -> tuple[str, ssl.SSLContext] | None:
         """The client context for https upstreams, built once per distinct CA bundle content."""
@@ -198,9 +229,10 @@ class ProxyServer:
             return None
         data = read_ca(config.upstream_ca)
         digest = hashlib.sha256(data).hexdigest()
-        if self._ca is None or self._ca[0] != digest:
-            self._ca = (digest, upstream_context(data, origin=config.upstream_ca))
-        return self._ca
+        context = self._ca.get(digest)
+        if context is None:
+            context = self._ca[digest] = upstream_context(data, origin=config.upstream_ca)
+        return digest, context
 
     def _pool(self, upstream: Upstream, ca: tuple[str, ssl.SSLContext] | None) -> UpstreamPool:
         key = f"{upstream.url} ca={ca[0]}" if upstream.tls and ca is not None else upstream.url
@@ -211,28 +243,30 @@ class ProxyServer:
             pool.on_stray = self._stray
         return pool
 
-    def canary_ejected(self) -> bool:
+    def canary_ejected(self, runtime: Runtime) -> bool:
         now = time.monotonic()
-        if self.outlier.expired(now):
-            log.info("canary outlier cool-down over: the canary gets its weighted share again")
-        return self.outlier.ejected(now)
+        if runtime.outlier.expired(now):
+            log.info("route %s: canary outlier cool-down over: the canary gets its weighted share again",
+                     runtime.name)  # fmt: skip
+        return runtime.outlier.ejected(now)
 
-    def canary_failed(self, config: Config) -> None:
+    def canary_failed(self, runtime: Runtime) -> None:
         """One connect failure to the canary: eject it when that crosses the threshold."""
+        config = runtime.config
         threshold, cooldown = config.canary_outlier_failures, config.canary_outlier_cooldown
-        if self.outlier.failure(time.monotonic(), threshold=threshold, cooldown=cooldown):
-            self.metrics.outlier_ejections.inc()
+        if runtime.outlier.failure(time.monotonic(), threshold=threshold, cooldown=cooldown):
+            self.metrics.outlier_ejections.labels(runtime.name).inc()
             log.warning(
                 "canary ejected for %s: %d connect failures within %gs; its weighted share goes to stable",
                 format_duration(cooldown),
                 threshold,
                 WINDOW,
-                extra={"canary": config.canary.url},
+                extra={"canary": config.canary.url, "route": runtime.name},
             )
 
     def _stray(self, conn: UpstreamConnection, detail: str) -> None:
         version = conn.version or STABLE
-        self.metrics.upstream_errors.labels(version, "protocol").inc()
+        self.metrics.upstream_errors.labels(conn.route, version, "protocol").inc()
         log.warning(
             "upstream %s (%s) sent %s; closed that connection", version, conn.pool.upstream.url, detail
         )
@@ -241,12 +275,12 @@ class ProxyServer:
 
     def enter(self, ex: Exchange) -> None:
         self.in_flight += 1
-        self.metrics.in_flight_by[ex.version].inc()
+        self.metrics.in_flight_of(ex.route, ex.version).inc()
 
     def move(self, ex: Exchange, version: str, rule: str) -> None:
-        self.metrics.in_flight_by[ex.version].dec()
+        self.metrics.in_flight_of(ex.route, ex.version).dec()
         ex.version, ex.rule = version, rule
-        self.metrics.in_flight_by[version].inc()
+        self.metrics.in_flight_of(ex.route, version).inc()
 
     def reject(self, ex: Exchange) -> None:
         self.metrics.count_rejected(ex.status, ex.method)
@@ -256,9 +290,9 @@ class ProxyServer:
     def leave(self, ex: Exchange) -> None:
         seconds = time.monotonic() - ex.start
         m = self.metrics
-        m.in_flight_by[ex.version].dec()
-        m.count_request(ex.version, ex.status, ex.method, seconds)
-        m.count_decision(ex.version, ex.rule)
+        m.in_flight_of(ex.route, ex.version).dec()
+        m.count_request(ex.route, ex.version, ex.status, ex.method, seconds)
+        m.count_decision(ex.route, ex.version, ex.rule)
         if self.access_log is not None:
             self.access_log.write(ex, seconds)
         self.in_flight -= 1
@@ -270,14 +304,14 @@ class ProxyServer:
     def websocket_opened(self, cycle: Cycle) -> None:
         assert cycle.route.ex is not None
         self.websockets.add(cycle)
-        self.metrics.websockets.labels(cycle.route.ex.version).inc()
+        self.metrics.websockets.labels(cycle.route.ex.route, cycle.route.ex.version).inc()
         self._changed.set()
 
     def websocket_closed(self, cycle: Cycle) -> None:
         if cycle in self.websockets:
             self.websockets.discard(cycle)
             assert cycle.route.ex is not None
-            self.metrics.websockets.labels(cycle.route.ex.version).dec()
+            self.metrics.websockets.labels(cycle.route.ex.route, cycle.route.ex.version).dec()
             self._changed.set()
 
     # -- shutdown ---------------------------------------------------------------------------

@@ -83,6 +83,7 @@ class UpstreamConnection(asyncio.Protocol):
         "reason",
         "request_left",
         "response_done",
+        "route",
         "sink",
         "status",
         "transport",
@@ -104,6 +105,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.idle_since = 0.0
         self.version = ""  # the version label of the request last served, for stray bytes
+        self.route = ""  # and its route label
         self.out: list[bytes] = []  # held by ``hold`` until ``flush``
         self.body_left = -1  # Content-Length bytes still to come; -1: not a length-framed body
         self.keep_alive = False  # the response head allows another request on this connection
