@@ -25,8 +25,8 @@ precedence order, stops at the first match: nothing grows with the total number 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Final, Generic, TypeVar
 
 from .config import Config, ConfigError, parse_config
@@ -51,6 +51,7 @@ class Route:
     path_type: str  # PREFIX or EXACT
     config: Config
     order: tuple[Any, ...] = ()  # creation order: the earlier one wins a conflict
+    named: bool = False  # by its own ``name`` key, not by where it came from
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -105,8 +106,43 @@ def parse_route(raw: Mapping[str, Any], *, name: str, order: tuple[Any, ...] = (
         raise ConfigError(errors)
     if path_type == PREFIX and path != "/":
         path = path.rstrip("/") or "/"
-    chosen = own_name.strip() if isinstance(own_name, str) and own_name.strip() else name
-    return Route(chosen, host, path, path_type, config, order)
+    named = isinstance(own_name, str) and bool(own_name.strip())
+    chosen = own_name.strip() if named and isinstance(own_name, str) else name
+    return Route(chosen, host, path, path_type, config, order, named)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A route that failed to parse: its name and every problem, one line each."""
+
+    name: str
+    errors: list[str]
+
+
+def parse_documents(
+    origin: str, documents: Sequence[Any], *, order: tuple[Any, ...] = ()
+) -> tuple[list[Route], list[Rejected]]:
+    """The routes of one file's YAML documents (empty ones skipped): one route each, named
+    ``origin`` for a single document and ``origin#N`` for the Nth of several, unless it
+    names itself."""
+    docs = [doc for doc in documents if doc is not None]
+    routes: list[Route] = []
+    rejected: list[Rejected] = []
+    for number, doc in enumerate(docs, 1):
+        name = origin if len(docs) == 1 else f"{origin}#{number}"
+        try:
+            routes.append(parse_route(doc, name=name, order=(*order, number)))
+        except ConfigError as exc:
+            rejected.append(Rejected(name, exc.errors))
+    return routes, rejected
+
+
+def settle_names(routes: Sequence[Route]) -> list[Route]:
+    """A lone catch-all route that does not name itself is ``default``: a config of today
+    (one pair, no host or path) keeps its metrics' ``route="default"`` whatever its source."""
+    if len(routes) == 1 and routes[0].catch_all and not routes[0].named:
+        return [replace(routes[0], name=DEFAULT_ROUTE)]
+    return list(routes)
 
 
 def _field(raw: Mapping[str, Any], key: str, default: str, parse: Any, errors: list[str]) -> str:

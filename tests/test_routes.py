@@ -7,7 +7,15 @@ from typing import Any
 import pytest
 
 from canary_proxy.config import ConfigError
-from canary_proxy.routes import Route, RouteTable, parse_route, request_host, request_path
+from canary_proxy.routes import (
+    Route,
+    RouteTable,
+    parse_documents,
+    parse_route,
+    request_host,
+    request_path,
+    settle_names,
+)
 
 UPSTREAMS = {"stable-url": "http://127.0.0.1:1", "canary-url": "http://127.0.0.1:2"}
 
@@ -115,3 +123,24 @@ def test_explain_lists_the_candidates_until_the_match() -> None:
     lines = ROUTES.explain(b"shop.example.com", b"/apix")
     assert lines[-1].startswith("shop-root") and lines[-1].endswith("matches")
     assert all(line.endswith("does not match") for line in lines[:-1])
+
+
+def test_documents_are_named_by_file_and_number_unless_they_name_themselves() -> None:
+    routes, rejected = parse_documents(
+        "shop.yaml",
+        [{**UPSTREAMS, "host": "a.example"}, None, {**UPSTREAMS, "name": "b", "host": "b.example"},
+         {**UPSTREAMS, "host": "bad host"}],
+    )  # fmt: skip
+    assert [r.name for r in routes] == ["shop.yaml#1", "b"]
+    assert [(r.name, len(r.errors)) for r in rejected] == [("shop.yaml#3", 1)]
+    alone, _ = parse_documents("one.yaml", [{**UPSTREAMS, "host": "a.example"}])
+    assert [r.name for r in alone] == ["one.yaml"]
+
+
+def test_a_lone_unnamed_catch_all_route_is_default() -> None:
+    routes, _ = parse_documents("canary.yaml", [dict(UPSTREAMS)])
+    assert [r.name for r in settle_names(routes)] == ["default"]
+    named, _ = parse_documents("canary.yaml", [{**UPSTREAMS, "name": "shop"}])
+    assert [r.name for r in settle_names(named)] == ["shop"]
+    two = [route("a", host="a.example"), route("b")]
+    assert [r.name for r in settle_names(two)] == ["a", "b"]
