@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from .conftest import Backend, ProxyFactory, base_config
@@ -21,6 +24,17 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         env={**os.environ, **(env or {})},
         check=False,
     )
+
+
+def plain_lines(stderr: str) -> list[str]:
+    """The lines of stderr that are not JSON log entries: what a person is told directly."""
+    lines = []
+    for line in stderr.splitlines():
+        try:
+            json.loads(line)
+        except ValueError:
+            lines.append(line)
+    return lines
 
 
 def test_check_prints_the_effective_config_as_yaml(tmp_path: Path) -> None:
@@ -94,9 +108,8 @@ def test_version() -> None:
     assert result.returncode == 0 and result.stdout.startswith("canary-proxy ")
 
 
-def test_a_port_in_use_is_a_clear_exit_2_not_a_traceback(tmp_path: Path) -> None:
-    import socket
-
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_in_use_names_the_flag_and_the_address_once(tmp_path: Path, workers: str) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("stable-url: http://127.0.0.1:1\ncanary-url: http://127.0.0.1:2\n")
     with socket.socket() as busy:
@@ -104,6 +117,11 @@ def test_a_port_in_use_is_a_clear_exit_2_not_a_traceback(tmp_path: Path) -> None
         busy.listen()
         port = busy.getsockname()[1]
         for flag, other in (("--listen", "--admin-listen"), ("--admin-listen", "--listen")):
-            result = cli("serve", "--config", str(config), flag, f"127.0.0.1:{port}", other, "127.0.0.1:0")
+            result = cli(
+                "serve", "--config", str(config), flag, f"127.0.0.1:{port}", other, "127.0.0.1:0",
+                "--workers", workers,
+            )  # fmt: skip
             assert result.returncode == 2, result.stderr
-            assert "cannot listen" in result.stderr and "Traceback" not in result.stderr
+            assert "Traceback" not in result.stderr
+            errors = plain_lines(result.stderr)
+            assert errors == [f"error: {flag} 127.0.0.1:{port}: address already in use"], result.stderr

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..config import ConfigError, format_duration, parse_config
+from ..runner import Exit
 from .analysis import (
     INCONCLUSIVE,
     PASS,
@@ -76,7 +77,12 @@ from .webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
-EXIT_PROMOTED, EXIT_ROLLED_BACK, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+EXIT_PROMOTED, EXIT_ROLLED_BACK, EXIT_USAGE, EXIT_UNAVAILABLE = (
+    Exit.OK,
+    Exit.FAILED,
+    Exit.USAGE,
+    Exit.UNAVAILABLE,
+)
 STOPPED = -1  # stopped by a signal; the CLI turns it into 128 + the signal's number
 OUTCOME = {"Promoted": EXIT_PROMOTED, "RolledBack": EXIT_ROLLED_BACK, "Aborted": EXIT_ROLLED_BACK}
 

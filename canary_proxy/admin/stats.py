@@ -27,9 +27,13 @@ from typing import Any, Final, Protocol
 
 from prometheus_client.metrics_core import Metric
 
-from .metrics import NAMESPACE
-from .rollout.analysis import histogram_quantile
-from .router import VERSIONS
+from ..control import RolloutNotes
+from ..metrics import NAMESPACE
+from ..rollout.analysis import histogram_quantile
+from ..rollout.report import status_report
+from ..rollout.state import StateError, decode
+from ..rollout.store import Stored
+from ..router import VERSIONS
 
 log = logging.getLogger(__name__)
 
@@ -190,23 +194,11 @@ def stats_document(
 # -- the rollout: beside the config file, or in the ConfigMap's annotations ------------------
 
 
-@dataclass(frozen=True, slots=True)
-class RolloutNotes:
-    """A rollout state that came with the config: a ConfigMap's ``canary-proxy.io/*`` annotations."""
-
-    store: str  # where it is kept, as ``status`` names it: "configmap shop/canary-proxy"
-    annotations: Mapping[str, str]
-
-
 def rollout_report(
     store: str, data: Mapping[str, Any] | None, notes: Mapping[str, str]
 ) -> dict[str, Any] | None:
     """``notes`` decoded and shaped as ``status -o json`` (the one format of both stores);
     None if no rollout is recorded. Raises StateError if they cannot be read back."""
-    from .rollout.cli import status_report
-    from .rollout.state import decode
-    from .rollout.store import Stored
-
     state = decode(notes)
     if state.phase is None:
         return None
@@ -215,8 +207,6 @@ def rollout_report(
 
 def notes_rollout(notes: RolloutNotes, data: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """The rollout recorded in a ConfigMap's annotations, as ``status -o json``; None if none."""
-    from .rollout.state import StateError
-
     try:
         return rollout_report(notes.store, data, notes.annotations)
     except StateError as exc:  # edited by hand, or another tool's: say so
