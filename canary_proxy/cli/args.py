@@ -24,7 +24,7 @@ def env_flag(parser: Any, flag: str, *, default: str | None = None, help: str = 
 
     Its placeholder comes from its type (``METAVARS``) unless ``metavar`` is given."""
     env = env_name(flag)
-    shown = "none" if default is None else default.replace("%", "%%")  # argparse %-formats help
+    shown = default.replace("%", "%%") if default else "none"  # argparse %-formats help
     if "metavar" not in kwargs and kwargs.get("type") in METAVARS:
         kwargs["metavar"] = METAVARS[kwargs["type"]]
     parser.add_argument(

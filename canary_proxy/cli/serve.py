@@ -29,6 +29,13 @@ if TYPE_CHECKING:
 
 Source = tuple["RawConfig | None", Callable[[], AsyncIterator["RawConfig"]], str]
 
+SERVE_DESCRIPTION = """\
+Run the proxy: send each request to stable or canary (by header, cookie, then the weight),
+follow the config source for changes, and drain on SIGTERM. Start-up errors are plain
+"error:" lines and exit 2; after start-up, everything is logged as JSON lines on stderr."""
+CHECK_DESCRIPTION = """\
+Validate a config file as serve would, and print the effective config (every key, with its
+default filled in) as YAML. On errors, list every one of them and exit 2."""
 SERVE_EXAMPLE = """\
 example:
   canary-proxy serve --config canary.yaml --listen 0.0.0.0:8080 --admin-listen 127.0.0.1:9090
@@ -45,8 +52,7 @@ def add_commands(sub: Any) -> None:
     serve = sub.add_parser(
         "serve",
         help="run the proxy",
-        description="Run the proxy: route each request to stable or canary (header, cookie, then "
-        "the weight), follow the config source for changes, and drain on SIGTERM.",
+        description=SERVE_DESCRIPTION,
         epilog=SERVE_EXAMPLE,
         formatter_class=raw,
     )
@@ -130,8 +136,7 @@ def add_commands(sub: Any) -> None:
     check = sub.add_parser(
         "check",
         help="validate a config file and print the effective config",
-        description="Validate a config file as serve would and print the effective config (every key, "
-        "defaults filled in) as YAML; on errors, list every one of them and exit 2.",
+        description=CHECK_DESCRIPTION,
         epilog=CHECK_EXAMPLE,
         formatter_class=raw,
     )
