@@ -1,6 +1,7 @@
 """Running a command: the one table of exit codes, the one error printer, and ``run_async``.
 
-Only ``cli.main`` exits the process; every command returns one of these codes. A fatal
+Only the entry points exit the process (``cli.main``, and ``serve.worker`` in a worker
+process); every command returns one of these codes. A fatal
 start-up error is a ``Fatal`` raised anywhere below a command: ``cli.main`` prints it with
 ``print_errors`` (plain text, for the person who typed the command) and exits with its code.
 """

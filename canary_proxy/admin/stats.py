@@ -22,7 +22,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final, Protocol
 
 from prometheus_client.metrics_core import Metric
@@ -32,7 +31,7 @@ from ..metrics import NAMESPACE
 from ..rollout.analysis import histogram_quantile
 from ..rollout.report import status_report
 from ..rollout.state import StateError, decode
-from ..rollout.store import Stored
+from ..rollout.store import FileStore, Stored
 from ..router import VERSIONS
 
 log = logging.getLogger(__name__)
@@ -213,12 +212,6 @@ def notes_rollout(notes: RolloutNotes, data: Mapping[str, Any] | None) -> dict[s
         return {"store": notes.store, "phase": None, "error": f"{notes.store}: {exc}"}
 
 
-def state_path(config_path: str) -> Path:
-    """Where ``rollout --config FILE`` keeps its state (as ``rollout.store.FileStore``)."""
-    path = Path(config_path)
-    return path.with_name(path.name + ".rollout.json")
-
-
 def read_rollout(config_path: str | None, data: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """The rollout recorded beside the config file, shaped as ``status -o json``; None if none.
 
@@ -226,7 +219,8 @@ def read_rollout(config_path: str | None, data: Mapping[str, Any] | None) -> dic
     """
     if config_path is None:
         return None
-    path, store = state_path(config_path), f"file {config_path}"
+    files = FileStore(config_path)  # only for its paths and name: nothing is locked or written
+    path, store = files.state_path, files.description
     try:
         notes = json.loads(path.read_text())
         if not isinstance(notes, dict):
