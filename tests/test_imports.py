@@ -8,6 +8,8 @@ a function is still a cycle: it only moves the failure from import time to run t
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -138,3 +140,18 @@ def test_the_pure_core_imports_no_io(name: str) -> None:
         if target in IO_MODULES or target.partition(".")[0] in IO_MODULES
     ]
     assert not offenders, f"{name} reaches I/O: " + "; ".join(offenders)
+
+
+def test_the_cli_leaves_prometheus_client_unimported_until_serve_chose_its_value_store() -> None:
+    """prometheus_client picks its value store when first imported: ``serve --workers N``
+    must set PROMETHEUS_MULTIPROC_DIR before that, so parsing the command line imports
+    none of the data path or the metrics."""
+    code = (
+        "import sys, canary_proxy.cli.main as m; m.build_parser(); "
+        "print(sorted(n for n in ('prometheus_client', 'canary_proxy.metrics', 'canary_proxy.http1') "
+        "if n in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
+    )
+    assert result.stdout.strip() == "[]", result.stdout

@@ -11,12 +11,15 @@ import os
 import signal
 import socket
 import struct
+import sys
 import termios
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 
 from .conftest import Backend, ProxyFactory, ProxyProcess, base_config, port_of, stop_proxy
 from .scrape import eventually
@@ -287,3 +290,34 @@ async def test_sigint_is_named_and_a_second_one_skips_the_drain(
     assert await exit_code(proxy, timeout=10) == 130  # interrupted: the drain was cut short
     assert time.monotonic() - started < 5
     assert any("second SIGINT" in str(e.get("msg")) for e in proxy.logs[mark:])
+
+
+async def test_ctrl_c_in_a_terminal_reaches_every_worker_and_twice_stops_them_all(
+    backends: tuple[Backend, Backend], tmp_path: Path
+) -> None:
+    """A terminal sends Ctrl-C to the whole foreground process group: the supervisor and
+    each worker get SIGINT at once, then the supervisor's SIGTERM. One Ctrl-C must still
+    drain (not count twice); a second one stops everything now."""
+    stable, canary = backends
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(base_config(stable, canary)))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "canary_proxy", "serve", "--config", str(config), "--workers", "2",
+        "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--drain-delay", "30s",
+        stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+        start_new_session=True,  # its own process group, as a shell gives a foreground job
+    )  # fmt: skip
+    assert process.stderr is not None
+    try:
+        while b'"msg": "ready"' not in await asyncio.wait_for(process.stderr.readline(), 20):
+            pass
+        os.killpg(process.pid, signal.SIGINT)
+        with pytest.raises(TimeoutError):  # draining: 30 s of drain delay
+            await asyncio.wait_for(asyncio.shield(process.wait()), 1.5)
+        os.killpg(process.pid, signal.SIGINT)
+        assert await asyncio.wait_for(process.wait(), 10) == 130
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+        await process.stderr.read()
