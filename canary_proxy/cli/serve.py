@@ -185,8 +185,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from ..serve.single import run_single as run
     try:
         return run_async(run(settings, initial=initial, updates=updates, origin=origin))
-    except (ListenError, TlsError) as exc:  # a port in use, or a certificate pair gone bad
+    except ListenError as exc:  # a port in use, or an address this host does not have
         raise Fatal(Exit.USAGE, str(exc)) from None
+    except TlsError as exc:  # the pair changed since _check_tls read it
+        raise Fatal(Exit.USAGE, f"--tls-cert/--tls-key: {exc}") from None
 
 
 def _check_tls(cert: str | None, key: str | None) -> None:
