@@ -20,7 +20,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ..rollout.analysis import Thresholds, parse_factor, parse_percent
-from ..rollout.controller import STOPPED, Controller, Settings
+from ..rollout.controller import Controller
+from ..rollout.decide import STOPPED, Settings
 from ..rollout.plan import Plan, PlanError, mirrors, parse_plan
 from ..rollout.report import format_status, status_report
 from ..rollout.state import COMMAND, RUNNING, StateError, decode

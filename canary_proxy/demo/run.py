@@ -39,7 +39,8 @@ import yaml
 from aiohttp import web
 
 from ..rollout.analysis import Thresholds
-from ..rollout.controller import STOPPED, Controller, Settings
+from ..rollout.controller import Controller
+from ..rollout.decide import STOPPED, Settings
 from ..rollout.plan import Plan, describe, parse_plan
 from ..rollout.sources import ScrapeSource
 from ..rollout.store import FileStore
