@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from canary_proxy.cli import run_async
-from canary_proxy.demo import DemoApp
+from canary_proxy.demo.run import DemoApp
+from canary_proxy.runner import run_async
 
 
 async def serve() -> int:

@@ -26,7 +26,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-pytest_plugins = ["tests.fakekube"]  # the fake Kubernetes API server fixture, ``fake_kube``
+pytest_plugins = ["tests.fakekube", "tests.rawupstream"]  # fixtures: ``fake_kube``, ``raw_upstreams``
 
 # -- backends --------------------------------------------------------------------------------
 

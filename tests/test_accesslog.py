@@ -199,7 +199,9 @@ async def test_app_logs_are_json_on_stderr_or_text_on_request(
 
     text = await proxy_factory(base_config(stable, canary), "--log-format", "text", wait_ready=False)
     line = await text.wait_log(lambda e: str(e.get("raw", "")).rstrip().endswith(": ready"))
-    assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO canary_proxy\.app: ready", line["raw"])
+    assert re.match(
+        r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO canary_proxy\.serve\.single: ready", line["raw"]
+    )
     await asyncio.wait_for(stop_proxy(text), 10)
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from .conftest import Backend, ProxyFactory, base_config
@@ -21,6 +24,17 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         env={**os.environ, **(env or {})},
         check=False,
     )
+
+
+def plain_lines(stderr: str) -> list[str]:
+    """The lines of stderr that are not JSON log entries: what a person is told directly."""
+    lines = []
+    for line in stderr.splitlines():
+        try:
+            json.loads(line)
+        except ValueError:
+            lines.append(line)
+    return lines
 
 
 def test_check_prints_the_effective_config_as_yaml(tmp_path: Path) -> None:
@@ -94,9 +108,8 @@ def test_version() -> None:
     assert result.returncode == 0 and result.stdout.startswith("canary-proxy ")
 
 
-def test_a_port_in_use_is_a_clear_exit_2_not_a_traceback(tmp_path: Path) -> None:
-    import socket
-
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_in_use_names_the_flag_and_the_address_once(tmp_path: Path, workers: str) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("stable-url: http://127.0.0.1:1\ncanary-url: http://127.0.0.1:2\n")
     with socket.socket() as busy:
@@ -104,6 +117,92 @@ def test_a_port_in_use_is_a_clear_exit_2_not_a_traceback(tmp_path: Path) -> None
         busy.listen()
         port = busy.getsockname()[1]
         for flag, other in (("--listen", "--admin-listen"), ("--admin-listen", "--listen")):
-            result = cli("serve", "--config", str(config), flag, f"127.0.0.1:{port}", other, "127.0.0.1:0")
+            result = cli(
+                "serve", "--config", str(config), flag, f"127.0.0.1:{port}", other, "127.0.0.1:0",
+                "--workers", workers,
+            )  # fmt: skip
             assert result.returncode == 2, result.stderr
-            assert "cannot listen" in result.stderr and "Traceback" not in result.stderr
+            assert "Traceback" not in result.stderr
+            errors = plain_lines(result.stderr)
+            assert errors == [f"error: {flag} 127.0.0.1:{port}: address already in use"], result.stderr
+
+
+# -- the help, and the errors a person reads ------------------------------------------------------
+
+
+def test_help_placeholders_say_what_a_value_is() -> None:
+    text = " ".join(cli("serve", "--help").stdout.split())
+    for placeholder in (
+        "--config FILE",
+        "--configmap [NAMESPACE/]NAME",
+        "--listen HOST:PORT",
+        "--admin-listen HOST:PORT",
+        "--workers N|auto",
+        "--drain-delay DURATION",
+        "--max-header-size SIZE",
+        "--max-headers N",
+        "--access-log on|off",
+        "--trust-forwarded-from CIDR,...",
+        "--tls-cert FILE",
+    ):
+        assert placeholder in text, placeholder
+    assert "CONFIG]" not in text and "LISTEN]" not in text  # argparse's own: the flag's name
+    rollout = " ".join(cli("rollout", "--help").stdout.split())
+    for placeholder in (
+        "--steps STEP,...",
+        "--interval DURATION",
+        "--max-error-rate PERCENT",
+        "--config FILE",
+    ):
+        assert placeholder in rollout, placeholder
+
+
+def test_serve_and_check_help_describe_and_show_an_example() -> None:
+    for command in ("serve", "check"):
+        text = cli(command, "--help").stdout
+        assert "\nexample:\n" in text and f"  canary-proxy {command} --config " in text, text
+        description = text.split("\n\n")[1]
+        assert len(description.split()) > 10, description  # a sentence, not just the usage
+    admin = " ".join(cli("serve", "--help").stdout.partition("--admin-listen HOST:PORT\n")[2].split())
+    assert admin.startswith("the admin port: / (dashboard), /stats, /metrics"), admin
+
+
+def test_an_address_without_a_port_names_its_flag(tmp_path: Path) -> None:
+    result = cli("serve", "--config", "x.yaml", "--listen", "18500")
+    assert result.returncode == 2
+    assert "argument --listen: '18500': expected HOST:PORT" in result.stderr, result.stderr
+    result = cli("serve", "--config", "x.yaml", env={"CANARY_PROXY_ADMIN_LISTEN": "9090"})
+    assert result.returncode == 2
+    assert "argument --admin-listen: '9090': expected HOST:PORT" in result.stderr, result.stderr
+
+
+def test_a_yaml_error_names_the_file_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("stable-url: http://s:80\n canary-url: http://c:80\n")
+    for command in ("check", "serve"):
+        result = cli(command, "--config", str(path))
+        assert result.returncode == 2
+        assert plain_lines(result.stderr) == [
+            f"error: {path}: invalid YAML: line 2, column 12: mapping values are not allowed here"
+        ], result.stderr
+        assert "<byte string>" not in result.stderr
+
+
+async def test_start_up_errors_are_plain_lines_and_later_ones_are_the_json_log(
+    backends: tuple[Backend, Backend], proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    """The rule of docs/workers.md: a person reads what stops the start; a log collector
+    reads everything after it."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stable-url: http://s:80\ncanary-url: http://c:80\ncanary-weight: 101\n")
+    result = cli("serve", "--config", str(bad), "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == plain_lines(result.stderr) != []  # not one JSON line
+    assert all(line.startswith("error: ") for line in result.stderr.splitlines()), result.stderr
+
+    stable, canary = backends
+    proxy = await proxy_factory(base_config(stable, canary))
+    entry = await proxy.reload(base_config(stable, canary, canary_weight=101), expect_ok=False)
+    assert entry["level"] == "error" and entry["errors"], entry  # a JSON log entry
+    await proxy.terminate()
+    assert all("raw" not in e for e in proxy.logs), proxy.logs  # every stderr line was JSON

@@ -6,8 +6,8 @@ import io
 
 from rich.console import Console
 
-from canary_proxy.demo import CheckRow, DemoModel, DemoOptions, VersionNow, version_now
-from canary_proxy.demo_view import LiveView, PlainView
+from canary_proxy.demo.model import CheckRow, DemoModel, DemoOptions, VersionNow, version_now
+from canary_proxy.demo.view import LiveView, PlainView
 from canary_proxy.rollout.plan import parse_plan
 
 

@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from canary_proxy.cli import build_parser
+from canary_proxy.cli.main import build_parser
 from canary_proxy.config import reference_table
 
 ROOT = Path(__file__).resolve().parent.parent

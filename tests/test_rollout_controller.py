@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from canary_proxy.rollout.analysis import Verdict
-from canary_proxy.rollout.controller import Decision, Settings, decide, mirror_percent, start
+from canary_proxy.rollout.decide import Decision, Settings, decide, mirror_percent, start
 from canary_proxy.rollout.plan import parse_plan
 from canary_proxy.rollout.state import RolloutState, StateError, decode, encode
 
@@ -234,7 +234,7 @@ def test_which_gates_a_decision_must_pass(
     before_step: int, after_step: int, after_phase: str, percent: float, consumed: str | None,
     expected: list[str],
 ) -> None:  # fmt: skip
-    from canary_proxy.rollout.controller import gates
+    from canary_proxy.rollout.decide import gates
 
     s = settings("10,50,75,100")
     before = RolloutState(phase="Progressing", steps="10,50,75,100", step=before_step)

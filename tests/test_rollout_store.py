@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from canary_proxy.rollout.analysis import Window
-from canary_proxy.rollout.controller import Controller, Decision, Settings
+from canary_proxy.rollout.controller import Controller
+from canary_proxy.rollout.decide import Decision, Settings
 from canary_proxy.rollout.plan import parse_plan
 from canary_proxy.rollout.state import COMMAND, RolloutState
 from canary_proxy.rollout.store import Change, FileStore, Invalid, Missing, Stale, weight_for

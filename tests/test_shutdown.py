@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import errno
 import fcntl
 import os
 import signal
 import socket
 import struct
+import sys
 import termios
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 
 from .conftest import Backend, ProxyFactory, ProxyProcess, base_config, port_of, stop_proxy
 from .scrape import eventually
@@ -29,8 +33,8 @@ async def readyz(proxy: ProxyProcess) -> int:
 
 
 async def exit_code(proxy: ProxyProcess, timeout: float = 10) -> int:
-    """Wait for the exit that one SIGTERM started. (A second SIGTERM could land after asyncio
-    removed its handlers on the way out, and kill the process with -15.)"""
+    """Wait for the exit that one SIGTERM started (more of them change nothing: see
+    ``test_more_sigterms_during_teardown_still_exit_0``)."""
     return await asyncio.wait_for(proxy.process.wait(), timeout)
 
 
@@ -249,3 +253,71 @@ async def test_a_restart_under_steady_load_loses_no_accepted_request(
     # share stdout: their lines must never interleave).
     assert len(proxy.access) == load.ok
     assert all("raw" not in line for line in proxy.access)
+
+
+# -- signals during teardown --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_more_sigterms_during_teardown_still_exit_0(
+    backends: tuple[Backend, Backend], proxy_factory: ProxyFactory, workers: str
+) -> None:
+    """Kubernetes, a supervisor or an impatient person may repeat SIGTERM: once stopping,
+    it changes nothing, up to the very last instant of the exit."""
+    stable, canary = backends
+    proxy = await proxy_factory(base_config(stable, canary), "--workers", workers, "--drain-delay", "300ms")
+    await sigterm(proxy)
+    while proxy.process.returncode is None:  # until it is gone, through every stage of teardown
+        with contextlib.suppress(ProcessLookupError):
+            proxy.process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(proxy.process.wait()), 0.002)
+    assert await exit_code(proxy) == 0
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_sigint_is_named_and_a_second_one_skips_the_drain(
+    backends: tuple[Backend, Backend], proxy_factory: ProxyFactory, workers: str
+) -> None:
+    stable, canary = backends
+    proxy = await proxy_factory(base_config(stable, canary), "--workers", workers, "--drain-delay", "30s")
+    mark = len(proxy.logs)
+    proxy.process.send_signal(signal.SIGINT)
+    await proxy.wait_log(lambda e: str(e.get("msg")).startswith("SIGINT: /readyz is now 503"), since=mark)
+    assert await readyz(proxy) == 503
+    started = time.monotonic()
+    proxy.process.send_signal(signal.SIGINT)  # Ctrl-C again: do not wait out the 30 s
+    assert await exit_code(proxy, timeout=10) == 130  # interrupted: the drain was cut short
+    assert time.monotonic() - started < 5
+    assert any("second SIGINT" in str(e.get("msg")) for e in proxy.logs[mark:])
+
+
+async def test_ctrl_c_in_a_terminal_reaches_every_worker_and_twice_stops_them_all(
+    backends: tuple[Backend, Backend], tmp_path: Path
+) -> None:
+    """A terminal sends Ctrl-C to the whole foreground process group: the supervisor and
+    each worker get SIGINT at once, then the supervisor's SIGTERM. One Ctrl-C must still
+    drain (not count twice); a second one stops everything now."""
+    stable, canary = backends
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(base_config(stable, canary)))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "canary_proxy", "serve", "--config", str(config), "--workers", "2",
+        "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--drain-delay", "30s",
+        stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+        start_new_session=True,  # its own process group, as a shell gives a foreground job
+    )  # fmt: skip
+    assert process.stderr is not None
+    try:
+        while b'"msg": "ready"' not in await asyncio.wait_for(process.stderr.readline(), 20):
+            pass
+        os.killpg(process.pid, signal.SIGINT)
+        with pytest.raises(TimeoutError):  # draining: 30 s of drain delay
+            await asyncio.wait_for(asyncio.shield(process.wait()), 1.5)
+        os.killpg(process.pid, signal.SIGINT)
+        assert await asyncio.wait_for(process.wait(), 10) == 130
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+        await process.stderr.read()

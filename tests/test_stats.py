@@ -10,11 +10,11 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
-from canary_proxy.app import ConfigControl
+from canary_proxy.admin.stats import notes_rollout, read_rollout, series, snapshot, stats_document
+from canary_proxy.control import ConfigControl, RolloutNotes
 from canary_proxy.metrics import Metrics
 from canary_proxy.rollout.state import RolloutState, encode
 from canary_proxy.sources.configmap import raw_from_data
-from canary_proxy.stats import RolloutNotes, notes_rollout, read_rollout, series, snapshot, stats_document
 
 from .conftest import Backend, ProxyFactory, base_config, stats_until
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from pathlib import Path
@@ -150,3 +151,33 @@ async def test_workers_auto_means_one_per_usable_cpu(
     # One CPU runs the single-process mode: no supervisor, no worker processes.
     assert len(children(proxy.pid)) == (cpus if cpus > 1 else 0)
     assert await fan_out(proxy.url, 4) == {"stable": 4}
+
+
+async def config_weight(proxy: ProxyProcess) -> Any:
+    return (await proxy.admin_json("/config"))["canary-weight"]
+
+
+async def test_config_shows_a_reload_only_once_every_worker_applied_it(
+    backends: tuple[Backend, Backend], proxy_factory: ProxyFactory
+) -> None:
+    stable, canary = backends
+    proxy = await proxy_factory(base_config(stable, canary, canary_weight=25), "--workers", "2")
+    slow = min(children(proxy.pid))
+    os.kill(slow, signal.SIGSTOP)  # it cannot read the new config until it continues
+    try:
+        mark = len(proxy.logs)
+        await proxy.reload(base_config(stable, canary, canary_weight=75))
+        await proxy.wait_log(
+            lambda e: e.get("msg") == "worker applied config" and e["worker_pid"] != slow, since=mark
+        )
+        # One worker serves 75 already, the other still 25: /config says what all may get.
+        assert await config_weight(proxy) == 25
+    finally:
+        os.kill(slow, signal.SIGCONT)
+    await proxy.wait_log(
+        lambda e: e.get("msg") == "worker applied config" and e["worker_pid"] == slow, since=mark
+    )
+    deadline = asyncio.get_running_loop().time() + 5
+    while (weight := await config_weight(proxy)) != 75:  # the supervisor reads its status pipe
+        assert asyncio.get_running_loop().time() < deadline, weight
+        await asyncio.sleep(0.02)

@@ -34,6 +34,10 @@ _UPSTREAM_DROP: Final = HOP_BY_HOP | _REPLACED
 SINGLE: Final = frozenset({b"host", b"transfer-encoding"})
 # RFC 3986 host [":" port]: an IP literal, or reg-name characters (no "/", "?", "@", space...).
 _VALID_HOST: Final = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]{0,5})?")
+# Hosts already found valid: a client sends the same Host on every request, and the set of
+# names a proxy serves is small; the regex costs more than the rest of the check.
+_good_hosts: dict[bytes, bool] = {}
+_GOOD_HOSTS_KEPT = 1024
 _MAX_REQUEST_ID = 200
 STATUS_TEXT: Final = {400: b"Bad Request", 405: b"Method Not Allowed", 413: b"Content Too Large",
                       417: b"Expectation Failed",
@@ -113,8 +117,12 @@ def invalid_head(
     if host is None:
         if version == "1.1":
             return 400
-    elif not _VALID_HOST.fullmatch(host):
-        return 400
+    elif host not in _good_hosts:
+        if not _VALID_HOST.fullmatch(host):
+            return 400
+        if len(_good_hosts) >= _GOOD_HOSTS_KEPT:
+            _good_hosts.clear()
+        _good_hosts[host] = True
     if version == "1.0" and b"transfer-encoding" in lookup:  # 1.0 has no chunked coding
         return 400
     if url == b"*" and method != "OPTIONS":

@@ -21,15 +21,44 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
-PREFIX: Final = "canary-proxy.io/"
-PHASE: Final = PREFIX + "phase"
-STEPS: Final = PREFIX + "steps"
-STEP: Final = PREFIX + "step"
-MESSAGE: Final = PREFIX + "message"
-LAST_ANALYSIS: Final = PREFIX + "last-analysis"
-PROGRESS: Final = PREFIX + "progress"
-COMMAND: Final = PREFIX + "command"
-KEYS: Final = (PHASE, STEPS, STEP, MESSAGE, LAST_ANALYSIS, PROGRESS, COMMAND)
+from ..annotations import (  # the names are shared with the ConfigMap source
+    COMMAND,
+    KEYS,
+    LAST_ANALYSIS,
+    MESSAGE,
+    PHASE,
+    PREFIX,
+    PROGRESS,
+    STEP,
+    STEPS,
+    recorded,
+)
+
+__all__ = [  # the annotation names are re-exported: a rollout speaks of them as its state
+    "ACTIONS",
+    "COMMAND",
+    "FINAL",
+    "KEYS",
+    "LAST_ANALYSIS",
+    "MESSAGE",
+    "PHASE",
+    "PHASES",
+    "PREFIX",
+    "PROGRESS",
+    "RUNNING",
+    "STEP",
+    "STEPS",
+    "Action",
+    "Phase",
+    "RolloutState",
+    "StateError",
+    "decode",
+    "encode",
+    "parse_command",
+    "parse_timestamp",
+    "recorded",
+    "timestamp",
+]
 
 Phase = Literal["Progressing", "Paused", "RollingBack", "Promoted", "RolledBack", "Aborted"]
 PHASES: Final[tuple[Phase, ...]] = (
@@ -135,8 +164,3 @@ def encode(state: RolloutState) -> dict[str, str | None]:
         LAST_ANALYSIS: state.last_analysis,
         PROGRESS: json.dumps(progress, separators=(",", ":")),
     }
-
-
-def recorded(annotations: Mapping[str, str]) -> dict[str, str]:
-    """Just the rollout's keys: what a write compares to detect a concurrent change."""
-    return {key: annotations[key] for key in KEYS if key in annotations}

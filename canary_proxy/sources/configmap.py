@@ -14,8 +14,8 @@ import json
 import logging
 from collections.abc import AsyncIterator, Mapping
 
-from ..rollout.state import recorded
-from .file import RawConfig
+from ..annotations import recorded
+from .raw import RawConfig
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def raw_from_data(data: dict[str, str], annotations: Mapping[str, str] | None = 
 async def follow_configmap(ref: str, *, kubeconfig: str | None) -> AsyncIterator[RawConfig]:
     """Yield the ConfigMap's ``data`` and rollout annotations each time either changes, forever
     (until cancelled). A change to the annotations alone keeps the digest, so the consumer
-    (``app.ConfigControl``) updates the rollout it shows without reloading the config."""
+    (``control.ConfigControl``) updates the rollout it shows without reloading the config."""
     from ..k8s import KubeClient, WatchStatus, load_config, parse_ref, watch_configmap
 
     namespace, name = parse_ref(ref)

@@ -13,31 +13,18 @@ import asyncio
 import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from ..config import ConfigError
+from .raw import RawConfig
 
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.25  # seconds; the reload budget is 1 s
 SETTLE = 0.05  # seconds between seeing a change and reading it
-
-
-@dataclass(frozen=True, slots=True)
-class RawConfig:
-    """One version of the source: the raw mapping, or why it could not be read."""
-
-    digest: str  # of the config alone: two versions with one digest are the same config
-    data: Mapping[str, Any] | None
-    error: ConfigError | None = None
-    # A ConfigMap's rollout state (its ``canary-proxy.io/*`` annotations), which changes
-    # without the config; None for a file, whose state the admin port reads beside it.
-    annotations: Mapping[str, str] | None = None
 
 
 def load_file(path: str | Path) -> RawConfig:
@@ -54,12 +41,22 @@ def parse_yaml(content: bytes, *, origin: str) -> RawConfig:
     try:
         data = yaml.safe_load(content)
     except (yaml.YAMLError, ValueError) as exc:  # ValueError: e.g. an int of over 4300 digits
-        return RawConfig(digest, None, ConfigError([f"{origin}: invalid YAML ({exc})"]))
+        return RawConfig(digest, None, ConfigError([f"{origin}: invalid YAML: {yaml_problem(exc)}"]))
     if data is None:
         data = {}
     if not isinstance(data, dict):
         return RawConfig(digest, None, ConfigError([f"{origin}: expected a mapping of keys to values"]))
     return RawConfig(digest, {str(k): v for k, v in data.items()})
+
+
+def yaml_problem(exc: Exception) -> str:
+    """What is wrong and where, as ``line 3, column 7: ...``: PyYAML's own text would name the
+    stream ``"<byte string>"`` (the caller names the file) and quote the line twice."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        context = f" ({exc.context})" if exc.context else ""
+        return f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}{context}"
+    return str(exc)
 
 
 def _signature(path: str) -> tuple[int, int, int, int] | None:

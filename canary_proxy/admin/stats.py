@@ -22,14 +22,17 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final, Protocol
 
 from prometheus_client.metrics_core import Metric
 
-from .metrics import NAMESPACE
-from .rollout.analysis import histogram_quantile
-from .router import VERSIONS
+from ..control import RolloutNotes
+from ..metrics import NAMESPACE
+from ..rollout.analysis import histogram_quantile
+from ..rollout.report import status_report
+from ..rollout.state import StateError, decode
+from ..rollout.store import FileStore, Stored
+from ..router import VERSIONS
 
 log = logging.getLogger(__name__)
 
@@ -190,23 +193,11 @@ def stats_document(
 # -- the rollout: beside the config file, or in the ConfigMap's annotations ------------------
 
 
-@dataclass(frozen=True, slots=True)
-class RolloutNotes:
-    """A rollout state that came with the config: a ConfigMap's ``canary-proxy.io/*`` annotations."""
-
-    store: str  # where it is kept, as ``status`` names it: "configmap shop/canary-proxy"
-    annotations: Mapping[str, str]
-
-
 def rollout_report(
     store: str, data: Mapping[str, Any] | None, notes: Mapping[str, str]
 ) -> dict[str, Any] | None:
     """``notes`` decoded and shaped as ``status -o json`` (the one format of both stores);
     None if no rollout is recorded. Raises StateError if they cannot be read back."""
-    from .rollout.cli import status_report
-    from .rollout.state import decode
-    from .rollout.store import Stored
-
     state = decode(notes)
     if state.phase is None:
         return None
@@ -215,18 +206,10 @@ def rollout_report(
 
 def notes_rollout(notes: RolloutNotes, data: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """The rollout recorded in a ConfigMap's annotations, as ``status -o json``; None if none."""
-    from .rollout.state import StateError
-
     try:
         return rollout_report(notes.store, data, notes.annotations)
     except StateError as exc:  # edited by hand, or another tool's: say so
         return {"store": notes.store, "phase": None, "error": f"{notes.store}: {exc}"}
-
-
-def state_path(config_path: str) -> Path:
-    """Where ``rollout --config FILE`` keeps its state (as ``rollout.store.FileStore``)."""
-    path = Path(config_path)
-    return path.with_name(path.name + ".rollout.json")
 
 
 def read_rollout(config_path: str | None, data: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -236,7 +219,8 @@ def read_rollout(config_path: str | None, data: Mapping[str, Any] | None) -> dic
     """
     if config_path is None:
         return None
-    path, store = state_path(config_path), f"file {config_path}"
+    files = FileStore(config_path)  # only for its paths and name: nothing is locked or written
+    path, store = files.state_path, files.description
     try:
         notes = json.loads(path.read_text())
         if not isinstance(notes, dict):

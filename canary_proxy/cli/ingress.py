@@ -12,17 +12,20 @@ from typing import Any
 
 import yaml
 
-from .ingress_import import ImportError_, convert, render
+from ..ingress_import import ImportError_, convert, render
+from ..runner import Exit, fail, print_errors
 
 
-def add_import_command(sub: Any) -> None:
+def add_commands(sub: Any) -> None:
     parser = sub.add_parser(
         "import-ingress",
         help="convert an ingress-nginx main + canary Ingress into a canary-proxy ConfigMap",
     )
     parser.add_argument("main", metavar="MAIN.yaml", help="the main Ingress (may also hold its Services)")
     parser.add_argument("canary", metavar="CANARY.yaml", help='the Ingress annotated canary: "true"')
-    parser.add_argument("--name", default="canary-proxy", help="the ConfigMap's name [default: canary-proxy]")
+    parser.add_argument(
+        "--name", default="canary-proxy", metavar="NAME", help="the ConfigMap's name [default: canary-proxy]"
+    )
     parser.add_argument(
         "--service",
         action="append",
@@ -43,13 +46,12 @@ def cmd_import_ingress(args: argparse.Namespace) -> int:
         services = [doc for path in args.service for doc in _load(path)]
         result = convert(main, canary, services=services)
     except (OSError, yaml.YAMLError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(Exit.USAGE, [str(exc)])
     except ImportError_ as exc:
-        for line in exc.errors:
-            print(f"error: {line}", file=sys.stderr)
-        return 2
-    for line in result.warnings:
-        print(f"warning: {line}", file=sys.stderr)
+        return fail(Exit.USAGE, exc.errors)
+    print_errors(result.warnings, label="warning")
     sys.stdout.write(render(result, name=args.name))
-    return 0
+    return Exit.OK
+
+
+HANDLERS = {"import-ingress": cmd_import_ingress}

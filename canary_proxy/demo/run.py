@@ -10,7 +10,7 @@ One command starts, in this process unless said otherwise:
 - the rollout controller in file mode through 5,10,25,50,100, analysing the proxy's own
   ``/metrics`` exactly as ``canary-proxy rollout --config FILE --metrics-url ...`` does.
 
-``demo_view`` shows it: a live view in a terminal, plain progress lines otherwise. The exit
+``view`` shows it: a live view in a terminal, plain progress lines otherwise. The exit
 code is the rollout's: 0 promoted, 1 rolled back; 128 + N when stopped by signal N (130 for
 Ctrl-C); 2 when it cannot start (a port in use).
 """
@@ -28,26 +28,26 @@ import signal
 import socket
 import sys
 import tempfile
-import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import aiohttp
 import yaml
 from aiohttp import web
 
-from .rollout.analysis import Thresholds
-from .rollout.controller import STOPPED, Controller, Settings
-from .rollout.plan import Plan, describe, parse_plan
-from .rollout.sources import ScrapeSource
-from .rollout.store import FileStore
-from .router import CANARY, STABLE
-
-if TYPE_CHECKING:
-    from .demo_view import View
+from ..rollout.analysis import Thresholds
+from ..rollout.controller import Controller
+from ..rollout.decide import STOPPED, Settings
+from ..rollout.plan import Plan, describe, parse_plan
+from ..rollout.sources import ScrapeSource
+from ..rollout.store import FileStore
+from ..router import CANARY, STABLE
+from ..runner import Exit, print_errors, signalled
+from .model import CheckRow, DemoModel, DemoOptions, version_now
+from .view import View, make_view
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,9 @@ STEPS: Final = "5,10,25,50,100"
 HEADER: Final = "X-Canary"
 APP_VERSIONS: Final = {STABLE: "v1", CANARY: "v2"}
 
-# Each app answers in 110-170 ms, so every healthy request lands in one latency bucket
-# (100-250 ms) for both versions: the p99-vs-stable check then trips only on a real stall
-# (over ~350 ms), not on scheduler noise of a busy laptop. A slow canary adds 500 ms.
+# Each app answers in 110-170 ms, so healthy requests land in the 150-200 ms buckets for
+# both versions (p99 reads about 200 ms): the p99-vs-stable check (2x) then trips only on a
+# real stall (over ~400 ms), not on scheduler noise of a busy laptop. A slow canary adds 500 ms.
 BASE_LATENCY: Final = (0.11, 0.17)
 SLOW_EXTRA: Final = 0.5
 ERROR_SHARE: Final = 0.4  # a failing canary answers 500 to this share of its requests
@@ -75,24 +75,7 @@ STEP_DURATION: Final = 12.0
 INTERVAL: Final = 2.0
 PROGRESS_DEADLINE: Final = 30.0
 MIN_REQUESTS: Final = 10  # per check, up to --speed 2.5; fewer when checks come faster (never < 3)
-MAX_SPEED: Final = 10.0  # beyond, a check interval is too short to hold a few canary requests
 STATS_POLL: Final = 0.5  # seconds between two reads of the admin port's /stats
-
-
-@dataclass(frozen=True, slots=True)
-class DemoOptions:
-    bad_canary: str | None = None  # None (healthy), "errors" or "latency"
-    fail_at: float = 20.0  # percent of traffic at which a bad canary starts failing
-    speed: float = 1.0  # 2 runs twice as fast
-    port: int = 0  # the proxy's public port; 0 picks a free one
-    admin_port: int = 0
-    live: bool | None = None  # None: a live view when stdout is a terminal
-
-    def __post_init__(self) -> None:
-        if self.bad_canary not in (None, "errors", "latency"):
-            raise ValueError("bad_canary: expected errors or latency")
-        if not 0 < self.fail_at <= 100 or not 0 < self.speed <= MAX_SPEED:
-            raise ValueError(f"need 0 < fail_at <= 100 and 0 < speed <= {MAX_SPEED:g}")
 
 
 class StartError(Exception):
@@ -279,75 +262,6 @@ class Traffic:
         while not self.stop.is_set():
             await self._get({HEADER: "always"})
             await self._pause()
-
-
-# -- what the views show ------------------------------------------------------------------------
-
-
-@dataclass
-class VersionNow:
-    """One version over the last few seconds, from the proxy's /stats."""
-
-    rate: float | None = None  # requests per second
-    error_rate: float | None = None  # 5xx share, 0..1
-    p50: float | None = None  # seconds
-    p99: float | None = None
-
-
-@dataclass
-class CheckRow:
-    elapsed: float
-    step: str
-    result: str
-    canary: dict[str, Any]
-    stable: dict[str, Any]
-    reasons: list[str]
-    line: str  # the controller's log line, every number in it
-
-
-@dataclass
-class DemoModel:
-    options: DemoOptions
-    plan: Plan
-    started: float = field(default_factory=time.monotonic)
-    urls: dict[str, str] = field(default_factory=dict)
-    phase: str = "Starting"
-    step: str = "-"
-    weight: float | None = None  # percent the proxy serves now
-    versions: dict[str, VersionNow] = field(
-        default_factory=lambda: {STABLE: VersionNow(), CANARY: VersionNow()}
-    )
-    checks: list[CheckRow] = field(default_factory=list)
-    events: list[tuple[float, str, bool]] = field(default_factory=list)  # (elapsed, text, warning)
-    users: Counter[str] = field(default_factory=Counter)
-    fault_active: bool = False
-
-    @property
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
-
-
-def version_now(series: dict[str, Any], version: str, points: int = 3) -> VersionNow:
-    """The last ``points`` seconds of one version's /stats series: mean rate, pooled 5xx share,
-    and the latest p50/p99."""
-    columns = series.get(version, {})
-    rates = [r for r in columns.get("requestRate", [])[-points:] if r is not None]
-    shares = columns.get("errorRate", [])[-points:]
-    served = sum(rates)
-    failed = sum(
-        (s or 0.0) * (r or 0.0)
-        for s, r in zip(shares, columns.get("requestRate", [])[-points:], strict=False)
-    )
-    latest = {
-        key: next((v for v in reversed(columns.get(key, [])[-points:]) if v is not None), None)
-        for key in ("p50", "p99")
-    }
-    return VersionNow(
-        rate=served / len(rates) if rates else None,
-        error_rate=failed / served if served > 0 else None,
-        p50=latest["p50"],
-        p99=latest["p99"],
-    )
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -553,8 +467,6 @@ async def _signals() -> AsyncIterator[tuple[asyncio.Event, list[int]]]:
 
 async def run_demo(options: DemoOptions) -> int:
     """The exit code: 0 promoted, 1 rolled back, 2 could not start, 128 + N on signal N."""
-    from .demo_view import make_view
-
     live = default_live() if options.live is None else options.live
     view = make_view(live=live)
     demo = Demo(options, view)
@@ -562,11 +474,11 @@ async def run_demo(options: DemoOptions) -> int:
         try:
             code = await demo.run(stop)
         except StartError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            print_errors([str(exc)])
+            return Exit.USAGE
         if code == STOPPED or caught[0]:
             view.close(demo.model, None)
-            return 128 + (caught[0] or signal.SIGINT)
+            return signalled(caught[0] or signal.SIGINT)
         view.close(demo.model, code)
         return code
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
-from .rollout.analysis import fmt_rate, fmt_seconds
-from .router import CANARY, STABLE
+from ..rollout.analysis import fmt_rate, fmt_seconds
+from ..router import CANARY, STABLE
+from .model import CheckRow, DemoModel
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
-
-    from .demo import CheckRow, DemoModel
 
 SUMMARY_EVERY = 5.0  # seconds between two traffic lines of the plain view
 NAMES = {STABLE: "stable v1", CANARY: "canary v2"}

@@ -1,44 +1,47 @@
 """The supervisor for ``--workers N``: one control plane over N data-plane worker processes.
 
 The supervisor owns the config source, the admin port and the control-plane metrics; each
-validated config goes to every worker as one JSON line on its stdin, so all workers switch
-together and a rejected config is counted once. Workers share the public port through
-SO_REUSEPORT. ``/metrics`` sums every worker through prometheus_client's multiprocess mode
-(no ``pid`` label). A worker that dies is restarted, logged and counted.
+validated config goes to every worker as one JSON line on its stdin, numbered by a
+generation, so all workers switch together and a rejected config is counted once. Each
+worker reports on its status pipe when it applied a generation and when it listens, and
+``/config`` shows the oldest config a serving worker still applies: never one that not
+every worker has taken yet. Workers share the public port through SO_REUSEPORT.
+``/metrics`` sums every worker through prometheus_client's multiprocess mode (no ``pid``
+label). A worker that dies is restarted, logged and counted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry, multiprocess
 
-from .app import (
-    AdminState,
-    ConfigControl,
-    Settings,
-    dumps,
-    install_stop_signals,
-    public_socket,
-    start_admin,
-)
-from .config import Config
-from .metrics import Metrics
-from .sources.file import RawConfig
-from .worker import SETTINGS_ENV, settings_to_env
+from ..address import Address
+from ..admin.app import AdminState, start_admin
+from ..config import Config
+from ..control import ConfigControl
+from ..metrics import Metrics
+from ..runner import Exit
+from ..sources.raw import RawConfig
+from .lifecycle import Lifecycle
+from .public import public_socket
+from .settings import Settings
+from .worker import SETTINGS_ENV
 
 log = logging.getLogger(__name__)
 
 RESTART_BACKOFF_MAX = 5.0  # seconds; a worker that crashes at once is not restarted hot
+HURRY_BUDGET = 5.0  # seconds workers get to stop after a second Ctrl-C, before they are killed
 
 
 @dataclass(slots=True)
@@ -46,6 +49,7 @@ class Worker:
     slot: int
     process: asyncio.subprocess.Process
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    applied: int | None = None  # the generation it last applied
 
 
 class Supervisor:
@@ -54,7 +58,9 @@ class Supervisor:
         self.metrics = metrics
         self.port = port
         self.workers: dict[int, Worker] = {}
+        self.generation = 0  # of the last config sent
         self.raw: dict[str, Any] | None = None
+        self.configs: dict[int, Config] = {}  # by generation, from the oldest one still applied
         self.stopping = False
         self.restarts = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -66,27 +72,39 @@ class Supervisor:
             and all(w.ready.is_set() for w in self.workers.values())
         )
 
-    def broadcast(self, _config: Config, raw: dict[str, Any]) -> None:
+    def serving(self) -> Config | None:
+        """The oldest config a worker applies: what some requests may still get."""
+        applied = [w.applied for w in self.workers.values() if w.applied is not None]
+        return self.configs.get(min(applied)) if applied else None
+
+    def broadcast(self, config: Config, raw: dict[str, Any]) -> None:
+        self.generation += 1
+        self.configs[self.generation] = config
         self.raw = raw
         for worker in self.workers.values():
-            self._send(worker, raw)
+            self._send(worker)
 
-    def _send(self, worker: Worker, raw: dict[str, Any]) -> None:
+    def _send(self, worker: Worker) -> None:
         stdin = worker.process.stdin
         if stdin is not None and not stdin.is_closing():
-            stdin.write((dumps({"config": raw}) + "\n").encode())
+            line = json.dumps({"generation": self.generation, "config": self.raw}, separators=(",", ":"))
+            stdin.write(line.encode() + b"\n")
+
+    def _applied(self, worker: Worker, generation: int) -> None:
+        worker.applied = generation
+        oldest = min(w.applied for w in self.workers.values() if w.applied is not None)
+        for old in [g for g in self.configs if g < oldest]:
+            del self.configs[old]
 
     async def spawn(self, slot: int) -> Worker:
         read_fd, write_fd = os.pipe()
-        env = dict(os.environ)
-        env[SETTINGS_ENV] = settings_to_env(self.settings, port=self.port)
-        env["CANARY_PROXY_LOG_FORMAT"] = self.settings.log_format
-        env["CANARY_PROXY_LOG_LEVEL"] = self.settings.log_level
+        listen = Address(self.settings.listen.host, self.port)  # port 0 resolved once, for all
+        env = {**os.environ, SETTINGS_ENV: replace(self.settings, listen=listen).to_json()}
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "canary_proxy.worker",
+                "canary_proxy.serve.worker",
                 str(write_fd),
                 stdin=asyncio.subprocess.PIPE,
                 pass_fds=(write_fd,),
@@ -97,7 +115,7 @@ class Supervisor:
         worker = Worker(slot, process)
         self.workers[slot] = worker
         if self.raw is not None:  # else it gets the first config when the source has one
-            self._send(worker, self.raw)
+            self._send(worker)
         task = asyncio.create_task(self._watch(worker, read_fd))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -109,8 +127,12 @@ class Supervisor:
         status = os.fdopen(read_fd, "rb", buffering=0)
         transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), status)
         try:
-            if await reader.readline() == b"ready\n":
-                worker.ready.set()
+            while line := await reader.readline():  # "applied N" for each config, "ready" once
+                word, _, generation = line.decode().partition(" ")
+                if word == "applied":
+                    self._applied(worker, int(generation))
+                elif word.strip() == "ready":
+                    worker.ready.set()
             code = await worker.process.wait()
         finally:
             transport.close()
@@ -129,21 +151,26 @@ class Supervisor:
         if not self.stopping:
             await self.spawn(worker.slot)
 
-    async def stop(self) -> None:
-        """Forward SIGTERM; each worker drains on its own. Kill whatever outlives the budget."""
-        self.stopping = True
+    def _signal(self, sig: signal.Signals) -> None:
         for worker in self.workers.values():
             with contextlib.suppress(ProcessLookupError):
-                worker.process.send_signal(signal.SIGTERM)
+                worker.process.send_signal(sig)
+
+    async def stop(self, life: Lifecycle) -> None:
+        """Forward SIGTERM; each worker drains on its own. A second Ctrl-C is forwarded too.
+        Kill whatever outlives the budget."""
+        self.stopping = True
+        self._signal(signal.SIGTERM)
+        exited = asyncio.ensure_future(asyncio.gather(*(w.process.wait() for w in self.workers.values())))
         budget = self.settings.drain_delay + self.settings.shutdown_timeout + 5
-        waits = [w.process.wait() for w in self.workers.values()]
         try:
-            await asyncio.wait_for(asyncio.gather(*waits), budget)
+            if not await life.unless_hurried(asyncio.wait_for(asyncio.shield(exited), budget)):
+                self._signal(signal.SIGINT)  # they skip what is left of their drain
+                await asyncio.wait_for(asyncio.shield(exited), HURRY_BUDGET)
         except TimeoutError:
-            log.error("workers did not exit within %.0fs; killing them", budget)
-            for worker in self.workers.values():
-                with contextlib.suppress(ProcessLookupError):
-                    worker.process.kill()
+            log.error("workers did not exit in time; killing them")
+            self._signal(signal.SIGKILL)
+        await asyncio.gather(exited, return_exceptions=True)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -163,6 +190,7 @@ async def run_supervisor(
     updates: Callable[[], AsyncIterator[RawConfig]],
     origin: str,
 ) -> int:
+    """As ``single.run_single``, over ``settings.workers`` worker processes."""
     directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     try:
         return await _supervise(settings, initial=initial, updates=updates, origin=origin)
@@ -185,31 +213,29 @@ async def _supervise(
     port = reservation.getsockname()[1]
     supervisor = Supervisor(settings, metrics, port)
     control = ConfigControl(metrics, [supervisor.broadcast])
-    if initial is not None and not control.offer(initial, origin=origin):
-        return 2
-    stop = asyncio.Event()
-    install_stop_signals(stop)
+    if initial is not None:
+        control.offer(initial, origin=origin)
     scrape = CollectorRegistry()
     multiprocess.MultiProcessCollector(scrape)  # type: ignore[no-untyped-call]
-    admin, admin_address = await start_admin(
-        AdminState(control, scrape, supervisor.ready, config_path=settings.config_path),
-        settings.admin_listen,
+    state = AdminState(
+        control, scrape, supervisor.ready, config_path=settings.config_path, serving=supervisor.serving
     )
-    follower = asyncio.create_task(control.follow(updates(), origin=origin))
-    for slot in range(settings.workers):
-        await supervisor.spawn(slot)
-    if control.current is None:
-        log.warning("waiting for a valid config from %s; /readyz is 503 until then", origin)
-    # Workers listen only once they hold a config; announce when every one of them does.
-    announce = asyncio.create_task(_announce_ready(supervisor, settings, port, admin_address))
     try:
-        await stop.wait()
-        log.info("SIGTERM: /readyz is now 503; draining %d workers", settings.workers)
-        await supervisor.stop()
+        async with Lifecycle() as life:
+            admin, admin_address = await start_admin(state, settings.admin_listen)
+            try:
+                life.start(control.follow(updates(), origin=origin))
+                for slot in range(settings.workers):
+                    await supervisor.spawn(slot)
+                if control.current is None:
+                    log.warning("waiting for a valid config from %s; /readyz is 503 until then", origin)
+                # Workers listen only once they hold a config; announce when every one does.
+                life.start(_announce_ready(supervisor, settings, port, admin_address))
+                await life.stop.wait()
+                log.info("%s: /readyz is now 503; draining %d workers", life.signal_name, settings.workers)
+                await supervisor.stop(life)
+            finally:
+                await admin.cleanup()
     finally:
-        for task in (follower, announce):
-            task.cancel()
-        await asyncio.gather(follower, announce, return_exceptions=True)
-        await admin.cleanup()
         reservation.close()
-    return 0
+    return Exit.INTERRUPTED if life.hurry.is_set() else Exit.OK

@@ -1,7 +1,7 @@
 """``rollout``, ``promote``, ``abort`` and ``status``: flags, and handlers that return exit codes.
 
-``canary_proxy.cli`` adds these subcommands with ``add_rollout_commands`` and calls
-``HANDLERS[command]``; it stays the only place that exits. Exit codes of ``rollout``:
+``cli.main`` adds these subcommands with ``add_commands`` and calls ``HANDLERS[command]``;
+it stays the only place that exits. Exit codes of ``rollout``:
 0 promoted, 1 rolled back or aborted (the canary's weight is then 0), 2 bad arguments
 (or a recorded rollout that does not match them), 3 the ConfigMap or file is missing or the
 API stays unreachable; 128 + N when stopped by signal N (the state is kept to resume).
@@ -14,37 +14,32 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import secrets
 import signal
-import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from ..config import parse_duration
-from .analysis import Thresholds, fmt_rate, fmt_seconds, parse_factor, parse_percent
-from .controller import EXIT_ROLLED_BACK, EXIT_UNAVAILABLE, EXIT_USAGE, STOPPED, Controller, Settings
-from .plan import Plan, PlanError, describe, mirrors, parse_plan
-from .state import COMMAND, FINAL, RUNNING, RolloutState, StateError, decode
-from .store import Change, FileStore, Invalid, Missing, Store, Stored, StoreError, open_configmap_store
-from .webhooks import Webhooks, parse_webhook
-
-EXIT_OK = 0
-KUBECONFIG_HELP = "kubeconfig path (default: in-cluster, $KUBECONFIG, ~/.kube/config)"
-
+from ..rollout.analysis import Thresholds, parse_factor, parse_percent
+from ..rollout.controller import Controller
+from ..rollout.decide import STOPPED, Settings
+from ..rollout.plan import Plan, PlanError, mirrors, parse_plan
+from ..rollout.report import format_status, status_report
+from ..rollout.state import COMMAND, RUNNING, StateError, decode
+from ..rollout.store import (
+    Change,
+    FileStore,
+    Invalid,
+    Missing,
+    Store,
+    Stored,
+    StoreError,
+    open_configmap_store,
+)
+from ..rollout.webhooks import Webhooks, parse_webhook
+from ..runner import Exit, fail, run_async, signalled
+from .args import KUBECONFIG_HELP, METAVARS, duration, env_flag, typed, whole
 
 # -- argument types -----------------------------------------------------------------------------
-
-
-def _type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected {exc}") from None
-
-    convert.__name__ = parse.__name__.lstrip("_")  # argparse names the type in its errors
-    return convert
 
 
 def _plan(text: str) -> Plan:
@@ -60,21 +55,6 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-duration = _type(parse_duration)
-percent = _type(parse_percent)
-factor = _type(parse_factor)
-positive_int = _type(_positive_int)
-
-
-def _whole(text: str) -> int:
-    if not str(text).isdigit():
-        raise ValueError("a whole number of at least 0")
-    return int(text)
-
-
-whole = _type(_whole)
-
-
 def _mirror_share(text: str) -> float:
     try:
         value = float(str(text).removesuffix("%"))
@@ -85,14 +65,25 @@ def _mirror_share(text: str) -> float:
     return value
 
 
-mirror_share = _type(_mirror_share)
-webhook = _type(parse_webhook)
+percent = typed(parse_percent)
+factor = typed(parse_factor)
+positive_int = typed(_positive_int)
+mirror_share = typed(_mirror_share)
+webhook = typed(parse_webhook)
+PLACEHOLDERS = {
+    **METAVARS,
+    _plan: "STEP,...",
+    percent: "PERCENT",
+    factor: "FACTOR",
+    positive_int: "N",
+    mirror_share: "PERCENT",
+}
 
 
 # -- the subcommands ------------------------------------------------------------------------------
 
 
-def add_rollout_commands(sub: Any) -> None:
+def add_commands(sub: Any) -> None:
     """Add rollout, promote, abort and status to the ``canary-proxy`` subparsers."""
     rollout = sub.add_parser(
         "rollout",
@@ -118,10 +109,11 @@ def add_rollout_commands(sub: Any) -> None:
         rollout, "--step-duration", default="1m", type=duration, help="each weight step lasts at least this"
     )
     _flag(rollout, "--interval", default="15s", type=duration, help="one check (and decision) per interval")
-    _flag(rollout, "--prometheus", help="Prometheus base URL, queried over its HTTP API")
+    _flag(rollout, "--prometheus", metavar="URL", help="Prometheus base URL, queried over its HTTP API")
     rollout.add_argument(
         "--metrics-url",
         action="append",
+        metavar="URL",
         default=[],
         help="a proxy's /metrics URL, scraped every interval; repeat for each replica",
     )
@@ -189,27 +181,25 @@ def add_rollout_commands(sub: Any) -> None:
     status.add_argument("--output", "-o", default="text", choices=("text", "json"), help="output format")
 
 
-def _flag(parser: Any, flag: str, *, default: str | None = None, help: str = "", **kwargs: Any) -> None:
-    """A flag whose default comes from ``CANARY_PROXY_<FLAG>``; the command line wins."""
-    env = "CANARY_PROXY_" + flag.lstrip("-").upper().replace("-", "_")
-    shown = "none" if default is None else default.replace("%", "%%")  # argparse %-formats help
-    parser.add_argument(
-        flag, default=os.environ.get(env, default), help=f"{help} [env {env}; default: {shown}]", **kwargs
-    )
+def _flag(parser: Any, flag: str, **kwargs: Any) -> None:
+    """``args.env_flag``, with the placeholders of the rollout's own types."""
+    if kwargs.get("type") in PLACEHOLDERS:
+        kwargs.setdefault("metavar", PLACEHOLDERS[kwargs["type"]])
+    env_flag(parser, flag, **kwargs)
 
 
 def _target(parser: Any) -> None:
     parser.add_argument("target", nargs="?", metavar="[NS/]NAME", help="the proxy's ConfigMap")
     parser.add_argument(
-        "--config", help="a local config file instead of a ConfigMap (state in FILE.rollout.json)"
+        "--config",
+        metavar="FILE",
+        help="a local config file instead of a ConfigMap (state in FILE.rollout.json)",
     )
-    _flag(parser, "--kubeconfig", help=KUBECONFIG_HELP)
+    _flag(parser, "--kubeconfig", metavar="FILE", help=KUBECONFIG_HELP)
 
 
 def _errors(lines: list[str]) -> int:
-    for line in lines:
-        print(f"error: {line}", file=sys.stderr)
-    return EXIT_USAGE
+    return fail(Exit.USAGE, lines)
 
 
 def _target_errors(args: argparse.Namespace) -> list[str]:
@@ -229,10 +219,7 @@ async def open_store(args: argparse.Namespace) -> AsyncIterator[Store]:
 
 
 def _run(coro: Any) -> int:
-    from ..cli import run_async  # late: canary_proxy.cli imports this module
-
-    result: int = run_async(coro)
-    return result
+    return run_async(coro)
 
 
 # -- rollout ------------------------------------------------------------------------------------
@@ -279,7 +266,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 async def _rollout(args: argparse.Namespace, settings: Settings) -> int:
     import aiohttp
 
-    from .sources import PrometheusSource, ScrapeSource
+    from ..rollout.sources import PrometheusSource, ScrapeSource
 
     stop, caught = asyncio.Event(), [0]
 
@@ -307,7 +294,7 @@ async def _rollout(args: argparse.Namespace, settings: Settings) -> int:
                 await hooks.close()  # and let the last events go out
     except Invalid as exc:
         return _errors([str(exc)])
-    return 128 + caught[0] if code == STOPPED else code
+    return signalled(caught[0]) if code == STOPPED else code
 
 
 def _webhooks(args: argparse.Namespace, store: Store) -> Webhooks:
@@ -358,19 +345,17 @@ async def _send(args: argparse.Namespace, action: str) -> int:
         async with open_store(args) as store:
             stored = await store.update(lambda current: command_change(current, action, nonce))
     except _NothingToDo as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ROLLED_BACK
+        return fail(Exit.FAILED, [str(exc)])
     except (Invalid, StateError) as exc:
         return _errors([str(exc)])
     except StoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
+        return fail(Exit.UNAVAILABLE, [str(exc)])
     state = decode(stored.annotations)
     print(
         f"{store.description}: {action} requested ({state.phase}, step {state.step + 1}); "
         "a running rollout acts on it within one --interval"
     )
-    return EXIT_OK
+    return Exit.OK
 
 
 # -- status ---------------------------------------------------------------------------------------
@@ -390,70 +375,13 @@ async def _status(args: argparse.Namespace) -> int:
     except (Invalid, StateError) as exc:
         return _errors([str(exc)])
     except (Missing, StoreError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
+        return fail(Exit.UNAVAILABLE, [str(exc)])
     report = status_report(store.description, stored, state)
     if args.output == "json":
         print(json.dumps(report, indent=2))
     else:
         print(format_status(report))
-    return EXIT_OK
-
-
-def status_report(where: str, stored: Stored, state: RolloutState) -> dict[str, Any]:
-    plan: Plan | None = None
-    with contextlib.suppress(PlanError):
-        plan = parse_plan(state.steps) if state.steps else None
-    step = describe(plan, state.step).removeprefix("step ") if plan and 0 <= state.step < len(plan) else None
-    analysis = None
-    with contextlib.suppress(ValueError):
-        analysis = json.loads(state.last_analysis) if state.last_analysis else None
-    return {
-        "store": where,
-        "phase": state.phase,
-        "final": state.phase in FINAL,
-        "steps": state.steps,
-        "step": state.step if state.phase else None,
-        "stepDescription": step,
-        "weight": stored.data.get("canary-weight", 0),
-        "total": stored.total,
-        "percent": round(stored.percent, 4),
-        "message": state.message,
-        "consecutiveFailures": state.failures,
-        "lastAnalysis": analysis,
-        "pendingCommand": state.command,
-    }
-
-
-def format_status(report: dict[str, Any]) -> str:
-    lines = [f"{report['store']}: {report['phase'] or 'no rollout recorded'}"]
-    if report["phase"]:
-        lines.append(f"  step:      {report['stepDescription'] or report['step']}  (steps {report['steps']})")
-    lines.append(f"  weight:    {report['weight']} of {report['total']} ({report['percent']:g}%)")
-    if report["message"]:
-        lines.append(f"  message:   {report['message']}")
-    if report["pendingCommand"]:
-        lines.append(f"  command:   {report['pendingCommand']} (not yet handled)")
-    if analysis := report["lastAnalysis"]:
-        lines += _analysis_lines(analysis)
-    return "\n".join(lines)
-
-
-def _analysis_lines(analysis: dict[str, Any]) -> list[str]:
-    lines = [f"  analysis:  {analysis.get('result')} at {analysis.get('time')}"]
-    for version in ("canary", "stable"):
-        if stats := analysis.get(version):
-            lines.append(
-                f"    {version}: {stats['requests']:g} req, {stats['errors']:g} 5xx "
-                f"({fmt_rate(stats['errorRate'])}), p99 {fmt_seconds(stats['p99'])}"
-            )
-    for check in analysis.get("checks", []):
-        show = fmt_seconds if check["name"].startswith("p99") else fmt_rate
-        verdict = "ok" if check["ok"] else "FAIL"
-        lines.append(f"    {check['name']}: {show(check['value'])} (limit {show(check['limit'])}) {verdict}")
-    lines += [f"    {reason}" for reason in analysis.get("reasons", []) if analysis.get("result") != "fail"]
-    lines += [f"    {note}" for note in analysis.get("notes", [])]
-    return lines
+    return Exit.OK
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {

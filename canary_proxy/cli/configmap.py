@@ -14,10 +14,10 @@ from typing import Any
 import aiohttp
 import yaml
 
-from .config import ConfigError, parse_config
-
-EXIT_OK, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 2, 3
-ROLLOUT_ANNOTATION_PREFIX = "canary-proxy.io/"
+from ..annotations import PREFIX
+from ..config import ConfigError, parse_config
+from ..runner import Exit, fail
+from .args import KUBECONFIG_HELP, env_flag
 
 
 class _Invalid(Exception):
@@ -28,24 +28,24 @@ class _Invalid(Exception):
         self.errors = errors
 
 
-def add_configmap_commands(sub: Any) -> None:
+def add_commands(sub: Any) -> None:
     weight = sub.add_parser("weight", help="set canary-weight in a ConfigMap (conflict-safe)")
     weight.add_argument("configmap", metavar="[NAMESPACE/]NAME")
     weight.add_argument("value", help="the new canary-weight, 0..canary-weight-total; decimals allowed")
-    weight.add_env("--kubeconfig", help="kubeconfig path (default: in-cluster, $KUBECONFIG, ~/.kube/config)")
+    env_flag(weight, "--kubeconfig", metavar="FILE", help=KUBECONFIG_HELP)
 
     get = sub.add_parser("get", help="print a ConfigMap's config and rollout status")
     get.add_argument("configmap", metavar="[NAMESPACE/]NAME")
-    get.add_argument("--service", help="also ask each proxy replica behind this Service for its /config")
     get.add_argument(
-        "--admin-port", default="9090", help="the replicas' admin port, name or number [default: 9090]"
+        "--service", metavar="NAME", help="also ask each proxy replica behind this Service for its /config"
     )
-    get.add_env("--kubeconfig", help="kubeconfig path (default: in-cluster, $KUBECONFIG, ~/.kube/config)")
-
-
-def _errors(lines: list[str]) -> None:
-    for line in lines:
-        print(f"error: {line}", file=sys.stderr)
+    get.add_argument(
+        "--admin-port",
+        default="9090",
+        metavar="PORT",
+        help="the replicas' admin port, name or number [default: 9090]",
+    )
+    env_flag(get, "--kubeconfig", metavar="FILE", help=KUBECONFIG_HELP)
 
 
 def cmd_weight(args: argparse.Namespace) -> int:
@@ -67,14 +67,13 @@ def with_weight(data: dict[str, str], value: str) -> dict[str, str]:
 
 
 async def _weight(args: argparse.Namespace) -> int:
-    from .k8s import KubeClient, KubeError, NotFound, load_config, parse_ref, update_configmap
+    from ..k8s import KubeClient, KubeError, NotFound, load_config, parse_ref, update_configmap
 
     try:
         namespace, name = parse_ref(args.configmap)
         config = await load_config(args.kubeconfig)
     except Exception as exc:  # a malformed NAME, or a kubeconfig that cannot be loaded
-        _errors([str(exc)])
-        return EXIT_USAGE
+        return fail(Exit.USAGE, [str(exc)])
     namespace = namespace or config.namespace
     value = str(args.value).strip()
     try:
@@ -83,28 +82,24 @@ async def _weight(args: argparse.Namespace) -> int:
                 client, namespace, name, lambda data, notes: (with_weight(data, value), notes)
             )
     except _Invalid as exc:
-        _errors(exc.errors)
-        return EXIT_USAGE
+        return fail(Exit.USAGE, exc.errors)
     except NotFound:
-        _errors([f"configmap {namespace}/{name} not found"])
-        return EXIT_UNAVAILABLE
+        return fail(Exit.UNAVAILABLE, [f"configmap {namespace}/{name} not found"])
     except KubeError as exc:
-        _errors([f"configmap {namespace}/{name}: {exc}"])
-        return EXIT_UNAVAILABLE
+        return fail(Exit.UNAVAILABLE, [f"configmap {namespace}/{name}: {exc}"])
     total = state.data.get("canary-weight-total", "100")
     print(f"{namespace}/{name}: canary-weight {value} of {total} (resourceVersion {state.resource_version})")
-    return EXIT_OK
+    return Exit.OK
 
 
 async def _get(args: argparse.Namespace) -> int:
-    from .k8s import KubeClient, KubeError, NotFound, load_config, parse_ref
+    from ..k8s import KubeClient, KubeError, NotFound, load_config, parse_ref
 
     try:
         namespace, name = parse_ref(args.configmap)
         config = await load_config(args.kubeconfig)
     except Exception as exc:
-        _errors([str(exc)])
-        return EXIT_USAGE
+        return fail(Exit.USAGE, [str(exc)])
     namespace = namespace or config.namespace
     try:
         async with KubeClient(config) as client:
@@ -115,13 +110,11 @@ async def _get(args: argparse.Namespace) -> int:
                 endpoints = await client.get_endpoints(namespace, args.service, port=port)
                 report["replicas"] = await _replicas(endpoints, report.get("config"))
     except NotFound as exc:
-        _errors([f"not found: {exc}"])
-        return EXIT_UNAVAILABLE
+        return fail(Exit.UNAVAILABLE, [f"not found: {exc}"])
     except KubeError as exc:
-        _errors([str(exc)])
-        return EXIT_UNAVAILABLE
+        return fail(Exit.UNAVAILABLE, [str(exc)])
     sys.stdout.write(yaml.safe_dump(report, sort_keys=False))
-    return EXIT_OK
+    return Exit.OK
 
 
 def _describe(
@@ -134,9 +127,9 @@ def _describe(
         report["config"] = dict(data)
         report["errors"] = exc.errors
     report["rollout"] = {
-        key.removeprefix(ROLLOUT_ANNOTATION_PREFIX): value
+        key.removeprefix(PREFIX): value
         for key, value in sorted(annotations.items())
-        if key.startswith(ROLLOUT_ANNOTATION_PREFIX)
+        if key.startswith(PREFIX)
     }
     return report
 
@@ -162,3 +155,6 @@ async def _replica(session: aiohttp.ClientSession, ip: str, port: int, expected:
         "canary-weight": config.get("canary-weight"),
         "in-sync": config == expected,
     }
+
+
+HANDLERS = {"weight": cmd_weight, "get": cmd_get}

@@ -1,0 +1,1 @@
+"""The admin port: health, readiness, /config, /metrics, the dashboard and its /stats."""

@@ -1,0 +1,240 @@
+"""``serve`` (run the proxy) and ``check`` (validate a config file and print it)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+from ..runner import Exit, Fatal, run_async
+from .args import (
+    KUBECONFIG_HELP,
+    address,
+    cidrs,
+    count,
+    duration,
+    env_flag,
+    logging_flags,
+    on_off,
+    size,
+    workers,
+)
+
+if TYPE_CHECKING:
+    from ..sources.raw import RawConfig
+
+Source = tuple["RawConfig | None", Callable[[], AsyncIterator["RawConfig"]], str]
+
+SERVE_DESCRIPTION = """\
+Run the proxy: send each request to stable or canary (by header, cookie, then the weight),
+follow the config source for changes, and drain on SIGTERM. Start-up errors are plain
+"error:" lines and exit 2; after start-up, everything is logged as JSON lines on stderr."""
+CHECK_DESCRIPTION = """\
+Validate a config file as serve would, and print the effective config (every key, with its
+default filled in) as YAML. On errors, list every one of them and exit 2."""
+SERVE_EXAMPLE = """\
+example:
+  canary-proxy serve --config canary.yaml --listen 0.0.0.0:8080 --admin-listen 127.0.0.1:9090
+  canary-proxy serve --configmap shop/canary-proxy --workers auto
+"""
+CHECK_EXAMPLE = """\
+example:
+  canary-proxy check --config canary.yaml    # exit 0 and the effective config, or 2 and every error
+"""
+
+
+def add_commands(sub: Any) -> None:
+    raw = argparse.RawDescriptionHelpFormatter
+    serve = sub.add_parser(
+        "serve",
+        help="run the proxy",
+        description=SERVE_DESCRIPTION,
+        epilog=SERVE_EXAMPLE,
+        formatter_class=raw,
+    )
+    env_flag(serve, "--config", metavar="FILE", help="YAML config file (reloaded when it changes)")
+    env_flag(
+        serve,
+        "--configmap",
+        metavar="[NAMESPACE/]NAME",
+        help="watch this ConfigMap instead of a file",
+    )
+    env_flag(serve, "--kubeconfig", metavar="FILE", help=KUBECONFIG_HELP)
+    env_flag(serve, "--listen", default="0.0.0.0:8080", type=address, help="the public port")
+    env_flag(
+        serve,
+        "--admin-listen",
+        default="0.0.0.0:9090",
+        type=address,
+        help="the admin port: / (dashboard), /stats, /metrics, /healthz, /readyz, /config; "
+        "port 0 picks a free one",
+    )
+    env_flag(serve, "--workers", default="1", type=workers, help="worker processes; auto: one per usable CPU")
+    env_flag(serve, "--drain-delay", default="5s", type=duration, help="keep serving this long after SIGTERM")
+    env_flag(
+        serve,
+        "--shutdown-timeout",
+        default="30s",
+        type=duration,
+        help="then wait this long for in-flight requests",
+    )
+    env_flag(serve, "--access-log", default="on", type=on_off, help="JSON access log on stdout")
+    env_flag(
+        serve,
+        "--client-header-timeout",
+        default="10s",
+        type=duration,
+        help="close a client that has not sent its request head by then",
+    )
+    env_flag(
+        serve,
+        "--keepalive-timeout",
+        default="75s",
+        type=duration,
+        help="close idle keep-alive client connections after this",
+    )
+    env_flag(
+        serve, "--max-header-size", default="8KiB", type=size, help="request line + headers; beyond it 431"
+    )
+    env_flag(
+        serve, "--max-headers", default="100", type=count, help="header fields per request; beyond it 431"
+    )
+    env_flag(
+        serve, "--max-body-size", default="0", type=size, help="request body; beyond it 413; 0 = no limit"
+    )
+    env_flag(
+        serve, "--max-connections", default="10000", type=count, help="open client connections; beyond it 503"
+    )
+    env_flag(
+        serve,
+        "--underscores-in-headers",
+        default="off",
+        type=on_off,
+        help="forward request header names with '_' (nginx drops them: CGI maps X_A and X-A alike)",
+    )
+    env_flag(
+        serve,
+        "--trust-forwarded-from",
+        default="",
+        type=cidrs,
+        help="peers whose X-Forwarded-*, X-Real-IP and Forwarded are kept and appended to; "
+        "from anyone else they are replaced by what the proxy saw",
+    )
+    env_flag(
+        serve,
+        "--tls-cert",
+        metavar="FILE",
+        help="PEM certificate chain: TLS on the public port (reloaded on change)",
+    )
+    env_flag(serve, "--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
+    logging_flags(serve)
+
+    check = sub.add_parser(
+        "check",
+        help="validate a config file and print the effective config",
+        description=CHECK_DESCRIPTION,
+        epilog=CHECK_EXAMPLE,
+        formatter_class=raw,
+    )
+    env_flag(check, "--config", metavar="FILE", help="YAML config file")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    import yaml
+
+    from ..config import ConfigError
+    from ..control import load
+    from ..sources.file import load_file
+
+    if not args.config:
+        raise Fatal(Exit.USAGE, "--config: required")
+    try:
+        config = load(load_file(args.config))
+    except ConfigError as exc:
+        raise Fatal(Exit.USAGE, *exc.errors) from None
+    sys.stdout.write(yaml.safe_dump(config.effective(), sort_keys=False, default_flow_style=False))
+    return Exit.OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if bool(args.config) == bool(args.configmap):
+        raise Fatal(Exit.USAGE, "exactly one of --config and --configmap is required")
+    from ..logs import setup_logging
+
+    setup_logging(args.log_format, args.log_level)
+    if args.workers > 1:
+        # prometheus_client picks its value store at import time, so this must come first.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="canary-proxy-metrics-")
+    from ..address import ListenError
+    from ..memory import tune_malloc
+    from ..serve.settings import Settings
+    from ..tls import TlsError
+
+    tls = {"tls_cert": args.tls_cert or None, "tls_key": args.tls_key or None}
+    settings = Settings.from_options({**vars(args), **tls, "config_path": args.config})
+    _check_tls(settings.tls_cert, settings.tls_key)
+    initial, updates, origin = _file_source(args.config) if args.config else _configmap_source(args)
+    tune_malloc()  # before the data path allocates: see memory.py
+    if settings.workers > 1:
+        from ..serve.supervisor import run_supervisor as run
+    else:
+        from ..serve.single import run_single as run
+    try:
+        return run_async(run(settings, initial=initial, updates=updates, origin=origin))
+    except ListenError as exc:  # a port in use, or an address this host does not have
+        raise Fatal(Exit.USAGE, str(exc)) from None
+    except TlsError as exc:  # the pair changed since _check_tls read it
+        raise Fatal(Exit.USAGE, f"--tls-cert/--tls-key: {exc}") from None
+
+
+def _check_tls(cert: str | None, key: str | None) -> None:
+    if cert is None and key is None:
+        return
+    if cert is None or key is None:
+        raise Fatal(Exit.USAGE, "--tls-cert and --tls-key go together")
+    from ..tls import TlsError, server_context
+
+    try:
+        server_context(cert, key)
+    except TlsError as exc:
+        raise Fatal(Exit.USAGE, f"--tls-cert/--tls-key: {exc}") from None
+
+
+def _file_source(path: str) -> Source:
+    """A file must be valid at start-up (exit 2 otherwise); it is then followed for changes."""
+    from ..config import ConfigError
+    from ..control import load
+    from ..sources.file import load_file, watch_file
+
+    initial = load_file(path)
+    try:
+        load(initial)
+    except ConfigError as exc:
+        raise Fatal(Exit.USAGE, *exc.errors) from None
+    return initial, lambda: watch_file(path, initial=initial), path
+
+
+def _configmap_source(args: argparse.Namespace) -> Source:
+    """A ConfigMap is followed from the start; until it loads, /readyz says 503.
+
+    Only a kubeconfig that cannot be loaded at all is fatal: an API that is down, or a
+    ConfigMap that does not exist yet, is waited for.
+    """
+    from ..k8s import load_config, parse_ref
+    from ..sources.configmap import follow_configmap
+
+    ref, kubeconfig = args.configmap, args.kubeconfig
+    try:
+        namespace, name = parse_ref(ref)
+        config = asyncio.run(load_config(kubeconfig))
+    except Exception as exc:  # any loader failure (missing file, bad YAML, no context)
+        raise Fatal(Exit.USAGE, f"--configmap {ref}: cannot load Kubernetes client config: {exc}") from None
+    origin = f"configmap {namespace or config.namespace}/{name}"
+    return None, lambda: follow_configmap(ref, kubeconfig=kubeconfig), origin
+
+
+HANDLERS = {"serve": cmd_serve, "check": cmd_check}

@@ -1,0 +1,1 @@
+"""``canary-proxy demo``: the run (apps, proxy, traffic, controller), its model and its views."""
