@@ -1,4 +1,10 @@
-"""``RawConfig``: one version of a config source, before validation (what every source yields)."""
+"""``RawConfig``: one version of a config source, before validation (what every source yields).
+
+A source holds one route (a file with one document, ``--configmap``: ``data``) or several
+(a file's documents, ``--config-dir``, ``--configmap-selector``: ``routes``, one
+``RawRoute`` each). Either way it yields its whole current content each time it changes;
+``ConfigControl`` validates each route on its own, so a bad one never affects the others.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class RawRoute:
+    """One route of a source that holds several, before validation."""
+
+    name: str  # FILE, FILE#N, or NAMESPACE/NAME; a ``name`` key in ``data`` overrides it
+    order: tuple[Any, ...]  # creation order: the earlier of two conflicting routes wins
+    digest: str  # of this route's content alone
+    data: Mapping[str, Any] | None
+    error: ConfigError | None = None
+    annotations: Mapping[str, str] | None = None  # a ConfigMap's canary-proxy.io/* (rollout state)
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,3 +37,5 @@ class RawConfig:
     # A ConfigMap's rollout state (its ``canary-proxy.io/*`` annotations), which changes
     # without the config; None for a file, whose state the admin port reads beside it.
     annotations: Mapping[str, str] | None = None
+    # A source of several routes: each one, and ``data`` is None.
+    routes: tuple[RawRoute, ...] | None = None
