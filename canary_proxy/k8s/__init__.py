@@ -1,0 +1,39 @@
+"""The small Kubernetes API surface canary-proxy uses, with its own error types.
+
+This package is the only place that talks to Kubernetes: ``errors`` (all that callers
+catch), ``config`` (how to reach the API server), ``client`` (the calls, with retries, and
+read-modify-write) and ``watch`` (list, then watch). It imports the ``kubernetes`` client
+lazily, inside functions, so the proxy in file mode never pays for it; and callers only
+ever see ``KubeError`` and its subclasses, never the client's or aiohttp's exceptions.
+"""
+
+from .client import (
+    DEFAULT_BACKOFF,
+    Backoff,
+    ConfigMapState,
+    KubeClient,
+    update_configmap,
+)
+from .config import KubeConfig, load_config, parse_ref
+from .errors import Conflict, Gone, KubeError, NotFound, Unreachable
+from .watch import WatchEvent, WatchState, WatchStatus, watch_configmap
+
+__all__ = [
+    "DEFAULT_BACKOFF",
+    "Backoff",
+    "ConfigMapState",
+    "Conflict",
+    "Gone",
+    "KubeClient",
+    "KubeConfig",
+    "KubeError",
+    "NotFound",
+    "Unreachable",
+    "WatchEvent",
+    "WatchState",
+    "WatchStatus",
+    "load_config",
+    "parse_ref",
+    "update_configmap",
+    "watch_configmap",
+]

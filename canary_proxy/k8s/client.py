@@ -1,0 +1,331 @@
+"""KubeClient: the few API calls canary-proxy makes, each with retries; read-modify-write."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, NamedTuple, Self, TypeVar
+
+import aiohttp  # the client is built on it; the proxy already depends on it
+
+from .config import KubeConfig
+from .errors import Conflict, KubeError, Unreachable, error_from_status, translate
+
+if TYPE_CHECKING:
+    from kubernetes.aio.client import ApiClient, CoreV1Api, V1ConfigMap
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Data = dict[str, str]
+
+# The kubernetes client's own total timeout for one request (its rest.py uses 5 * 60 s).
+# A watch asks the server to end the stream before this, so a quiet watch ends cleanly
+# rather than as a client-side timeout error.
+CLIENT_REQUEST_TIMEOUT = 300.0
+_MERGE_PATCH = "application/merge-patch+json"
+
+
+# -- backoff ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff with jitter: attempt n waits about ``base * 2**n``, at most ``cap``.
+
+    The jitter ("equal jitter": half fixed, half random) keeps many proxies from
+    reconnecting in lockstep after an API server restart, and never waits zero.
+    """
+
+    base: float = 0.5  # a blip (API server rollout, leader change) heals in about a second
+    cap: float = 30.0  # retry at least twice a minute, yet never hammer a struggling server
+
+    def __post_init__(self) -> None:
+        if not 0 < self.base <= self.cap:
+            raise ValueError(f"need 0 < base <= cap, got base={self.base} cap={self.cap}")
+
+    def delay(self, attempt: int, *, retry_after: float | None = None) -> float:
+        """Seconds to wait before retry number ``attempt`` (0-based); Retry-After is a floor."""
+        ceiling = min(self.cap, self.base * 2 ** min(attempt, 32))
+        return max(random.uniform(ceiling / 2, ceiling), retry_after or 0.0)
+
+
+DEFAULT_BACKOFF = Backoff()
+
+
+# -- the client --------------------------------------------------------------------------------
+
+
+class ConfigMapState(NamedTuple):
+    data: Data
+    annotations: Data
+    resource_version: str
+
+
+class KubeClient:
+    """An open connection to the API server, offering the few calls canary-proxy makes.
+
+    Each call retries connection failures, 429 and 5xx ``retries`` times with backoff,
+    then raises ``Unreachable``. Writes are retried too: each carries a resourceVersion
+    precondition, so re-sending a write that did land gets a 409 rather than a second write.
+    """
+
+    def __init__(
+        self,
+        config: KubeConfig,
+        *,
+        retries: int = 3,
+        backoff: Backoff = DEFAULT_BACKOFF,
+        request_timeout: float = 30.0,  # a hung API server must not hang the CLI for 5 min
+    ) -> None:
+        self.config = config
+        self._retries = retries
+        self._backoff = backoff
+        self._request_timeout = float(request_timeout)
+        self._api: ApiClient | None = None
+        self._core_api: CoreV1Api | None = None
+
+    @property
+    def namespace(self) -> str:
+        """The namespace a bare NAME refers to."""
+        return self.config.namespace
+
+    async def __aenter__(self) -> Self:
+        from kubernetes.aio.client import ApiClient, CoreV1Api
+
+        self._api = ApiClient(self.config.configuration)
+        self._core_api = CoreV1Api(self._api)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._api is not None:
+            await self._api.close()  # type: ignore[no-untyped-call]
+        self._api = self._core_api = None
+
+    @property
+    def _core(self) -> CoreV1Api:
+        if self._core_api is None:
+            raise RuntimeError("KubeClient used outside 'async with'")
+        return self._core_api
+
+    async def get_configmap(self, namespace: str, name: str) -> ConfigMapState:
+        """The ConfigMap's data, annotations and resourceVersion; NotFound if absent."""
+        cm = await self._call(
+            f"get configmap {namespace}/{name}",
+            lambda: self._core.read_namespaced_config_map(
+                name, namespace, _request_timeout=self._request_timeout
+            ),
+        )
+        return _state_of(cm)
+
+    async def patch_configmap(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        data: Mapping[str, str | None] | None = None,
+        annotations: Mapping[str, str | None] | None = None,
+        resource_version: str,
+    ) -> ConfigMapState:
+        """Merge keys into data/annotations (None deletes a key) -- only if the object is
+        still at ``resource_version``; otherwise Conflict, so no concurrent write is lost.
+
+        A JSON merge patch, not a strategic one: it needs no schema on the server side, and
+        ``null`` deleting a key is exactly the semantics we want.
+        """
+        body: dict[str, Any] = {"metadata": {"resourceVersion": resource_version}}
+        if annotations:
+            body["metadata"]["annotations"] = dict(annotations)
+        if data:
+            body["data"] = dict(data)
+        cm = await self._call(
+            f"patch configmap {namespace}/{name}",
+            lambda: self._core.patch_namespaced_config_map(
+                name,
+                namespace,
+                body,
+                _content_type=_MERGE_PATCH,
+                _request_timeout=self._request_timeout,
+            ),
+        )
+        return _state_of(cm)
+
+    async def get_endpoints(
+        self, namespace: str, name: str, *, port: str | int | None = None
+    ) -> list[tuple[str, int]]:
+        """A Service's ready endpoints as sorted (ip, port) pairs; ``port`` picks one port
+        by name or number when the Service has several."""
+        endpoints = await self._call(
+            f"get endpoints {namespace}/{name}",
+            lambda: self._core.read_namespaced_endpoints(
+                name, namespace, _request_timeout=self._request_timeout
+            ),
+        )
+        found: set[tuple[str, int]] = set()
+        for subset in endpoints.subsets or []:
+            ports = [p.port for p in subset.ports or [] if port in (None, p.name, p.port)]
+            found.update((a.ip, p) for a in subset.addresses or [] for p in ports)
+        return sorted(found)
+
+    async def create_event(
+        self,
+        namespace: str,
+        *,
+        kind: str,
+        name: str,
+        reason: str,
+        message: str,
+        warning: bool = False,
+        component: str = "canary-proxy",
+    ) -> None:
+        """Record a core/v1 Event about an object, as ``kubectl describe`` shows them."""
+        from kubernetes.aio import client
+
+        now = datetime.now(UTC).replace(microsecond=0)  # the API's Time has 1 s precision
+        event = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{name}."),
+            involved_object=client.V1ObjectReference(kind=kind, name=name, namespace=namespace),
+            reason=reason,
+            message=message,
+            type="Warning" if warning else "Normal",
+            source=client.V1EventSource(component=component),
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
+        )
+        await self._call(
+            f"create event for {kind} {namespace}/{name}",
+            lambda: self._core.create_namespaced_event(
+                namespace, event, _request_timeout=self._request_timeout
+            ),
+        )
+
+    async def _list_configmap(self, namespace: str, name: str) -> tuple[ConfigMapState | None, str]:
+        """The ConfigMap (or None) and the list's resourceVersion, to watch from.
+
+        A list, not a get: only a list's resourceVersion is a point to watch from. No
+        retries here; the watch loop owns retrying.
+        """
+        result = await self._call(
+            f"list configmap {namespace}/{name}",
+            lambda: self._core.list_namespaced_config_map(
+                namespace,
+                field_selector=f"metadata.name={name}",
+                _request_timeout=self._request_timeout,
+            ),
+            retries=0,
+        )
+        if result.metadata is None or not result.metadata.resource_version:
+            raise KubeError("the API server returned a list without a resourceVersion")
+        items = [_state_of(cm) for cm in result.items if cm.metadata and cm.metadata.name == name]
+        return (items[0] if items else None), result.metadata.resource_version
+
+    async def _open_watch(
+        self, namespace: str, name: str, *, resource_version: str, timeout_seconds: int
+    ) -> aiohttp.ClientResponse:
+        """Start a watch of one ConfigMap from ``resource_version``; the raw response."""
+
+        async def open_watch() -> aiohttp.ClientResponse:
+            response = await self._core.list_namespaced_config_map_without_preload_content(
+                namespace,
+                watch=True,
+                allow_watch_bookmarks=True,  # bookmarks keep our resourceVersion fresh
+                field_selector=f"metadata.name={name}",
+                resource_version=resource_version,
+                timeout_seconds=timeout_seconds,
+                _request_timeout=CLIENT_REQUEST_TIMEOUT,
+            )
+            if response.status == 200:
+                return response
+            try:  # an error before the stream: the body is a Status
+                body = await response.read()
+            finally:
+                response.close()
+            raise error_from_status(response.status, body, response.headers)
+
+        return await self._call(f"watch configmap {namespace}/{name}", open_watch, retries=0)
+
+    async def _call(self, what: str, call: Callable[[], Awaitable[T]], *, retries: int | None = None) -> T:
+        """Run one API call, mapping errors to ours and retrying ``Unreachable`` ones."""
+        retries = self._retries if retries is None else retries
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except Exception as exc:
+                error = translate(exc)
+                if error is None:
+                    raise
+                if not isinstance(error, Unreachable) or attempt >= retries:
+                    raise error from exc
+            delay = self._backoff.delay(attempt, retry_after=error.retry_after)
+            attempt += 1
+            logger.warning("%s failed (%s); retry %d/%d in %.2fs", what, error, attempt, retries, delay)
+            await asyncio.sleep(delay)
+
+
+def _state_of(cm: V1ConfigMap) -> ConfigMapState:
+    meta = cm.metadata
+    if meta is None or not meta.resource_version:
+        raise KubeError("the API server returned a ConfigMap without a resourceVersion")
+    return ConfigMapState(dict(cm.data or {}), dict(meta.annotations or {}), meta.resource_version)
+
+
+# -- read-modify-write ---------------------------------------------------------------------------
+
+Mutate = Callable[[Data, Data], tuple[Data, Data]]
+
+
+async def update_configmap(
+    client: KubeClient, namespace: str, name: str, mutate: Mutate, *, retries: int = 5
+) -> ConfigMapState:
+    """Read, ``mutate(data, annotations) -> (data, annotations)``, write with the read
+    resourceVersion; on 409 Conflict read again and re-apply, so two writers never silently
+    overwrite each other. ``mutate`` gets fresh copies and may be called several times.
+
+    If a write whose answer was lost did land (the retry then gets a 409), the re-read
+    shows exactly what we meant to write, and we stop rather than apply ``mutate`` twice.
+    """
+    meant: tuple[Data, Data] | None = None
+    for attempt in range(retries + 1):
+        current = await client.get_configmap(namespace, name)
+        if meant == (current.data, current.annotations):
+            return current
+        meant = mutate(dict(current.data), dict(current.annotations))
+        if meant == (current.data, current.annotations):
+            return current  # nothing to change: no write, no new resourceVersion
+        try:
+            return await client.patch_configmap(
+                namespace,
+                name,
+                data=_changes(current.data, meant[0]),
+                annotations=_changes(current.annotations, meant[1]),
+                resource_version=current.resource_version,
+            )
+        except Conflict:
+            logger.info(
+                "configmap %s/%s changed after we read resourceVersion %s; re-reading (%d/%d)",
+                namespace,
+                name,
+                current.resource_version,
+                attempt + 1,
+                retries,
+            )
+    raise Conflict(f"configmap {namespace}/{name}: still conflicting after {retries} retries")
+
+
+def _changes(old: Data, new: Data) -> dict[str, str | None]:
+    """The merge patch from ``old`` to ``new``: changed keys, and None for removed ones."""
+    patch: dict[str, str | None] = {k: v for k, v in new.items() if old.get(k) != v}
+    patch.update({k: None for k in old.keys() - new.keys()})
+    return patch
