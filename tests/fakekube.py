@@ -6,9 +6,14 @@ bookmarks -- so tests drive the real ``kubernetes`` client library end to end. T
 controls (compaction, cutting watches, injected failures, downtime) are Python methods;
 compaction, cutting and failures are also reachable over HTTP under ``/_test/``.
 
+Lists and watches take a namespace or all of them (``/api/v1/configmaps``), a field
+selector and a label selector. As the real watch cache does, a watch sends a change that
+moves an object into its selection as ADDED, and one that moves it out as DELETED.
+
 Simplifications, on purpose: one fixed bearer token; strategic merge patch is applied as a
 JSON merge patch (exact for ConfigMaps, whose fields hold no merge-keyed lists); field
-selectors support ``metadata.name`` and ``metadata.namespace`` equality only.
+selectors support ``metadata.name`` and ``metadata.namespace`` equality only;
+``creationTimestamp`` has the real one-second resolution, and tests may set it.
 """
 
 from __future__ import annotations
@@ -112,23 +117,59 @@ class _Event:
     namespace: str
     name: str
     obj: Obj
+    old: Obj | None  # the object before this change; None when it was created
 
 
 _CUT = object()  # queued to a watch to make its handler return after an abort
 
 
+@dataclass(frozen=True)
+class _Selection:
+    """What a list or watch asks for: a resource in a namespace (None: all), by selectors."""
+
+    resource: str
+    namespace: str | None
+    fields: dict[str, str]
+    labels: list[Requirement]
+
+    @classmethod
+    def of(cls, request: web.Request) -> _Selection:
+        return cls(
+            request.match_info["resource"],
+            request.match_info.get("namespace"),
+            _parse_field_selector(request.query.get("fieldSelector", "")),
+            parse_label_selector(request.query.get("labelSelector", "")),
+        )
+
+    def selects(self, resource: str, obj: Obj) -> bool:
+        meta = obj["metadata"]
+        return (
+            resource == self.resource
+            and self.namespace in (None, meta["namespace"])
+            and _fields_match(obj, self.fields)
+            and all(requirement(meta.get("labels") or {}) for requirement in self.labels)
+        )
+
+    def view(self, event: _Event) -> tuple[str, Obj] | None:
+        """The event as a watch of this selection sees it, if at all: as the API server's
+        watch cache does, entering the selection is ADDED and leaving it is DELETED."""
+        was = event.old is not None and self.selects(event.resource, event.old)
+        now = event.type != "DELETED" and self.selects(event.resource, event.obj)
+        if now:
+            return ("MODIFIED" if was else "ADDED"), event.obj
+        if was:
+            assert event.old is not None
+            gone = copy.deepcopy(event.old)  # the last state it was selected in, at the new rv
+            gone["metadata"]["resourceVersion"] = str(event.rv)
+            return "DELETED", gone
+        return None
+
+
 @dataclass(eq=False)
 class _Watch:
     request: web.Request
-    resource: str
-    namespace: str
-    fields: dict[str, str]
+    selection: _Selection
     queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
-
-    def matches(self, event: _Event) -> bool:
-        if (event.resource, event.namespace) != (self.resource, self.namespace):
-            return False
-        return self.fields.get("metadata.name", event.name) == event.name
 
 
 class FakeKube:
@@ -242,13 +283,20 @@ class FakeKube:
         *,
         namespace: str = "default",
         annotations: dict[str, str] | None = None,
+        labels: dict[str, str] | None = None,
+        created: str | None = None,
     ) -> Obj:
-        """Create or replace a ConfigMap; emits ADDED or MODIFIED."""
+        """Create or replace a ConfigMap; emits ADDED or MODIFIED. ``created`` sets the
+        creationTimestamp of a new one (e.g. ``"2024-01-02T03:04:05Z"``)."""
         old = self.objects.get(("configmaps", namespace, name))
         obj = old_or_new(old, "configmaps", namespace, name)
         obj["data"] = dict(data)
         if annotations is not None:
             obj["metadata"]["annotations"] = dict(annotations)
+        if labels is not None:
+            obj["metadata"]["labels"] = dict(labels)
+        if created is not None and old is None:
+            obj["metadata"]["creationTimestamp"] = created
         return self._commit(obj, "MODIFIED" if old else "ADDED")
 
     def patch_configmap(self, name: str, data: dict[str, str | None], *, namespace: str = "default") -> Obj:
@@ -265,11 +313,12 @@ class FakeKube:
         obj["subsets"] = copy.deepcopy(subsets)
         return self._commit(obj, "MODIFIED" if old else "ADDED")
 
-    def list_objects(self, resource: str, *, namespace: str = "default") -> list[Obj]:
+    def list_objects(self, resource: str, *, namespace: str | None = "default") -> list[Obj]:
+        """The objects of a resource in ``namespace`` (None: all), by namespace and name."""
         return [
             copy.deepcopy(obj)
             for (res, ns, _), obj in sorted(self.objects.items())
-            if (res, ns) == (resource, namespace)
+            if res == resource and namespace in (None, ns)
         ]
 
     # -- storage -------------------------------------------------------------------------
@@ -280,16 +329,17 @@ class FakeKube:
         meta = obj["metadata"]
         meta["resourceVersion"] = str(self._rv)
         key = (_resource_of(obj), meta["namespace"], meta["name"])
+        old = copy.deepcopy(self.objects.get(key))
         if etype == "DELETED":
             self.objects.pop(key, None)
         else:
             self.objects[key] = obj
         self.commit_times[self._rv] = time.perf_counter()
-        event = _Event(self._rv, etype, *key, copy.deepcopy(obj))
+        event = _Event(self._rv, etype, *key, copy.deepcopy(obj), old)
         self._history.append(event)
         for watch in self._watches:
-            if watch.matches(event):
-                watch.queue.put_nowait(event)
+            if seen := watch.selection.view(event):
+                watch.queue.put_nowait(seen)
         return copy.deepcopy(obj)
 
     def _get(self, resource: str, namespace: str, name: str) -> Obj:
@@ -306,6 +356,7 @@ class FakeKube:
     def _build_app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware])
         base = "/api/v1/namespaces/{namespace}/{resource}"
+        app.router.add_route("GET", "/api/v1/{resource}", self._list_or_watch)  # all namespaces
         app.router.add_route("GET", base, self._list_or_watch)
         app.router.add_route("POST", base, self._create)
         app.router.add_route("GET", base + "/{name}", self._read)
@@ -350,17 +401,14 @@ class FakeKube:
         raise _injected(failure)
 
     async def _list_or_watch(self, request: web.Request) -> web.StreamResponse:
-        resource, namespace = request.match_info["resource"], request.match_info["namespace"]
-        fields = _parse_field_selector(request.query.get("fieldSelector", ""))
+        selection = _Selection.of(request)
         if request.query.get("watch") in _TRUE:
-            return await self._watch(request, _Watch(request, resource, namespace, fields))
-        items = [
-            obj for obj in self.list_objects(resource, namespace=namespace) if _fields_match(obj, fields)
-        ]
+            return await self._watch(request, _Watch(request, selection))
+        items = self._select(selection)
         for obj in items:  # list items carry no kind/apiVersion, as on a real server
             obj.pop("kind", None)
             obj.pop("apiVersion", None)
-        kind = _KINDS[resource] + "List"
+        kind = _KINDS[selection.resource] + "List"
         meta = {"resourceVersion": self.resource_version}
         return web.json_response({"kind": kind, "apiVersion": "v1", "metadata": meta, "items": items})
 
@@ -465,13 +513,16 @@ class FakeKube:
         finally:
             self._watches.discard(watch)
 
+    def _select(self, selection: _Selection) -> list[Obj]:
+        objects = self.list_objects(selection.resource, namespace=selection.namespace)
+        return [obj for obj in objects if selection.selects(selection.resource, obj)]
+
     def _initial_events(self, watch: _Watch, since: str) -> list[tuple[str, Obj]]:
         """Replay history after ``since``; without one, the current objects as ADDED."""
         if since in ("", "0"):
-            objects = self.list_objects(watch.resource, namespace=watch.namespace)
-            return [("ADDED", obj) for obj in objects if _fields_match(obj, watch.fields)]
-        after = [e for e in self._history if e.rv > int(since) and watch.matches(e)]
-        return [(e.type, e.obj) for e in after]
+            return [("ADDED", obj) for obj in self._select(watch.selection)]
+        after = (watch.selection.view(e) for e in self._history if e.rv > int(since))
+        return [seen for seen in after if seen]
 
     async def _stream(
         self, request: web.Request, watch: _Watch, initial: list[tuple[str, Obj]]
@@ -502,12 +553,12 @@ class FakeKube:
                     item = await watch.queue.get()
             except TimeoutError:
                 if bookmarks and not self.stall_watches:  # idle, and every event sent: safe
-                    await _send(response, "BOOKMARK", self._bookmark(watch.resource))
+                    await _send(response, "BOOKMARK", self._bookmark(watch.selection.resource))
                 continue
             if item is _CUT:
                 return
             if not self.stall_watches:
-                await _send(response, item.type, item.obj)
+                await _send(response, *item)
 
     def _bookmark(self, resource: str) -> Obj:
         meta = {"resourceVersion": self.resource_version}
@@ -678,6 +729,40 @@ def _parse_field_selector(selector: str) -> dict[str, str]:
             raise ApiError(400, f'field label not supported: "{key}"')
         fields[key] = value
     return fields
+
+
+Requirement = Callable[[dict[str, str]], bool]
+_LABEL_KEY = r"(?:[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_LABEL_VALUE = re.compile(r"(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
+_EXISTS = re.compile(rf"(!?)\s*({_LABEL_KEY})")
+_EQUALS = re.compile(rf"({_LABEL_KEY})\s*(==|=|!=)\s*(\S*)")
+_IN = re.compile(rf"({_LABEL_KEY})\s+(in|notin)\s*\(([^()]*)\)")
+
+
+def parse_label_selector(selector: str) -> list[Requirement]:
+    """A label selector -> one predicate per requirement; 400 if malformed, as the API says.
+
+    The grammar of ``labels.Parse``: ``key``, ``!key``, ``key=value`` (or ``==``),
+    ``key!=value``, ``key in (a,b)``, ``key notin (a,b)``; requirements are ANDed. A
+    negative one (``!=``, ``notin``) also matches an object without the label.
+    """
+    if not selector.strip():
+        return []
+    return [_requirement(term.strip()) for term in re.split(r",(?![^()]*\))", selector)]
+
+
+def _requirement(term: str) -> Requirement:
+    if match := _EXISTS.fullmatch(term):
+        negate, key = match[1] == "!", match[2]
+        return lambda labels: (key in labels) != negate
+    if (match := _EQUALS.fullmatch(term)) and _LABEL_VALUE.fullmatch(match[3]):
+        key, op, value = match[1], match[2], match[3]
+        return lambda labels: (labels.get(key) == value) == (op != "!=")
+    if match := _IN.fullmatch(term):
+        key, op, values = match[1], match[2], {v.strip() for v in match[3].split(",")}
+        if all(_LABEL_VALUE.fullmatch(v) for v in values):
+            return lambda labels: (key in labels and labels[key] in values) == (op == "in")
+    raise ApiError(400, f"unable to parse requirement: {term!r}", reason="BadRequest")
 
 
 def _fields_match(obj: Obj, fields: dict[str, str]) -> bool:

@@ -16,10 +16,12 @@ import pytest
 
 from canary_proxy.k8s import (
     Backoff,
+    Batch,
     Conflict,
     KubeClient,
     KubeError,
     NotFound,
+    Selector,
     Unreachable,
     WatchEvent,
     WatchStatus,
@@ -27,6 +29,7 @@ from canary_proxy.k8s import (
     parse_ref,
     update_configmap,
     watch_configmap,
+    watch_configmaps,
 )
 from tests.fakekube import FakeKube
 
@@ -73,6 +76,50 @@ class Watcher:
                     self.events.put_nowait(event)
         except Exception as exc:  # surfaced by event(), not lost in the task
             self.events.put_nowait(exc)
+
+
+@dataclass
+class BatchWatcher:
+    """watch_configmaps running in a task; tests await its batches and statuses."""
+
+    batches: asyncio.Queue[Batch | BaseException] = field(default_factory=asyncio.Queue)
+    statuses: asyncio.Queue[WatchStatus] = field(default_factory=asyncio.Queue)
+
+    async def batch(self) -> dict[str, tuple[str, dict[str, str]]]:
+        """The next batch, as ``{"NAMESPACE/NAME": (type, data)}``."""
+        async with asyncio.timeout(WAIT):
+            batch = await self.batches.get()
+        if isinstance(batch, BaseException):
+            raise batch
+        return {f"{e.namespace}/{e.name}": (e.type, dict(e.data)) for e in batch}
+
+    async def status(self, state: str) -> WatchStatus:
+        async with asyncio.timeout(WAIT):
+            while (status := await self.statuses.get()).state != state:
+                pass
+        return status
+
+    async def pump(self, kube: KubeClient, selector: Selector, options: dict[str, Any]) -> None:
+        batches = watch_configmaps(kube, selector, on_status=self.statuses.put_nowait, **options)
+        try:
+            async with contextlib.aclosing(batches):
+                async for batch in batches:
+                    self.batches.put_nowait(batch)
+        except Exception as exc:
+            self.batches.put_nowait(exc)
+
+
+@contextlib.asynccontextmanager
+async def watching_selector(kube: KubeClient, selector: Selector) -> AsyncIterator[BatchWatcher]:
+    watcher = BatchWatcher()
+    options = {"timeout_seconds": 5, "idle_slack": 1.0, "backoff": FAST}
+    task = asyncio.create_task(watcher.pump(kube, selector, options))
+    try:
+        yield watcher
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 @contextlib.asynccontextmanager
@@ -415,7 +462,134 @@ async def test_watch_latency(fake_kube: FakeKube, kube: KubeClient) -> None:
     assert statistics.quantiles(from_commit, n=100)[98] < 0.5
 
 
+# -- watch by label selector -------------------------------------------------------------------
+
+ROUTE = {"canary-proxy.io/route": "true"}
+
+
+def put_routes(fake: FakeKube) -> None:
+    """Two selected ConfigMaps in two namespaces, and two that are not."""
+    fake.put_configmap(
+        "a", {"n": "a"}, labels=ROUTE, annotations={"note": "x"}, created="2024-01-01T00:00:00Z"
+    )
+    fake.put_configmap("b", {"n": "b"}, labels={"other": "true"})
+    fake.put_configmap("c", {"n": "c"}, namespace="team", labels=ROUTE)
+    fake.put_configmap("d", {"n": "d"}, namespace="team")
+
+
+@pytest.mark.parametrize(
+    ("namespace", "expected"), [(NS, ["default/a"]), ("team", ["team/c"]), (None, ["default/a", "team/c"])]
+)
+async def test_selector_lists_what_matches_in_one_namespace_or_all(
+    fake_kube: FakeKube, kube: KubeClient, namespace: str | None, expected: list[str]
+) -> None:
+    put_routes(fake_kube)
+    async with watching_selector(kube, Selector(namespace, labels="canary-proxy.io/route=true")) as watcher:
+        first = await watcher.batch()
+        await watcher.status("watching")
+    assert sorted(first) == expected
+    assert {kind for kind, _ in first.values()} == {"ADDED"}
+    assert fake_kube.watch_queries[0]["labelSelector"] == "canary-proxy.io/route=true"
+
+
+async def test_selector_events_carry_identity_annotations_and_creation(
+    fake_kube: FakeKube, kube: KubeClient
+) -> None:
+    put_routes(fake_kube)
+    events = watch_configmaps(kube, Selector(NS, labels="canary-proxy.io/route"), backoff=FAST)
+    async with contextlib.aclosing(events):
+        [event] = await anext(events)
+    assert (event.namespace, event.name, event.data) == (NS, "a", {"n": "a"})
+    assert (event.annotations, event.created) == ({"note": "x"}, "2024-01-01T00:00:00Z")
+
+
+async def test_selector_yields_an_empty_first_list_then_each_change(
+    fake_kube: FakeKube, kube: KubeClient
+) -> None:
+    async with watching_selector(kube, Selector(None, labels="canary-proxy.io/route")) as watcher:
+        assert await watcher.batch() == {}  # the first list, though empty, is the whole state
+        fake_kube.put_configmap("x", {"n": "0"})  # not selected: nothing
+        fake_kube.put_configmap("a", {"n": "0"}, namespace="team", labels=ROUTE)
+        assert await watcher.batch() == {"team/a": ("ADDED", {"n": "0"})}
+        fake_kube.patch_configmap("a", {"n": "1"}, namespace="team")
+        assert await watcher.batch() == {"team/a": ("MODIFIED", {"n": "1"})}
+        fake_kube.put_configmap("a", {"n": "1"}, namespace="team", labels={})  # leaves the selection
+        assert await watcher.batch() == {"team/a": ("DELETED", {})}
+        fake_kube.put_configmap("x", {"n": "0"}, labels=ROUTE)  # joins it
+        assert await watcher.batch() == {"default/x": ("ADDED", {"n": "0"})}
+        fake_kube.delete_configmap("x")
+        assert await watcher.batch() == {"default/x": ("DELETED", {})}
+
+
+@pytest.mark.parametrize("as_http_status", [False, True], ids=["error-event", "http-410"])
+async def test_selector_relist_reports_what_changed_meanwhile(
+    fake_kube: FakeKube, kube: KubeClient, as_http_status: bool
+) -> None:
+    fake_kube.expire_with_http_status = as_http_status
+    for name in ("gone", "kept", "changed"):
+        fake_kube.put_configmap(name, {"n": "0"}, labels=ROUTE)
+    async with watching_selector(kube, Selector(NS, labels="canary-proxy.io/route")) as watcher:
+        assert len(await watcher.batch()) == 3
+        await watcher.status("watching")
+        assert fake_kube.cut_watches() == 1  # while it is away, then compaction:
+        fake_kube.delete_configmap("gone")
+        fake_kube.patch_configmap("changed", {"n": "1"})
+        fake_kube.put_configmap("new", {"n": "0"}, labels=ROUTE)
+        fake_kube.compact()
+        await watcher.status("relisting")
+        relisted = await watcher.batch()
+    assert relisted == {  # one batch, and nothing about "kept"
+        "default/gone": ("DELETED", {}),
+        "default/changed": ("MODIFIED", {"n": "1"}),
+        "default/new": ("ADDED", {"n": "0"}),
+    }
+    assert fake_kube.requests["list"] == 2
+
+
+async def test_selector_yields_nothing_while_the_api_is_down(fake_kube: FakeKube, kube: KubeClient) -> None:
+    put_routes(fake_kube)
+    async with watching_selector(kube, Selector(None, labels="canary-proxy.io/route")) as watcher:
+        assert len(await watcher.batch()) == 2
+        await watcher.status("watching")
+        await fake_kube.stop()
+        fake_kube.delete_configmap("a")
+        for _ in range(3):  # the cut, then failed reconnections
+            retrying = await watcher.status("retrying")
+        assert watcher.batches.empty()
+        await fake_kube.start()
+        assert await watcher.batch() == {"default/a": ("DELETED", {})}  # resumed, not relisted
+    assert isinstance(retrying.error, Unreachable)
+    assert fake_kube.requests["list"] == 1
+
+
 # -- the fake itself ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("selector", "expected"),
+    [
+        ("tier=web", ["web"]),
+        ("tier==web,canary", ["web"]),
+        ("tier!=web", ["api", "none"]),
+        ("!canary", ["api", "none"]),
+        ("tier in (web, api)", ["api", "web"]),
+        ("tier notin (web),example.com/x", ["api"]),
+    ],
+)
+async def test_fake_label_selectors(
+    fake_kube: FakeKube, kube: KubeClient, selector: str, expected: list[str]
+) -> None:
+    fake_kube.put_configmap("web", {}, labels={"tier": "web", "canary": "1"})
+    fake_kube.put_configmap("api", {}, labels={"tier": "api", "example.com/x": ""})
+    fake_kube.put_configmap("none", {})
+    objects, _ = await kube.list_configmaps(Selector(NS, labels=selector))
+    assert sorted(cm.name for cm in objects) == expected
+
+
+async def test_fake_rejects_a_malformed_label_selector(kube: KubeClient) -> None:
+    with pytest.raises(KubeError) as caught:
+        await kube.list_configmaps(Selector(NS, labels="tier in web"))
+    assert (caught.value.status, caught.value.reason) == (400, "BadRequest")
 
 
 @pytest.mark.parametrize(

@@ -10,17 +10,21 @@ ever see ``KubeError`` and its subclasses, never the client's or aiohttp's excep
 from .client import (
     DEFAULT_BACKOFF,
     Backoff,
+    ConfigMapObject,
     ConfigMapState,
     KubeClient,
+    Selector,
     update_configmap,
 )
 from .config import KubeConfig, load_config, parse_ref
 from .errors import Conflict, Gone, KubeError, NotFound, Unreachable
-from .watch import WatchEvent, WatchState, WatchStatus, watch_configmap
+from .watch import Batch, WatchEvent, WatchState, WatchStatus, watch_configmap, watch_configmaps
 
 __all__ = [
     "DEFAULT_BACKOFF",
     "Backoff",
+    "Batch",
+    "ConfigMapObject",
     "ConfigMapState",
     "Conflict",
     "Gone",
@@ -28,6 +32,7 @@ __all__ = [
     "KubeConfig",
     "KubeError",
     "NotFound",
+    "Selector",
     "Unreachable",
     "WatchEvent",
     "WatchState",
@@ -36,4 +41,5 @@ __all__ = [
     "parse_ref",
     "update_configmap",
     "watch_configmap",
+    "watch_configmaps",
 ]

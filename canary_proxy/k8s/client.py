@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
@@ -59,6 +60,87 @@ DEFAULT_BACKOFF = Backoff()
 
 
 # -- the client --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    """Which ConfigMaps to list and watch: in one namespace, or in all (``None``); one by
+    name, those a label selector matches, or (neither) every one."""
+
+    namespace: str | None
+    name: str | None = None  # one object: the field selector metadata.name=NAME
+    labels: str = ""  # a label selector, e.g. "canary-proxy.io/route=true"
+
+    @property
+    def fields(self) -> str:
+        return f"metadata.name={self.name}" if self.name else ""
+
+    def matches(self, namespace: str, name: str) -> bool:
+        """What the server filters already, checked again: labels are left to the server."""
+        return self.namespace in (None, namespace) and self.name in (None, name)
+
+    def __str__(self) -> str:  # for log lines and errors
+        if self.name and self.namespace:
+            return f"configmap {self.namespace}/{self.name}"
+        what = f"configmap {self.name}" if self.name else f"configmaps {self.labels or '(any labels)'}"
+        return what + (f" in {self.namespace}" if self.namespace else " in all namespaces")
+
+
+class ConfigMapObject(NamedTuple):
+    """A ConfigMap as a list or a watch event shows it."""
+
+    namespace: str
+    name: str
+    data: Data
+    annotations: Data
+    created: str  # metadata.creationTimestamp as sent: RFC 3339 in UTC, whole seconds
+    resource_version: str
+
+
+def configmap_object(obj: Mapping[str, Any]) -> ConfigMapObject:
+    """A ConfigMap's JSON -> ``ConfigMapObject``; KubeError if it lacks its identity."""
+    meta = obj.get("metadata") or {}
+    namespace, name, version = (str(meta.get(k) or "") for k in ("namespace", "name", "resourceVersion"))
+    if not (namespace and name and version):
+        raise KubeError(f"the API server sent a ConfigMap without namespace, name or resourceVersion: {meta}")
+    return ConfigMapObject(
+        namespace,
+        name,
+        {str(k): str(v) for k, v in (obj.get("data") or {}).items()},
+        {str(k): str(v) for k, v in (meta.get("annotations") or {}).items()},
+        str(meta.get("creationTimestamp") or ""),
+        version,
+    )
+
+
+class WatchStream:
+    """One open watch response, read one JSON event per line."""
+
+    def __init__(self, response: aiohttp.ClientResponse, idle_timeout: float) -> None:
+        self._response = response
+        self._idle_timeout = idle_timeout
+
+    async def next(self) -> tuple[str, dict[str, Any]] | None:
+        """The next (type, object); None once the server ended the stream."""
+        try:
+            async with asyncio.timeout(self._idle_timeout):
+                line = await self._response.content.readline()
+        except TimeoutError as exc:
+            # A half-open connection never errors; silence is the only symptom.
+            message = f"no event or bookmark for {self._idle_timeout:g}s; presumed dead"
+            raise Unreachable(message) from exc
+        except aiohttp.ClientError as exc:
+            raise Unreachable(f"watch stream broke: {type(exc).__name__}: {exc}") from exc
+        if not line:
+            return None
+        try:
+            event = json.loads(line)
+            return str(event["type"]), dict(event["object"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise KubeError(f"malformed watch event: {line[:200]!r}") from exc
+
+    def close(self) -> None:
+        self._response.close()  # mid-stream, a connection cannot go back to the pool
 
 
 class ConfigMapState(NamedTuple):
@@ -210,50 +292,70 @@ class KubeClient:
             ),
         )
 
-    async def _list_configmap(self, namespace: str, name: str) -> tuple[ConfigMapState | None, str]:
-        """The ConfigMap (or None) and the list's resourceVersion, to watch from.
+    async def list_configmaps(self, selector: Selector) -> tuple[list[ConfigMapObject], str]:
+        """The ConfigMaps ``selector`` picks, and the list's resourceVersion, to watch from.
 
-        A list, not a get: only a list's resourceVersion is a point to watch from. No
-        retries here; the watch loop owns retrying.
+        Read as raw JSON, like the watch's events, so both give the same ``ConfigMapObject``.
+        No retries here: the watch loop owns retrying.
         """
-        result = await self._call(
-            f"list configmap {namespace}/{name}",
-            lambda: self._core.list_namespaced_config_map(
-                namespace,
-                field_selector=f"metadata.name={name}",
-                _request_timeout=self._request_timeout,
-            ),
-            retries=0,
-        )
-        if result.metadata is None or not result.metadata.resource_version:
+
+        async def fetch() -> bytes:
+            response = await self._configmaps(selector)
+            try:
+                return await response.read()
+            finally:
+                response.release()
+
+        body = await self._call(f"list {selector}", fetch, retries=0)
+        try:
+            listed = json.loads(body)
+            version = str(listed["metadata"]["resourceVersion"])
+            items = [configmap_object(item) for item in listed.get("items") or []]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise KubeError(f"malformed list of {selector}: {exc!r}") from exc
+        if not version:
             raise KubeError("the API server returned a list without a resourceVersion")
-        items = [_state_of(cm) for cm in result.items if cm.metadata and cm.metadata.name == name]
-        return (items[0] if items else None), result.metadata.resource_version
+        return [cm for cm in items if selector.matches(cm.namespace, cm.name)], version
 
-    async def _open_watch(
-        self, namespace: str, name: str, *, resource_version: str, timeout_seconds: int
-    ) -> aiohttp.ClientResponse:
-        """Start a watch of one ConfigMap from ``resource_version``; the raw response."""
-
-        async def open_watch() -> aiohttp.ClientResponse:
-            response = await self._core.list_namespaced_config_map_without_preload_content(
-                namespace,
+    async def open_watch(
+        self, selector: Selector, *, resource_version: str, timeout_seconds: int, idle_timeout: float
+    ) -> WatchStream:
+        """Start a watch of what ``selector`` picks, from ``resource_version``."""
+        response = await self._call(
+            f"watch {selector}",
+            lambda: self._configmaps(
+                selector,
                 watch=True,
                 allow_watch_bookmarks=True,  # bookmarks keep our resourceVersion fresh
-                field_selector=f"metadata.name={name}",
                 resource_version=resource_version,
                 timeout_seconds=timeout_seconds,
                 _request_timeout=CLIENT_REQUEST_TIMEOUT,
-            )
-            if response.status == 200:
-                return response
-            try:  # an error before the stream: the body is a Status
-                body = await response.read()
-            finally:
-                response.close()
-            raise error_from_status(response.status, body, response.headers)
+            ),
+            retries=0,
+        )
+        return WatchStream(response, idle_timeout)
 
-        return await self._call(f"watch configmap {namespace}/{name}", open_watch, retries=0)
+    async def _configmaps(self, selector: Selector, **params: Any) -> aiohttp.ClientResponse:
+        """GET the ConfigMap collection (one namespace's, or all of them) for a list or a
+        watch: the raw response if 200, else the error its ``Status`` body describes."""
+        params = {
+            "field_selector": selector.fields or None,
+            "label_selector": selector.labels or None,
+            "_request_timeout": self._request_timeout,
+        } | params
+        if selector.namespace is None:
+            response = await self._core.list_config_map_for_all_namespaces_without_preload_content(**params)
+        else:
+            response = await self._core.list_namespaced_config_map_without_preload_content(
+                selector.namespace, **params
+            )
+        if response.status == 200:
+            return response
+        try:
+            body = await response.read()
+        finally:
+            response.close()
+        raise error_from_status(response.status, body, response.headers)
 
     async def _call(self, what: str, call: Callable[[], Awaitable[T]], *, retries: int | None = None) -> T:
         """Run one API call, mapping errors to ours and retrying ``Unreachable`` ones."""

@@ -1,24 +1,33 @@
-"""List, then watch: follow a ConfigMap's data and annotations through every failure.
+"""List, then watch: follow ConfigMaps (one by name, or by label selector) through failures.
 
 Modelled on kopf's watching: list, watch from the list's resourceVersion, relist on 410
-Gone, reconnect with backoff, and replace a stream that has gone silent.
+Gone, reconnect with backoff, and replace a stream that has gone silent. One loop,
+``watch_configmaps``, serves every ``Selector``; ``watch_configmap`` is its by-name case.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import logging
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import aiohttp  # the client is built on it; the proxy already depends on it
-
-from .client import CLIENT_REQUEST_TIMEOUT, DEFAULT_BACKOFF, Backoff, ConfigMapState, Data, KubeClient
-from .errors import Gone, KubeError, Unreachable, error_from_status_object
+from .client import (
+    CLIENT_REQUEST_TIMEOUT,
+    DEFAULT_BACKOFF,
+    Backoff,
+    ConfigMapObject,
+    KubeClient,
+    Selector,
+    configmap_object,
+)
+from .errors import Gone, KubeError, error_from_status_object
 
 logger = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (namespace, name): what identifies an object across events
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,21 +36,25 @@ class WatchEvent:
     not (DELETED). An event may change the annotations alone (a rollout's state)."""
 
     type: Literal["ADDED", "MODIFIED", "DELETED"]
+    namespace: str
+    name: str
     data: Mapping[str, str]  # empty for DELETED
     annotations: Mapping[str, str]  # empty for DELETED
+    created: str  # metadata.creationTimestamp (RFC 3339, UTC); empty for DELETED
     resource_version: str
 
 
+Batch = tuple[WatchEvent, ...]
 WatchState = Literal["listed", "watching", "relisting", "retrying"]
 
 
 @dataclass(frozen=True, slots=True)
 class WatchStatus:
-    """What ``watch_configmap`` is doing, passed to its ``on_status`` callback at each step.
+    """What the watch loop is doing, passed to its ``on_status`` callback at each step.
 
-    Its one consumer, the ConfigMap source's ``follow_configmap``, logs a warning on
-    ``retrying`` (the API is unavailable; the last good config keeps serving), and the tests
-    wait on it. Nothing turns it into a metric or into readiness.
+    Its consumers, the ConfigMap sources, log a warning on ``retrying`` (the API is
+    unavailable; the last good config keeps serving), and the tests wait on it. Nothing
+    turns it into a metric or into readiness.
     """
 
     state: WatchState
@@ -51,59 +64,114 @@ class WatchStatus:
 
 
 class _Seen:
-    """What the consumer was last told, so that a relist yields only real changes."""
+    """What the consumer was last told, per object, so that a relist yields only real
+    changes, and reports as DELETED the objects that vanished meanwhile."""
 
-    def __init__(self) -> None:
-        self.exists: bool | None = None  # None: nothing yielded yet
-        self.version = ""
+    def __init__(self, expected: Iterable[Key] = ()) -> None:
+        self._versions: dict[Key, str] = {}  # object -> the resourceVersion last yielded
+        # Reported DELETED if the first list lacks them: a by-name watch always says
+        # whether its object exists.
+        self._expected = set(expected)
 
-    def present(self, data: Data, annotations: Data, resource_version: str) -> WatchEvent | None:
-        if self.exists and self.version == resource_version:
+    def present(self, obj: ConfigMapObject) -> WatchEvent | None:
+        key = (obj.namespace, obj.name)
+        old = self._versions.get(key)
+        if old == obj.resource_version:
             return None
-        kind: Literal["ADDED", "MODIFIED"] = "MODIFIED" if self.exists else "ADDED"
-        self.exists, self.version = True, resource_version
-        return WatchEvent(kind, data, annotations, resource_version)
+        self._versions[key] = obj.resource_version
+        return WatchEvent("ADDED" if old is None else "MODIFIED", *obj)
 
-    def absent(self, resource_version: str) -> WatchEvent | None:
-        if self.exists is False:
+    def absent(self, key: Key, resource_version: str) -> WatchEvent | None:
+        if self._versions.pop(key, None) is None and key not in self._expected:
             return None
-        self.exists, self.version = False, resource_version
-        return WatchEvent("DELETED", {}, {}, resource_version)
+        return WatchEvent("DELETED", *key, {}, {}, "", resource_version)
 
-    def listed(self, state: ConfigMapState | None, resource_version: str) -> WatchEvent | None:
-        if state is None:
-            return self.absent(resource_version)
-        return self.present(state.data, state.annotations, state.resource_version)
+    def listed(self, objects: Sequence[ConfigMapObject], resource_version: str) -> Batch:
+        """The differences between a list and what was last yielded."""
+        found = [event for obj in objects if (event := self.present(obj))]
+        listed = {(obj.namespace, obj.name) for obj in objects}
+        gone = sorted((self._versions.keys() | self._expected) - listed)
+        found += [event for key in gone if (event := self.absent(key, resource_version))]
+        self._expected.clear()
+        return tuple(found)
 
 
-class _WatchStream:
-    """One open watch response, read one JSON event per line."""
+async def watch_configmaps(
+    client: KubeClient,
+    selector: Selector,
+    *,
+    timeout_seconds: int = 240,
+    idle_slack: float = 30.0,
+    backoff: Backoff = DEFAULT_BACKOFF,
+    on_status: Callable[[WatchStatus], None] | None = None,
+) -> AsyncGenerator[Batch, None]:
+    """Follow the ConfigMaps ``selector`` picks, forever: only cancellation (or closing the
+    generator, e.g. with ``contextlib.aclosing``) ends it. Yields batches of events; after
+    each one, the consumer's picture (ADDED and MODIFIED set an object, DELETED drops it)
+    is the server's at some resourceVersion.
 
-    def __init__(self, response: aiohttp.ClientResponse, idle_timeout: float) -> None:
-        self._response = response
-        self._idle_timeout = idle_timeout
-
-    async def next(self) -> tuple[str, dict[str, Any]] | None:
-        """The next (type, object); None once the server ended the stream."""
+    - The first list is always yielded, even empty: every object found, as ADDED.
+    - Every change to an object is a batch of one, including one to its annotations alone:
+      consumers that follow only ``data`` compare it themselves. An object whose labels
+      stop matching arrives as DELETED (the server sends it so).
+    - Each watch asks the server to end it after ``timeout_seconds`` -- below the client's
+      own 300 s total per request -- and the next one resumes from the last resourceVersion
+      seen, from an event or a bookmark, so nothing is missed and nothing repeats.
+    - 410 Gone/Expired, as an HTTP status or an in-stream ERROR event: list again, and
+      yield what differs from what was last yielded (DELETED for objects gone meanwhile),
+      if anything does.
+    - Dropped connections, timeouts, 429, 5xx and any other API error: retry after
+      exponential backoff with jitter (a Retry-After is a floor). Nothing is yielded until
+      the API answers again, so an outage never looks like an empty list.
+    - A stream silent (no event, no bookmark) for ``timeout_seconds + idle_slack`` is
+      presumed dead and replaced.
+    """
+    if not 1 <= timeout_seconds < CLIENT_REQUEST_TIMEOUT or idle_slack <= 0:
+        raise ValueError(f"need 1 <= timeout_seconds < {CLIENT_REQUEST_TIMEOUT:g} and slack > 0")
+    report = on_status or (lambda status: None)
+    seen = _Seen([(selector.namespace, selector.name)] if selector.namespace and selector.name else [])
+    since: str | None = None  # the resourceVersion to watch from; None: list first
+    first = True
+    failures = 0
+    while True:
         try:
-            async with asyncio.timeout(self._idle_timeout):
-                line = await self._response.content.readline()
-        except TimeoutError as exc:
-            # A half-open connection never errors; silence is the only symptom.
-            message = f"no event or bookmark for {self._idle_timeout:g}s; presumed dead"
-            raise Unreachable(message) from exc
-        except aiohttp.ClientError as exc:
-            raise Unreachable(f"watch stream broke: {type(exc).__name__}: {exc}") from exc
-        if not line:
-            return None
-        try:
-            event = json.loads(line)
-            return str(event["type"]), dict(event["object"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise KubeError(f"malformed watch event: {line[:200]!r}") from exc
-
-    def close(self) -> None:
-        self._response.close()  # mid-stream, a connection cannot go back to the pool
+            if since is None:
+                objects, since = await client.list_configmaps(selector)
+                report(WatchStatus("listed", since))
+                if (batch := seen.listed(objects, since)) or first:
+                    first = False
+                    yield batch
+            stream = await client.open_watch(
+                selector,
+                resource_version=since,
+                timeout_seconds=timeout_seconds,
+                idle_timeout=timeout_seconds + idle_slack,
+            )
+            try:
+                report(WatchStatus("watching", since))
+                while item := await stream.next():
+                    event = _on_watch_event(seen, selector, *item)  # raises for an ERROR event
+                    failures = 0  # only a working stream resets the backoff
+                    since = _resource_version(item[1]) or since
+                    if event:
+                        yield (event,)
+            finally:
+                stream.close()
+        except Gone as exc:
+            # Relist at once -- unless the last attempt failed too: then back off, so a
+            # server that keeps answering 410 is not hammered with lists.
+            delay = backoff.delay(failures - 1) if failures else 0.0
+            failures += 1
+            logger.info("%s: %s; relisting in %.2fs", selector, exc, delay)
+            report(WatchStatus("relisting", since, exc, delay))
+            since = None
+            await asyncio.sleep(delay)
+        except KubeError as exc:
+            delay = backoff.delay(failures, retry_after=exc.retry_after)
+            failures += 1
+            logger.warning("%s: %s; retry %d in %.2fs", selector, exc, failures, delay)
+            report(WatchStatus("retrying", since, exc, delay))
+            await asyncio.sleep(delay)
 
 
 async def watch_configmap(
@@ -116,85 +184,36 @@ async def watch_configmap(
     backoff: Backoff = DEFAULT_BACKOFF,
     on_status: Callable[[WatchStatus], None] | None = None,
 ) -> AsyncGenerator[WatchEvent, None]:
-    """Follow one ConfigMap's raw ``data`` and annotations, forever: only cancellation (or
-    closing the generator, e.g. with ``contextlib.aclosing``) ends it. Modelled on kopf's
-    watching: list, then watch from the list's resourceVersion.
-
-    - The first event says what the list found: ADDED (with data) or DELETED (absent).
-    - Every change of the object is yielded, including one to its annotations alone:
-      consumers that follow only ``data`` compare it themselves.
-    - Each watch asks the server to end it after ``timeout_seconds`` -- below the client's
-      own 300 s total per request -- and the next one resumes from the last resourceVersion
-      seen, from an event or a bookmark, so nothing is missed and nothing repeats.
-    - 410 Gone/Expired, as an HTTP status or an in-stream ERROR event: list again, and yield
-      the result only if it differs from what was last yielded.
-    - Dropped connections, timeouts, 429, 5xx and any other API error: retry after
-      exponential backoff with jitter (a Retry-After is a floor).
-    - A stream silent (no event, no bookmark) for ``timeout_seconds + idle_slack`` is
-      presumed dead and replaced.
-    """
-    if not 1 <= timeout_seconds < CLIENT_REQUEST_TIMEOUT or idle_slack <= 0:
-        raise ValueError(f"need 1 <= timeout_seconds < {CLIENT_REQUEST_TIMEOUT:g} and slack > 0")
-    report = on_status or (lambda status: None)
-    seen = _Seen()
-    since: str | None = None  # the resourceVersion to watch from; None: list first
-    failures = 0
-    while True:
-        try:
-            if since is None:
-                state, since = await client._list_configmap(namespace, name)
-                report(WatchStatus("listed", since))
-                if event := seen.listed(state, since):
-                    yield event
-            stream = _WatchStream(
-                await client._open_watch(
-                    namespace, name, resource_version=since, timeout_seconds=timeout_seconds
-                ),
-                idle_timeout=timeout_seconds + idle_slack,
-            )
-            try:
-                report(WatchStatus("watching", since))
-                while item := await stream.next():
-                    event = _on_watch_event(seen, name, *item)  # raises for an ERROR event
-                    failures = 0  # only a working stream resets the backoff
-                    since = _resource_version(item[1]) or since
-                    if event:
-                        yield event
-            finally:
-                stream.close()
-        except Gone as exc:
-            # Relist at once -- unless the last attempt failed too: then back off, so a
-            # server that keeps answering 410 is not hammered with lists.
-            delay = backoff.delay(failures - 1) if failures else 0.0
-            failures += 1
-            logger.info("configmap %s/%s: %s; relisting in %.2fs", namespace, name, exc, delay)
-            report(WatchStatus("relisting", since, exc, delay))
-            since = None
-            await asyncio.sleep(delay)
-        except KubeError as exc:
-            delay = backoff.delay(failures, retry_after=exc.retry_after)
-            failures += 1
-            logger.warning("configmap %s/%s: %s; retry %d in %.2fs", namespace, name, exc, failures, delay)
-            report(WatchStatus("retrying", since, exc, delay))
-            await asyncio.sleep(delay)
+    """Follow one ConfigMap's raw ``data`` and annotations, forever: ``watch_configmaps``
+    for one name, its batches taken apart. The first event says what the list found:
+    ADDED (with data) or DELETED (absent)."""
+    batches = watch_configmaps(
+        client,
+        Selector(namespace, name=name),
+        timeout_seconds=timeout_seconds,
+        idle_slack=idle_slack,
+        backoff=backoff,
+        on_status=on_status,
+    )
+    async with contextlib.aclosing(batches):
+        async for batch in batches:
+            for event in batch:
+                yield event
 
 
-def _on_watch_event(seen: _Seen, name: str, kind: str, obj: dict[str, Any]) -> WatchEvent | None:
+def _on_watch_event(seen: _Seen, selector: Selector, kind: str, obj: dict[str, Any]) -> WatchEvent | None:
     """Apply one watch event to ``seen``: what to yield, if anything. Raises for ERROR."""
     if kind == "ERROR":
         raise error_from_status_object(obj)
-    version = _resource_version(obj)
-    if kind not in ("ADDED", "MODIFIED", "DELETED") or _name(obj) != name:
-        return None  # BOOKMARK (its resourceVersion is already taken), or not ours
+    if kind not in ("ADDED", "MODIFIED", "DELETED"):
+        return None  # BOOKMARK: its resourceVersion is already taken
+    current = configmap_object(obj)
+    if not selector.matches(current.namespace, current.name):
+        return None  # not ours
     if kind == "DELETED":
-        return seen.absent(version)
-    annotations = (obj.get("metadata") or {}).get("annotations") or {}
-    return seen.present(dict(obj.get("data") or {}), dict(annotations), version)
+        return seen.absent((current.namespace, current.name), current.resource_version)
+    return seen.present(current)
 
 
 def _resource_version(obj: Mapping[str, Any]) -> str:
     return str((obj.get("metadata") or {}).get("resourceVersion") or "")
-
-
-def _name(obj: Mapping[str, Any]) -> str:
-    return str((obj.get("metadata") or {}).get("name") or "")
