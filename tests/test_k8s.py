@@ -546,6 +546,21 @@ async def test_selector_relist_reports_what_changed_meanwhile(
     assert fake_kube.requests["list"] == 2
 
 
+async def test_selector_relist_without_changes_yields_nothing(fake_kube: FakeKube, kube: KubeClient) -> None:
+    put_routes(fake_kube)
+    async with watching_selector(kube, Selector(None, labels="canary-proxy.io/route")) as watcher:
+        await watcher.batch()
+        await watcher.status("watching")
+        fake_kube.put_configmap("b", {"n": "1"})  # not selected; then compaction past it
+        fake_kube.compact()
+        fake_kube.cut_watches()
+        await watcher.status("relisting")
+        await watcher.status("watching")
+        fake_kube.patch_configmap("a", {"n": "1"})
+        assert await watcher.batch() == {"default/a": ("MODIFIED", {"n": "1"})}  # the next one
+    assert fake_kube.requests["list"] == 2
+
+
 async def test_selector_yields_nothing_while_the_api_is_down(fake_kube: FakeKube, kube: KubeClient) -> None:
     put_routes(fake_kube)
     async with watching_selector(kube, Selector(None, labels="canary-proxy.io/route")) as watcher:
