@@ -279,18 +279,20 @@ class FakeKube:
     def put_configmap(
         self,
         name: str,
-        data: dict[str, str],
+        data: dict[str, str] | None,
         *,
         namespace: str = "default",
         annotations: dict[str, str] | None = None,
         labels: dict[str, str] | None = None,
         created: str | None = None,
     ) -> Obj:
-        """Create or replace a ConfigMap; emits ADDED or MODIFIED. ``created`` sets the
-        creationTimestamp of a new one (e.g. ``"2024-01-02T03:04:05Z"``)."""
+        """Create or replace a ConfigMap (``data=None``: without the field); emits ADDED or
+        MODIFIED. ``created`` sets the creationTimestamp of a new one (``"2024-01-02T03:04:05Z"``)."""
         old = self.objects.get(("configmaps", namespace, name))
         obj = old_or_new(old, "configmaps", namespace, name)
-        obj["data"] = dict(data)
+        obj.pop("data", None)
+        if data is not None:
+            obj["data"] = dict(data)
         if annotations is not None:
             obj["metadata"]["annotations"] = dict(annotations)
         if labels is not None:

@@ -25,6 +25,7 @@ from canary_proxy.k8s import (
     Unreachable,
     WatchEvent,
     WatchStatus,
+    check_label_selector,
     load_config,
     parse_ref,
     update_configmap,
@@ -150,6 +151,19 @@ def test_parse_ref(ref: str, expected: tuple[str | None, str]) -> None:
 def test_parse_ref_rejects(ref: str) -> None:
     with pytest.raises(ValueError, match="invalid"):
         parse_ref(ref)
+
+
+@pytest.mark.parametrize(
+    "selector", ["tier", "!canary", "tier=web", "tier==web", "tier!=web", " a in (x, y),ex.com/b notin (z) "]
+)
+def test_check_label_selector(selector: str) -> None:
+    assert check_label_selector(selector) == selector.strip()
+
+
+@pytest.mark.parametrize("selector", ["", " ", "tier in web", "a=b=c", "a,,b", "a b", "Bad_/x", "a in (x"])
+def test_check_label_selector_rejects(selector: str) -> None:
+    with pytest.raises(ValueError, match="label selector"):
+        check_label_selector(selector)
 
 
 async def test_kubeconfig_flag_wins_over_env(fake_kube: FakeKube, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from .client import (
     Selector,
     update_configmap,
 )
-from .config import KubeConfig, load_config, parse_ref
+from .config import KubeConfig, check_label_selector, load_config, parse_ref
 from .errors import Conflict, Gone, KubeError, NotFound, Unreachable
 from .watch import Batch, WatchEvent, WatchState, WatchStatus, watch_configmap, watch_configmaps
 
@@ -37,6 +37,7 @@ __all__ = [
     "WatchEvent",
     "WatchState",
     "WatchStatus",
+    "check_label_selector",
     "load_config",
     "parse_ref",
     "update_configmap",

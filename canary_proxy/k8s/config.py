@@ -32,6 +32,30 @@ def parse_ref(ref: str) -> tuple[str | None, str]:
     return (namespace or None), name
 
 
+_LABEL_KEY = r"(?:[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_LABEL_VALUE = r"(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?"
+_REQUIREMENT = re.compile(
+    rf"!?\s*{_LABEL_KEY}"  # key, !key
+    rf"|{_LABEL_KEY}\s*(?:==|=|!=)\s*{_LABEL_VALUE}"  # key=value, key!=value
+    rf"|{_LABEL_KEY}\s+(?:in|notin)\s*\(\s*{_LABEL_VALUE}(?:\s*,\s*{_LABEL_VALUE})*\s*\)"  # key in (a,b)
+)
+
+
+def check_label_selector(selector: str) -> str:
+    """A label selector (kubectl's ``-l``), stripped; ValueError if malformed or empty.
+
+    The API server would reject a malformed one with a 400 on every retry; checked here, a
+    typo fails at start. An empty one is refused: it would select every ConfigMap.
+    """
+    selector = selector.strip()
+    if not selector:
+        raise ValueError("empty label selector: it would select every ConfigMap")
+    for term in re.split(r",(?![^()]*\))", selector):  # commas outside (a,b)
+        if not _REQUIREMENT.fullmatch(term.strip()):
+            raise ValueError(f"invalid label selector {selector!r}: cannot parse {term.strip()!r}")
+    return selector
+
+
 @dataclass(frozen=True)
 class KubeConfig:
     """How to reach the API server, and the namespace a bare NAME refers to."""
