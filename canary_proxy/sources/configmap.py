@@ -89,17 +89,9 @@ async def follow_configmap(ref: str, *, kubeconfig: str | None) -> AsyncIterator
     config = await load_config(kubeconfig)
     namespace = namespace or config.namespace
 
-    def on_status(status: WatchStatus) -> None:
-        if status.state == "retrying":
-            log.warning(
-                "Kubernetes API unavailable for configmap %s/%s; keeping the last good config",
-                namespace,
-                name,
-                extra={"error": str(status.error)},
-            )
-
     last: RawConfig | None = None
     async with KubeClient(config) as client:
+        on_status = _OutageLog(f"configmap {namespace}/{name}")
         events = watch_configmap(client, namespace, name, on_status=on_status)
         async with contextlib.aclosing(events):
             async for event in events:
