@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from aiohttp import web
@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from ..address import Address, ListenError, bound_address
 from ..config import Config
-from ..control import ConfigControl
+from ..control import ConfigControl, Routes
 from .stats import Sampler, stats_document
 
 log = logging.getLogger(__name__)
@@ -26,11 +26,21 @@ class AdminState:
     ready: Callable[[], bool]
     config_path: str | None = None  # file mode: the dashboard shows the rollout beside it
     # (in ConfigMap mode the rollout comes with the config: ``control.rollout_notes``)
-    # The config the data plane serves: with workers, the oldest one any of them applied.
-    serving: Callable[[], Config | None] | None = None
+    # The routes the data plane serves: with workers, the oldest any of them applied.
+    serving: Callable[[], Routes | None] | None = None
+
+    def routes(self) -> Routes | None:
+        """What is served; with the routes the control plane rejected last (not sent on)."""
+        served = self.control.routes if self.serving is None else self.serving()
+        latest = self.control.routes
+        if served is None or latest is None or served.rejected == latest.rejected:
+            return served
+        return replace(served, rejected=latest.rejected)
 
     def config(self) -> Config | None:
-        return self.control.current if self.serving is None else self.serving()
+        """The lone route's config (a single-pair proxy), for /stats."""
+        routes = self.routes()
+        return routes.single if routes is not None else None
 
 
 ADMIN_STATE = web.AppKey("admin_state", AdminState)
@@ -89,10 +99,10 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _config(request: web.Request) -> web.Response:
-    config = request.app[ADMIN_STATE].config()
-    if config is None:
+    routes = request.app[ADMIN_STATE].routes()
+    if routes is None:
         return web.json_response({"error": "no config loaded yet"}, status=503)
-    return web.json_response(config.effective())
+    return web.json_response(routes.document())
 
 
 async def _metrics(request: web.Request) -> web.Response:

@@ -12,10 +12,10 @@ from collections.abc import Callable, Sequence
 
 from .. import __version__
 from ..runner import Fatal, print_errors
-from . import configmap, demo, ingress, rollout, serve
+from . import configmap, demo, ingress, rollout, routes, serve
 
 Handler = Callable[[argparse.Namespace], int]
-FAMILIES = (serve, demo, configmap, ingress, rollout)  # in the order ``--help`` lists them
+FAMILIES = (serve, routes, demo, configmap, ingress, rollout)  # in the order ``--help`` lists them
 
 
 def build_parser() -> argparse.ArgumentParser:

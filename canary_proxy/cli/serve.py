@@ -56,7 +56,18 @@ def add_commands(sub: Any) -> None:
         epilog=SERVE_EXAMPLE,
         formatter_class=raw,
     )
-    env_flag(serve, "--config", metavar="FILE", help="YAML config file (reloaded when it changes)")
+    env_flag(
+        serve,
+        "--config",
+        metavar="FILE",
+        help="YAML config file (reloaded when it changes); several documents (---) are one route each",
+    )
+    env_flag(
+        serve,
+        "--config-dir",
+        metavar="DIR",
+        help="every *.yaml in DIR is a route (or one per document); files come and go live",
+    )
     env_flag(
         serve,
         "--configmap",
@@ -64,6 +75,12 @@ def add_commands(sub: Any) -> None:
         help="watch this ConfigMap instead of a file",
     )
     env_flag(serve, "--kubeconfig", metavar="FILE", help=KUBECONFIG_HELP)
+    env_flag(
+        serve,
+        "--default-backend",
+        metavar="URL",
+        help="http(s)://host:port that takes requests no route matches (else they get 404)",
+    )
     env_flag(serve, "--listen", default="0.0.0.0:8080", type=address, help="the public port")
     env_flag(
         serve,
@@ -140,7 +157,8 @@ def add_commands(sub: Any) -> None:
         epilog=CHECK_EXAMPLE,
         formatter_class=raw,
     )
-    env_flag(check, "--config", metavar="FILE", help="YAML config file")
+    env_flag(check, "--config", metavar="FILE", help="YAML config file (one route per document)")
+    env_flag(check, "--config-dir", metavar="DIR", help="every *.yaml in DIR, one route each")
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -148,21 +166,26 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     from ..config import ConfigError
     from ..control import load
-    from ..sources.file import load_file
+    from ..sources.file import load_dir, load_file
 
-    if not args.config:
-        raise Fatal(Exit.USAGE, "--config: required")
+    if bool(args.config) == bool(args.config_dir):
+        raise Fatal(Exit.USAGE, "exactly one of --config and --config-dir is required")
+    raw = load_file(args.config) if args.config else load_dir(args.config_dir)
     try:
-        config = load(load_file(args.config))
+        routes = load(raw, origin=args.config or args.config_dir)
     except ConfigError as exc:
         raise Fatal(Exit.USAGE, *exc.errors) from None
-    sys.stdout.write(yaml.safe_dump(config.effective(), sort_keys=False, default_flow_style=False))
+    sys.stdout.write(yaml.safe_dump(routes.document(), sort_keys=False, default_flow_style=False))
+    for message in routes.messages():
+        print(f"warning: {message}", file=sys.stderr)
     return Exit.OK
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    if bool(args.config) == bool(args.configmap):
-        raise Fatal(Exit.USAGE, "exactly one of --config and --configmap is required")
+    sources = [args.config, args.config_dir, args.configmap]
+    if sum(bool(s) for s in sources) != 1:
+        raise Fatal(Exit.USAGE, "exactly one of --config, --config-dir and --configmap is required")
+    _check_default_backend(args.default_backend)
     from ..logs import setup_logging
 
     setup_logging(args.log_format, args.log_level)
@@ -177,7 +200,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tls = {"tls_cert": args.tls_cert or None, "tls_key": args.tls_key or None}
     settings = Settings.from_options({**vars(args), **tls, "config_path": args.config})
     _check_tls(settings.tls_cert, settings.tls_key)
-    initial, updates, origin = _file_source(args.config) if args.config else _configmap_source(args)
+    if args.config:
+        initial, updates, origin = _file_source(args.config)
+    elif args.config_dir:
+        initial, updates, origin = _dir_source(args.config_dir)
+    else:
+        initial, updates, origin = _configmap_source(args)
     tune_malloc()  # before the data path allocates: see memory.py
     if settings.workers > 1:
         from ..serve.supervisor import run_supervisor as run
@@ -204,6 +232,32 @@ def _check_tls(cert: str | None, key: str | None) -> None:
         raise Fatal(Exit.USAGE, f"--tls-cert/--tls-key: {exc}") from None
 
 
+def _check_default_backend(url: str | None) -> None:
+    if not url:
+        return
+    from ..config import parse_upstream
+
+    try:
+        parse_upstream(url)
+    except ValueError as exc:
+        raise Fatal(Exit.USAGE, f"--default-backend: invalid value {url!r}; expected {exc}") from None
+
+
+def _dir_source(directory: str) -> Source:
+    """Every route in the directory must be valid at start-up (exit 2 otherwise); files are
+    then followed as they come, change and go."""
+    from ..config import ConfigError
+    from ..control import load
+    from ..sources.file import load_dir, watch_dir
+
+    initial = load_dir(directory)
+    try:
+        load(initial, origin=directory)
+    except ConfigError as exc:
+        raise Fatal(Exit.USAGE, *exc.errors) from None
+    return initial, lambda: watch_dir(directory, initial=initial), directory
+
+
 def _file_source(path: str) -> Source:
     """A file must be valid at start-up (exit 2 otherwise); it is then followed for changes."""
     from ..config import ConfigError
@@ -212,7 +266,7 @@ def _file_source(path: str) -> Source:
 
     initial = load_file(path)
     try:
-        load(initial)
+        load(initial, origin=path)
     except ConfigError as exc:
         raise Fatal(Exit.USAGE, *exc.errors) from None
     return initial, lambda: watch_file(path, initial=initial), path

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..address import Address
+from ..config import Config, parse_config
 from ..proxy.limits import Limits
 
 
@@ -29,6 +30,13 @@ class Settings:
     limits: Limits = field(default_factory=Limits)  # its fields are flags too
     tls_cert: str | None = None  # with tls_key: the public port speaks TLS; reloaded on change
     tls_key: str | None = None
+    default_backend: str | None = None  # --default-backend URL: takes what no route matches
+
+    def default_backend_config(self) -> Config | None:
+        """The default backend as a config of its own: both versions at that URL, weight 0."""
+        if not self.default_backend:
+            return None
+        return parse_config({"stable-url": self.default_backend, "canary-url": self.default_backend})
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> Settings:

@@ -38,7 +38,8 @@ async def run_single(
     metrics.init_data_plane()
     metrics.init_control_plane()
     proxy = ProxyServer(metrics=metrics, access_log=access_log_for(settings), limits=settings.limits)
-    control = ConfigControl(metrics, [lambda config, _raw: proxy.apply(config)])
+    fallback = settings.default_backend_config()
+    control = ConfigControl(metrics, [lambda routes: proxy.apply_routes(routes.routes, fallback=fallback)])
     if initial is not None:
         control.offer(initial, origin=origin)
     tls = public_tls(settings)
@@ -47,13 +48,13 @@ async def run_single(
         state = AdminState(
             control,
             registry,
-            lambda: not life.stop.is_set() and control.current is not None,
+            lambda: not life.stop.is_set() and control.routes is not None,
             config_path=settings.config_path,
         )
         admin, admin_address = await start_admin(state, settings.admin_listen)
         try:
             ports = {"public": str(public.address), "admin": str(admin_address)}
-            if control.current is not None:
+            if control.routes is not None:
                 log.info("ready", extra=ports)
             else:
                 log.warning("waiting for a valid config from %s; /readyz is 503 until then", origin)

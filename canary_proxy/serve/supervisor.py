@@ -28,8 +28,7 @@ from prometheus_client import CollectorRegistry, multiprocess
 
 from ..address import Address
 from ..admin.app import AdminState, start_admin
-from ..config import Config
-from ..control import ConfigControl
+from ..control import ConfigControl, Routes
 from ..metrics import Metrics
 from ..runner import Exit
 from ..sources.raw import RawConfig
@@ -59,8 +58,8 @@ class Supervisor:
         self.port = port
         self.workers: dict[int, Worker] = {}
         self.generation = 0  # of the last config sent
-        self.raw: dict[str, Any] | None = None
-        self.configs: dict[int, Config] = {}  # by generation, from the oldest one still applied
+        self.wire: list[dict[str, Any]] | None = None  # the routes last sent, as workers read them
+        self.configs: dict[int, Routes] = {}  # by generation, from the oldest one still applied
         self.stopping = False
         self.restarts = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -72,22 +71,23 @@ class Supervisor:
             and all(w.ready.is_set() for w in self.workers.values())
         )
 
-    def serving(self) -> Config | None:
+    def serving(self) -> Routes | None:
         """The oldest config a worker applies: what some requests may still get."""
         applied = [w.applied for w in self.workers.values() if w.applied is not None]
         return self.configs.get(min(applied)) if applied else None
 
-    def broadcast(self, config: Config, raw: dict[str, Any]) -> None:
+    def broadcast(self, routes: Routes) -> None:
         self.generation += 1
-        self.configs[self.generation] = config
-        self.raw = raw
+        self.configs[self.generation] = routes
+        self.wire = routes.to_wire()
         for worker in self.workers.values():
             self._send(worker)
 
     def _send(self, worker: Worker) -> None:
         stdin = worker.process.stdin
         if stdin is not None and not stdin.is_closing():
-            line = json.dumps({"generation": self.generation, "config": self.raw}, separators=(",", ":"))
+            message = {"generation": self.generation, "routes": self.wire}
+            line = json.dumps(message, separators=(",", ":"))
             stdin.write(line.encode() + b"\n")
 
     def _applied(self, worker: Worker, generation: int) -> None:
@@ -114,7 +114,7 @@ class Supervisor:
             os.close(write_fd)
         worker = Worker(slot, process)
         self.workers[slot] = worker
-        if self.raw is not None:  # else it gets the first config when the source has one
+        if self.wire is not None:  # else it gets the first config when the source has one
             self._send(worker)
         task = asyncio.create_task(self._watch(worker, read_fd))
         self._tasks.add(task)
@@ -227,7 +227,7 @@ async def _supervise(
                 life.start(control.follow(updates(), origin=origin))
                 for slot in range(settings.workers):
                     await supervisor.spawn(slot)
-                if control.current is None:
+                if control.routes is None:
                     log.warning("waiting for a valid config from %s; /readyz is 503 until then", origin)
                 # Workers listen only once they hold a config; announce when every one does.
                 life.start(_announce_ready(supervisor, settings, port, admin_address))

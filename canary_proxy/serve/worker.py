@@ -20,7 +20,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from ..config import parse_config
+from ..config import Config
+from ..control import Routes
 from ..logs import setup_logging
 from ..memory import tune_malloc
 from ..metrics import Metrics
@@ -35,14 +36,16 @@ log = logging.getLogger(__name__)
 SETTINGS_ENV = "CANARY_PROXY_WORKER_SETTINGS"  # Settings.to_json(), from the supervisor
 
 
-async def _read_configs(proxy: ProxyServer, life: Lifecycle, status_fd: int, first: asyncio.Event) -> None:
+async def _read_configs(
+    proxy: ProxyServer, life: Lifecycle, status_fd: int, first: asyncio.Event, fallback: Config | None
+) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=16 * 1024 * 1024)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     while line := await reader.readline():
         message: dict[str, Any] = json.loads(line)
-        # The supervisor validated this config already; parsing it again cannot fail.
-        proxy.apply(parse_config(message["config"]))
+        # The supervisor validated these routes already; parsing them again cannot fail.
+        proxy.apply_routes(Routes.from_wire(message["routes"]).routes, fallback=fallback)
         os.write(status_fd, f"applied {message['generation']}\n".encode())
         # One line per worker and reload: shows (and lets tests await) that every worker
         # switched, since the supervisor's "config loaded" only means the config was sent.
@@ -62,7 +65,7 @@ async def run_worker(settings: Settings, status_fd: int) -> int:
     proxy = ProxyServer(metrics=metrics, access_log=access_log_for(settings), limits=settings.limits)
     async with Lifecycle() as life:
         first = asyncio.Event()
-        life.start(_read_configs(proxy, life, status_fd, first))
+        life.start(_read_configs(proxy, life, status_fd, first, settings.default_backend_config()))
         await _first_of(first, life.stop)
         if life.stop.is_set():  # stopped before it ever had a config: nothing to drain
             return Exit.OK

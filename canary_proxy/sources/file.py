@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from ..config import ConfigError
-from .raw import RawConfig
+from .raw import RawConfig, RawRoute
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +39,54 @@ def load_file(path: str | Path) -> RawConfig:
 
 
 def parse_yaml(content: bytes, *, origin: str) -> RawConfig:
+    """One document is one config (one route); several (``---``) are one route each, named
+    ``FILE#N`` unless they name themselves (see routes.parse_documents)."""
     digest = hashlib.sha256(content).hexdigest()
     try:
-        data = yaml.safe_load(content)
+        documents = [doc for doc in yaml.safe_load_all(content) if doc is not None]
     except (yaml.YAMLError, ValueError) as exc:  # ValueError: e.g. an int of over 4300 digits
         return RawConfig(digest, None, ConfigError([f"{origin}: invalid YAML: {yaml_problem(exc)}"]))
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        return RawConfig(digest, None, ConfigError([f"{origin}: expected a mapping of keys to values"]))
-    return RawConfig(digest, {str(k): v for k, v in data.items()})
+    if len(documents) <= 1:
+        data = documents[0] if documents else {}
+        if not isinstance(data, dict):
+            return RawConfig(digest, None, ConfigError([f"{origin}: expected a mapping of keys to values"]))
+        return RawConfig(digest, {str(k): v for k, v in data.items()})
+    name = Path(origin).name
+    routes = tuple(_route(f"{name}#{n}", (name, n), doc) for n, doc in enumerate(documents, 1))
+    return RawConfig(digest, None, routes=routes)
+
+
+def _route(name: str, order: tuple[Any, ...], doc: Any) -> RawRoute:
+    text = json.dumps(doc, sort_keys=True, default=str)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    if not isinstance(doc, dict):
+        return RawRoute(
+            name, order, digest, None, ConfigError([f"{name}: expected a mapping of keys to values"])
+        )
+    return RawRoute(name, order, digest, {str(k): v for k, v in doc.items()})
+
+
+def load_dir(directory: str | Path) -> RawConfig:
+    """Every ``*.yaml`` in ``directory``: each file (or each document of one) is a route,
+    named after the file (``FILE`` or ``FILE#N``); ordered by file name, then document."""
+    folder = Path(directory)
+    try:
+        files = sorted(p for p in folder.glob("*.yaml") if p.is_file())
+    except OSError as exc:
+        return RawConfig(
+            f"oserror:{exc.errno}", None, ConfigError([f"{folder}: cannot read ({exc.strerror})"])
+        )
+    routes: list[RawRoute] = []
+    for path in files:
+        raw = load_file(path)
+        if raw.routes is not None:
+            routes += raw.routes
+        elif raw.error is not None:
+            routes.append(RawRoute(path.name, (path.name, 1), raw.digest, None, raw.error))
+        else:
+            routes.append(RawRoute(path.name, (path.name, 1), raw.digest, raw.data))
+    digest = hashlib.sha256("".join(f"{r.name}={r.digest};" for r in routes).encode()).hexdigest()
+    return RawConfig(digest, None, routes=tuple(routes))
 
 
 def yaml_problem(exc: Exception) -> str:
@@ -81,6 +121,32 @@ async def changes(paths: Sequence[str], *, interval: float = POLL_INTERVAL) -> A
         await asyncio.sleep(SETTLE)
         signature = tuple(_signature(p) for p in paths)
         yield
+
+
+Listing = tuple[tuple[str, tuple[int, int, int, int] | None], ...]
+
+
+def _listing(directory: str) -> Listing:
+    """The directory's ``*.yaml`` files and their stat signatures: one glob and a stat each."""
+    return tuple((str(p), _signature(str(p))) for p in sorted(Path(directory).glob("*.yaml")))
+
+
+async def watch_dir(
+    directory: str, *, initial: RawConfig, interval: float = POLL_INTERVAL
+) -> AsyncIterator[RawConfig]:
+    """Yield the directory's routes each time a ``*.yaml`` in it is added, changed or removed."""
+    last = initial
+    listing: Listing | None = None
+    while True:
+        await asyncio.sleep(interval)
+        if _listing(directory) == listing:
+            continue
+        await asyncio.sleep(SETTLE)  # let a write in place finish
+        listing = _listing(directory)
+        raw = await asyncio.to_thread(load_dir, directory)
+        if raw.digest != last.digest:
+            last = raw
+            yield raw
 
 
 async def watch_file(
