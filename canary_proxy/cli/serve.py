@@ -74,6 +74,24 @@ def add_commands(sub: Any) -> None:
         metavar="[NAMESPACE/]NAME",
         help="watch this ConfigMap instead of a file",
     )
+    env_flag(
+        serve,
+        "--configmap-selector",
+        metavar="KEY=VALUE[,...]",
+        help="every ConfigMap this label selector matches is a route, named NAMESPACE/NAME",
+    )
+    env_flag(
+        serve,
+        "--namespace",
+        metavar="NAMESPACE",
+        help="with --configmap-selector: the namespace to watch (default: the kubeconfig's)",
+    )
+    serve.add_argument(
+        "--all-namespaces",
+        action="store_true",
+        default=os.environ.get("CANARY_PROXY_ALL_NAMESPACES", "") in ("1", "true", "on"),
+        help="with --configmap-selector: watch every namespace [env CANARY_PROXY_ALL_NAMESPACES]",
+    )
     env_flag(serve, "--kubeconfig", metavar="FILE", help=KUBECONFIG_HELP)
     env_flag(
         serve,
@@ -182,9 +200,16 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    sources = [args.config, args.config_dir, args.configmap]
+    sources = [args.config, args.config_dir, args.configmap, args.configmap_selector]
     if sum(bool(s) for s in sources) != 1:
-        raise Fatal(Exit.USAGE, "exactly one of --config, --config-dir and --configmap is required")
+        raise Fatal(
+            Exit.USAGE,
+            "exactly one of --config, --config-dir, --configmap and --configmap-selector is required",
+        )
+    if (args.namespace or args.all_namespaces) and not args.configmap_selector:
+        raise Fatal(Exit.USAGE, "--namespace and --all-namespaces go with --configmap-selector")
+    if args.namespace and args.all_namespaces:
+        raise Fatal(Exit.USAGE, "--namespace and --all-namespaces exclude each other")
     _check_default_backend(args.default_backend)
     from ..logs import setup_logging
 
@@ -204,8 +229,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         initial, updates, origin = _file_source(args.config)
     elif args.config_dir:
         initial, updates, origin = _dir_source(args.config_dir)
-    else:
+    elif args.configmap:
         initial, updates, origin = _configmap_source(args)
+    else:
+        initial, updates, origin = _selector_source(args)
     tune_malloc()  # before the data path allocates: see memory.py
     if settings.workers > 1:
         from ..serve.supervisor import run_supervisor as run
@@ -270,6 +297,33 @@ def _file_source(path: str) -> Source:
     except ConfigError as exc:
         raise Fatal(Exit.USAGE, *exc.errors) from None
     return initial, lambda: watch_file(path, initial=initial), path
+
+
+def _selector_source(args: argparse.Namespace) -> Source:
+    """Every matching ConfigMap is a route, followed from the start (as ``--configmap``):
+    a malformed selector or a kubeconfig that cannot be loaded is fatal, an API that is
+    down is waited for."""
+    from ..k8s import check_label_selector, load_config
+    from ..sources.configmap import follow_configmap_selector
+
+    selector, kubeconfig = args.configmap_selector, args.kubeconfig
+    try:
+        check_label_selector(selector)
+    except ValueError as exc:
+        raise Fatal(Exit.USAGE, f"--configmap-selector: invalid value {selector!r}; expected {exc}") from None
+    try:
+        config = asyncio.run(load_config(kubeconfig))
+    except Exception as exc:  # any loader failure (missing file, bad YAML, no context)
+        raise Fatal(
+            Exit.USAGE, f"--configmap-selector: cannot load Kubernetes client config: {exc}"
+        ) from None
+    namespace = None if args.all_namespaces else (args.namespace or config.namespace)
+    origin = f"configmaps {selector} in {namespace or 'all namespaces'}"
+
+    def updates() -> AsyncIterator[RawConfig]:
+        return follow_configmap_selector(selector, namespace=namespace, kubeconfig=kubeconfig)
+
+    return None, updates, origin
 
 
 def _configmap_source(args: argparse.Namespace) -> Source:
