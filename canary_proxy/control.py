@@ -57,6 +57,22 @@ def load(raw: RawConfig, *, origin: str = "config") -> Routes:
     return Routes.of(routes, datas)
 
 
+def load_each(raw: RawConfig, *, origin: str = "config") -> Routes:
+    """Every route in ``raw`` that is valid, and the others as ``rejected`` (``routes``: one
+    bad ConfigMap must not hide the rest of a cluster's routes). ConfigError only if the
+    source itself could not be read."""
+    if raw.routes is None:
+        return load(raw, origin=origin)
+    routes, datas, rejected = [], [], []
+    for item in raw.routes:
+        try:
+            routes.append(load_route(item.data, item.error, name=item.name, order=item.order))
+            datas.append(item.data or {})
+        except ConfigError as exc:
+            rejected.append(Rejected(item.name, exc.errors))
+    return Routes.of(routes, datas, rejected)
+
+
 def route_name(origin: str) -> str:
     """A one-route source's route is named after it: the file's name, or NAMESPACE/NAME."""
     if origin.startswith("configmap "):

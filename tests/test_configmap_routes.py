@@ -14,6 +14,7 @@ import pytest
 from .conftest import Backend, ProxyProcess, start_backend, start_proxy, stop_proxy
 from .fakekube import FakeKube
 from .scrape import scrape
+from .test_configmap import cli
 
 LABELS = {"app.kubernetes.io/part-of": "canary-proxy"}
 SELECTOR = "app.kubernetes.io/part-of=canary-proxy"
@@ -114,3 +115,23 @@ async def test_the_older_of_two_conflicting_configmaps_wins(
         ]
     finally:
         await stop_proxy(proxy)
+
+
+async def test_routes_lists_the_cluster_routes_and_names_the_bad_ones(
+    fake_kube: FakeKube, four: list[Backend]
+) -> None:
+    shop1, shop2, _, _ = four
+    fake_kube.put_configmap(
+        "shop", data(shop1, shop2, host="shop.example.com", canary_weight=5), labels=LABELS
+    )
+    fake_kube.put_configmap("bad", {"stable-url": "nope"}, labels=LABELS)
+    assert fake_kube.kubeconfig is not None
+    code, out, err = await cli(
+        "routes", "--configmap-selector", SELECTOR, "--kubeconfig", str(fake_kube.kubeconfig)
+    )
+    assert code == 2  # a route is invalid: the table still shows the valid ones
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["NAME", "HOST", "PATH", "TYPE"]
+    assert lines[1].split()[:4] == ["default/shop", "shop.example.com", "/", "prefix"]
+    assert "5/100" in lines[1]
+    assert "error: default/bad: stable-url" in err

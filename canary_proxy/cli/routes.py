@@ -4,16 +4,18 @@ request would get, and why): both read the config as ``serve`` would, and send n
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ..runner import Exit, Fatal
-from .args import env_flag
+from .args import KUBECONFIG_HELP, env_flag
 
 if TYPE_CHECKING:
     from ..control import Routes
     from ..routes import Route
+    from ..sources.raw import RawConfig
 
 ROUTES_EXAMPLE = """\
 example:
@@ -60,20 +62,78 @@ def add_commands(sub: Any) -> None:
 def _source_flags(parser: argparse.ArgumentParser) -> None:
     env_flag(parser, "--config", metavar="FILE", help="YAML config file (one route per document)")
     env_flag(parser, "--config-dir", metavar="DIR", help="every *.yaml in DIR, one route each")
+    env_flag(
+        parser,
+        "--configmap-selector",
+        metavar="KEY=VALUE[,...]",
+        help="the ConfigMaps this label selector matches, read once from the API",
+    )
+    env_flag(
+        parser,
+        "--namespace",
+        metavar="NAMESPACE",
+        help="with --configmap-selector (default: the kubeconfig's)",
+    )
+    parser.add_argument(
+        "--all-namespaces", action="store_true", help="with --configmap-selector: every namespace"
+    )
+    env_flag(parser, "--kubeconfig", metavar="FILE", help=KUBECONFIG_HELP)
 
 
 def _load(args: argparse.Namespace) -> Routes:
+    """The routes of the source, as ``serve`` would take them; the invalid ones are listed
+    on stderr (and make the exit code 2), the valid ones are still shown."""
     from ..config import ConfigError
-    from ..control import load
+    from ..control import load_each
     from ..sources.file import load_dir, load_file
 
-    if bool(args.config) == bool(args.config_dir):
-        raise Fatal(Exit.USAGE, "exactly one of --config and --config-dir is required")
-    raw = load_file(args.config) if args.config else load_dir(args.config_dir)
+    sources = [args.config, args.config_dir, args.configmap_selector]
+    if sum(bool(s) for s in sources) != 1:
+        raise Fatal(Exit.USAGE, "exactly one of --config, --config-dir and --configmap-selector is required")
+    if args.configmap_selector:
+        raw = _read_selector(args)
+    else:
+        raw = load_file(args.config) if args.config else load_dir(args.config_dir)
     try:
-        return load(raw, origin=args.config or args.config_dir)
+        routes = load_each(raw, origin=args.config or args.config_dir or args.configmap_selector)
     except ConfigError as exc:
         raise Fatal(Exit.USAGE, *exc.errors) from None
+    for rejected in routes.rejected:
+        for line in rejected.errors:
+            print(f"error: {rejected.name}: {line}", file=sys.stderr)
+    return routes
+
+
+def _read_selector(args: argparse.Namespace) -> RawConfig:
+    """The matching ConfigMaps, once: the first list of the watch ``serve`` runs."""
+    from ..k8s import check_label_selector, load_config
+    from ..sources.configmap import follow_configmap_selector
+
+    try:
+        check_label_selector(args.configmap_selector)
+    except ValueError as exc:
+        raise Fatal(
+            Exit.USAGE, f"--configmap-selector: invalid value {args.configmap_selector!r}; expected {exc}"
+        ) from None
+
+    async def first() -> RawConfig:
+        config = await load_config(args.kubeconfig)
+        namespace = None if args.all_namespaces else (args.namespace or config.namespace)
+        updates = follow_configmap_selector(
+            args.configmap_selector, namespace=namespace, kubeconfig=args.kubeconfig
+        )
+        try:
+            async with asyncio.timeout(30):
+                return await anext(updates)
+        finally:
+            await updates.aclose()  # type: ignore[attr-defined]  # it is an async generator
+
+    try:
+        return asyncio.run(first())
+    except TimeoutError:
+        raise Fatal(
+            Exit.UNAVAILABLE, "--configmap-selector: the Kubernetes API did not answer in 30 s"
+        ) from None
 
 
 def _rules(route: Route) -> str:
@@ -104,7 +164,7 @@ def cmd_routes(args: argparse.Namespace) -> int:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     for message in routes.messages():
         print(f"warning: {message}", file=sys.stderr)
-    return Exit.OK
+    return Exit.USAGE if routes.rejected else Exit.OK
 
 
 def cmd_route_for(args: argparse.Namespace) -> int:
