@@ -20,7 +20,8 @@ from typing import Protocol
 import httptools
 
 from ..router import UNROUTED
-from .cycle import Cycle, Exchange, Proxy
+from .cycle import Cycle, Proxy
+from .exchange import Exchange
 from .headers import SINGLE, Peer, invalid_head, is_websocket, new_request_id, simple_response
 from .limits import Limits
 from .request import Request

@@ -17,28 +17,33 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Final, Protocol
 
-from ..config import Config
 from ..metrics import Metrics
-from ..router import CANARY, DEFAULT_ROUTE, STABLE, UNROUTED, Decision, decide, mirrored
-from ..routes import RouteTable, request_host, request_path
+from ..router import CANARY, STABLE, UNROUTED, mirrored
+from ..routes import RouteTable
+from .exchange import (
+    Client,
+    Exchange,
+    Routed,
+    Runtime,
+    UpstreamFailure,
+    decision_for,
+    own_headers,
+    pick,
+)
 from .headers import (
     CHUNKED_BODY,
     NO_BODY,
-    Peer,
     client_head,
-    cookie_value,
     new_request_id,
     request_framing,
-    request_target,
     simple_response,
     upstream_head,
     valid_request_id,
 )
 from .mirror import Copy, Mirrors
-from .outlier import OutlierDetector
 from .request import Request
 from .upstream import CHUNKED, IDEMPOTENT, ConnectFailed, UpstreamConnection, UpstreamPool
 
@@ -47,78 +52,6 @@ log = logging.getLogger(__name__)
 _WRITE_NOW = 64 << 10  # a response body read this large is written at once, not batched
 _REPLAY_LIMIT = 64 << 10  # request body kept for a retry after a stale pooled connection
 _BODY_ERRORS: Final = {400: "malformed request body", 413: "request body too large"}
-
-
-class UpstreamFailure(Exception):
-    """Failed before any response byte went to the client; ``status`` is what we answer."""
-
-    def __init__(self, status: int, reason: str, detail: str, *, counted: bool = False) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.reason = reason
-        self.counted = counted  # already in upstream_errors_total and the log
-
-
-@dataclass(frozen=True, slots=True)
-class Runtime:
-    """What a request on one route needs, rebuilt when the config changes (its pools and its
-    outlier state are kept while its upstreams stay the same)."""
-
-    config: Config
-    stable: UpstreamPool
-    canary: UpstreamPool
-    name: str = DEFAULT_ROUTE  # the route's, and its metrics' ``route`` label
-    outlier: OutlierDetector = field(default_factory=OutlierDetector)  # the canary's connect failures
-
-    def pool(self, version: str) -> UpstreamPool:
-        return self.canary if version == CANARY else self.stable
-
-
-@dataclass(slots=True)
-class Exchange:
-    """Per-request facts for the metrics and the access log."""
-
-    start: float
-    method: str
-    path: str
-    client: str
-    version: str
-    rule: str
-    request_id: str
-    route: str = UNROUTED
-    status: int = 0
-    upstream_seconds: float | None = None
-    bytes_in: int = 0
-    bytes_out: int = 0
-    started: bool = False  # response headers sent to the client
-
-
-@dataclass(slots=True)
-class Route:
-    """What routing decided, set once by ``Cycle._route``."""
-
-    runtime: Runtime
-    decision: Decision
-    ex: Exchange
-    pool: UpstreamPool  # the routed pool; its ``active`` counts this request
-
-
-class Client(Protocol):
-    """What a Cycle needs of its client connection."""
-
-    peer: Peer
-    tunnel: UpstreamConnection | None  # after a WebSocket upgrade: raw bytes both ways
-
-    @property
-    def draining(self) -> bool: ...
-    def send(self, *parts: bytes) -> None: ...
-    def send_now(self, data: bytes) -> None: ...
-    def flush(self) -> None: ...
-    def abort(self) -> None: ...
-    def close(self) -> None: ...
-    def cycle_done(self, *, close: bool) -> None: ...
-    def pause_reading(self, reason: str) -> None: ...
-    def resume_reading(self, reason: str) -> None: ...
 
 
 class Proxy(Protocol):
@@ -162,7 +95,7 @@ class Cycle:
     499. ``_finish`` runs exactly once, whatever the path.
     """
 
-    route: Route  # set by _route; read only once ``routed``
+    route: Routed  # set by _route; read only once ``routed``
 
     def __init__(self, client: Client, server: Proxy, request: Request) -> None:
         self.client = client
@@ -215,7 +148,7 @@ class Cycle:
             return
         runtime = table.only
         if runtime is None:
-            runtime = self._find(table)
+            runtime = pick(self.request, table, self.server.fallback)
             if runtime is None:
                 self._no_route()
                 return
@@ -230,13 +163,6 @@ class Cycle:
         self.expect_continue = expect is not None
         self.websocket = request.upgrade
         self._acquire()
-
-    def _find(self, table: RouteTable[Runtime]) -> Runtime | None:
-        """The route for this request's Host and path (see routes.py), or the default backend."""
-        request = self.request
-        host = request_host(request.lookup.get(b"host"))
-        found = table.lookup(host, request_path(request_target(request.url)))
-        return found[1] if found is not None else self.server.fallback
 
     def _no_route(self) -> None:
         """No route matches and there is no default backend: 404, counted unrouted."""
@@ -263,7 +189,7 @@ class Cycle:
     def _route(self, runtime: Runtime) -> None:
         request, server = self.request, self.server
         config = runtime.config
-        decision = self._decide(config)
+        decision = decision_for(self.request, config, server.draw)
         ejectable = decision.rule in ("weight", "sticky") and decision.version == CANARY
         if ejectable and config.canary_outlier_failures and server.canary_ejected(runtime):
             decision = replace(decision, version=STABLE, rule="failover")
@@ -279,7 +205,7 @@ class Cycle:
             route=runtime.name,
         )
         server.enter(ex)
-        self.route = Route(runtime, decision, ex, runtime.pool(ex.version))
+        self.route = Routed(runtime, decision, ex, runtime.pool(ex.version))
         self.routed = True
         self.route.pool.active += 1
         if mirrored(config, decision, server.draw) and not request.upgrade:
@@ -369,21 +295,6 @@ class Cycle:
             runtime.canary, runtime.config, runtime.name, request.method, head,
             length=request.content_length, chunked=request.chunked,
         )  # fmt: skip
-
-    def _decide(self, config: Config) -> Decision:
-        lookup = self.request.lookup
-        cookies = lookup.get(b"cookie")
-        header = None
-        if config.canary_by_header:
-            raw = lookup.get(config.canary_by_header.lower().encode())
-            header = raw.decode("latin-1") if raw is not None else None
-        return decide(
-            config,
-            header=header,
-            cookie=cookie_value(cookies, config.canary_by_cookie) if config.canary_by_cookie else None,
-            sticky=cookie_value(cookies, config.sticky_cookie),
-            draw=self.server.draw,
-        )
 
     def _body_failure(self) -> UpstreamFailure:
         return UpstreamFailure(
@@ -671,18 +582,8 @@ class Cycle:
         return head
 
     def _own_headers(self) -> bytes:
-        config, decision, ex = self.route.runtime.config, self.route.decision, self.route.ex
-        own = b""
-        if config.version_header:
-            own += b"%s: %s\r\n" % (config.version_header.encode(), ex.version.encode())
-        own += b"X-Request-Id: %s\r\n" % ex.request_id.encode()
-        if decision.set_cookie and decision.bucket is not None:
-            own += b"Set-Cookie: %s=%d; Path=/; Max-Age=%d; HttpOnly; SameSite=Lax\r\n" % (
-                config.sticky_cookie.encode(),
-                decision.bucket,
-                config.sticky_max_age,
-            )
-        return own
+        route = self.route
+        return own_headers(route.runtime.config, route.decision, route.ex)
 
     def _send_error(self, status: int, detail: str) -> None:
         close = self.close_after or self.client.draining or not self.request.keep_alive

@@ -19,7 +19,8 @@ from ..routes import Route, RouteTable
 from ..tls import TlsError, read_ca, upstream_context
 from .accesslog import AccessLog
 from .client import ClientConnection
-from .cycle import Cycle, Exchange, Runtime
+from .cycle import Cycle
+from .exchange import Exchange, Runtime
 from .headers import WS_CLOSE_GOING_AWAY_TO_CLIENT
 from .limits import Limits
 from .mirror import Mirrors

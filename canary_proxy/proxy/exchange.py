@@ -1,0 +1,129 @@
+"""The records of one request's exchange, the Cycle's view of its client connection, and the
+pure steps of routing it: which route's runtime takes it, which version, and the headers the
+proxy adds to its response. No I/O here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..config import Config
+from ..router import CANARY, DEFAULT_ROUTE, UNROUTED, Decision, decide
+from ..routes import RouteTable, request_host, request_path
+from .headers import Peer, cookie_value, request_target
+from .outlier import OutlierDetector
+from .request import Request
+from .upstream import UpstreamConnection, UpstreamPool
+
+
+class UpstreamFailure(Exception):
+    """Failed before any response byte went to the client; ``status`` is what we answer."""
+
+    def __init__(self, status: int, reason: str, detail: str, *, counted: bool = False) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.reason = reason
+        self.counted = counted  # already in upstream_errors_total and the log
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """What a request on one route needs, rebuilt when the config changes (its pools and its
+    outlier state are kept while its upstreams stay the same)."""
+
+    config: Config
+    stable: UpstreamPool
+    canary: UpstreamPool
+    name: str = DEFAULT_ROUTE  # the route's, and its metrics' ``route`` label
+    outlier: OutlierDetector = field(default_factory=OutlierDetector)  # the canary's connect failures
+
+    def pool(self, version: str) -> UpstreamPool:
+        return self.canary if version == CANARY else self.stable
+
+
+@dataclass(slots=True)
+class Exchange:
+    """Per-request facts for the metrics and the access log."""
+
+    start: float
+    method: str
+    path: str
+    client: str
+    version: str
+    rule: str
+    request_id: str
+    route: str = UNROUTED
+    status: int = 0
+    upstream_seconds: float | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    started: bool = False  # response headers sent to the client
+
+
+@dataclass(slots=True)
+class Routed:
+    """What routing decided for one request, set once by ``Cycle._route``."""
+
+    runtime: Runtime
+    decision: Decision
+    ex: Exchange
+    pool: UpstreamPool  # the routed pool; its ``active`` counts this request
+
+
+class Client(Protocol):
+    """What a Cycle needs of its client connection."""
+
+    peer: Peer
+    tunnel: UpstreamConnection | None  # after a WebSocket upgrade: raw bytes both ways
+
+    @property
+    def draining(self) -> bool: ...
+    def send(self, *parts: bytes) -> None: ...
+    def send_now(self, data: bytes) -> None: ...
+    def flush(self) -> None: ...
+    def abort(self) -> None: ...
+    def close(self) -> None: ...
+    def cycle_done(self, *, close: bool) -> None: ...
+    def pause_reading(self, reason: str) -> None: ...
+    def resume_reading(self, reason: str) -> None: ...
+
+
+def pick(request: Request, table: RouteTable[Runtime], fallback: Runtime | None) -> Runtime | None:
+    """The runtime of the route for this request's Host and path (see routes.py), or the
+    default backend's, or None: no route."""
+    host = request_host(request.lookup.get(b"host"))
+    found = table.lookup(host, request_path(request_target(request.url)))
+    return found[1] if found is not None else fallback
+
+
+def decision_for(request: Request, config: Config, draw: Callable[[], int]) -> Decision:
+    """Stable or canary for this request, by the route's rules (see router.decide)."""
+    lookup = request.lookup
+    cookies = lookup.get(b"cookie")
+    header = None
+    if config.canary_by_header:
+        raw = lookup.get(config.canary_by_header.lower().encode())
+        header = raw.decode("latin-1") if raw is not None else None
+    return decide(
+        config,
+        header=header,
+        cookie=cookie_value(cookies, config.canary_by_cookie) if config.canary_by_cookie else None,
+        sticky=cookie_value(cookies, config.sticky_cookie),
+        draw=draw,
+    )
+
+
+def own_headers(config: Config, decision: Decision, ex: Exchange) -> bytes:
+    """The fields the proxy adds to a response: the version, the request id, a sticky cookie."""
+    own = b""
+    if config.version_header:
+        own += b"%s: %s\r\n" % (config.version_header.encode(), ex.version.encode())
+    own += b"X-Request-Id: %s\r\n" % ex.request_id.encode()
+    if decision.set_cookie and decision.bucket is not None:
+        own += b"Set-Cookie: %s=%d; Path=/; Max-Age=%d; HttpOnly; SameSite=Lax\r\n" % (
+            config.sticky_cookie.encode(),
+            decision.bucket,
+            config.sticky_max_age,
+        )
+    return own
