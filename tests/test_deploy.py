@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from .conftest import Backend, ProxyFactory, base_config
+from .scrape import LABELS
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -306,22 +307,25 @@ def _series(name: str, values: str, **labels: str) -> dict[str, str]:
     return {"series": f"{name}{{{text}}}", "values": values}
 
 
-def _requests(job: str, version: str, code: str, per_minute: int) -> dict[str, str]:
+def _requests(job: str, version: str, code: str, per_minute: int, route: str = "default") -> dict[str, str]:
     return _series(
         "canary_proxy_requests_total",
         f"0+{per_minute}x30",
         namespace="shop",
         job=job,
+        route=route,
         version=version,
         code=code,
         method="GET",
     )
 
 
-def _histogram(job: str, version: str, buckets: dict[str, int]) -> list[dict[str, str]]:
+def _histogram(
+    job: str, version: str, buckets: dict[str, int], route: str = "default"
+) -> list[dict[str, str]]:
     """Cumulative buckets growing by ``buckets[le]`` per minute, plus _count."""
     name = "canary_proxy_request_duration_seconds"
-    labels = {"namespace": "shop", "job": job, "version": version}
+    labels = {"namespace": "shop", "job": job, "route": route, "version": version}
     series = [_series(f"{name}_bucket", f"0+{n}x30", le=le, **labels) for le, n in buckets.items()]
     return [*series, _series(f"{name}_count", f"0+{buckets['+Inf']}x30", **labels)]
 
@@ -355,6 +359,13 @@ PROMTOOL_TESTS: list[dict[str, Any]] = [
             _requests("ok", "canary", "500", 60),
             _requests("ok", "stable", "200", 5400),
             _requests("ok", "stable", "500", 600),
+            # Two routes on one proxy: shop/cart's canary at 10 % 5xx, stable at none. Summed
+            # with the healthy default route (0.9 % of all canary requests) it would not fire.
+            _requests("routes", "canary", "200", 540, route="shop/cart"),
+            _requests("routes", "canary", "503", 60, route="shop/cart"),
+            _requests("routes", "stable", "200", 600, route="shop/cart"),
+            _requests("routes", "canary", "200", 6000),
+            _requests("routes", "stable", "200", 6000),
         ],
         "alert_rule_test": [
             {"eval_time": "3m", "alertname": "CanaryErrorRateAboveStable", "exp_alerts": []},
@@ -365,11 +376,16 @@ PROMTOOL_TESTS: list[dict[str, Any]] = [
                     _alert(
                         "CanaryErrorRateAboveStable",
                         "critical",
-                        "shop/bad: 10% of canary requests fail with 5xx, more than stable's rate"
-                        " plus 1%. Roll back with `canary-proxy weight shop/canary-proxy 0`.",
+                        f"shop/{job} route {route}: 10% of canary requests fail with 5xx, more"
+                        " than stable's rate plus 1%. Roll back by setting the route's"
+                        " canary-weight to 0 in its ConfigMap: `canary-proxy weight"
+                        " shop/canary-proxy 0` for route default; a route named NAMESPACE/NAME"
+                        " is the ConfigMap of that name.",
                         namespace="shop",
-                        job="bad",
+                        job=job,
+                        route=route,
                     )
+                    for job, route in (("bad", "default"), ("routes", "shop/cart"))
                 ],
             },
         ],
@@ -392,9 +408,11 @@ PROMTOOL_TESTS: list[dict[str, Any]] = [
                     _alert(
                         "CanaryLatencyAboveStable",
                         "warning",
-                        "shop/bad: canary p99 latency is 995ms, above 1.5 x stable's p99 + 50 ms.",
+                        "shop/bad route default: canary p99 latency is 995ms, above 1.5 x"
+                        " stable's p99 + 50 ms.",
                         namespace="shop",
                         job="bad",
+                        route="default",
                     )
                 ],
             },
@@ -535,11 +553,57 @@ def test_dashboard_panels() -> None:
             exprs,
         ), f"no p{quantile} latency panel"
     assert re.search(r'canary_proxy_requests_total\{[^}]*code=~"5\.\."', exprs), "no error rate"
-    assert "by (version) (rate(canary_proxy_requests_total" in exprs, "no request rate by version"
-    assert "canary_proxy_canary_weight_ratio" in exprs, "no weight panel"
+    assert "by (route, version) (rate(canary_proxy_requests_total" in exprs, "no request rate by version"
+    assert "max by (route) (canary_proxy_canary_weight_ratio" in exprs, "no weight panel per route"
     assert re.search(r"by \(version, rule\) \(rate\(canary_proxy_routing_decisions_total", exprs)
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids)), "duplicate panel ids"
+
+
+def _selectors(expr: str) -> list[tuple[str, str]]:
+    """(metric, its label matchers) for each canary_proxy metric an expression selects."""
+    return [(m[1], m[2] or "") for m in re.finditer(r"\b(canary_proxy_\w+)(?:\{([^{}]*)\})?", expr)]
+
+
+def _routed(metric: str) -> bool:
+    """Whether the metric's family carries the ``route`` label (the contract in tests/scrape)."""
+    family = re.sub(r"_(total|bucket|count|sum)$", "", metric)
+    return "route" in LABELS[family if family in LABELS else metric]
+
+
+def test_every_dashboard_query_filters_by_route() -> None:
+    """One proxy serves many routes: every panel reads the routes the $route variable picks.
+    A family without the label (config reloads, worker restarts, skipped copies) is per
+    proxy, and a route matcher would leave its panel empty."""
+    dashboard = json.loads(DASHBOARD_FILE.read_text())
+    [route] = [v for v in dashboard["templating"]["list"] if v["name"] == "route"]
+    assert re.fullmatch(
+        r"label_values\(canary_proxy_requests_total(\{.*\})?, route\)", route["query"]["query"]
+    )
+    assert route["multi"] and route["includeAll"] and route["allValue"] == ".*"
+    routed = 0
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            for metric, matchers in _selectors(target["expr"]):
+                where = f"panel {panel['title']!r}: {metric}{{{matchers}}}"
+                assert ('route=~"$route"' in matchers) == _routed(metric), where
+                routed += _routed(metric)
+    assert routed >= 10, "the selectors were not found"
+
+
+def test_the_alerts_compare_each_route_on_its_own() -> None:
+    """A failing canary must not hide in the healthy traffic of other routes."""
+    aggregations = [
+        (by, metric)
+        for expr in _rule_exprs()
+        for by, metric in re.findall(r"by \(([^)]*)\) \((?:rate|increase)\((canary_proxy_\w+)", expr)
+    ]
+    assert len([metric for _, metric in aggregations if _routed(metric)]) >= 6, "none found"
+    for by, metric in aggregations:
+        assert ("route" in by.replace(" ", "").split(",")) == _routed(metric), (by, metric)
+    for expr in _rule_exprs():
+        for on in re.findall(r"\bon \(([^)]*)\)", expr):
+            assert on == "namespace, job, route", expr
 
 
 # -- the proxy's objects ---------------------------------------------------------------------

@@ -19,12 +19,21 @@ def env_name(flag: str) -> str:
     return "CANARY_PROXY_" + flag.lstrip("-").upper().replace("-", "_")
 
 
-def env_flag(parser: Any, flag: str, *, default: str | None = None, help: str = "", **kwargs: Any) -> None:
+def env_flag(
+    parser: Any,
+    flag: str,
+    *,
+    default: str | None = None,
+    help: str = "",
+    shown: str | None = None,
+    **kwargs: Any,
+) -> None:
     """A flag whose default comes from its environment variable; the command line wins.
 
-    Its placeholder comes from its type (``METAVARS``) unless ``metavar`` is given."""
+    Its placeholder comes from its type (``METAVARS``) unless ``metavar`` is given. ``shown``
+    says what the help names as the default of a flag whose default is worked out later."""
     env = env_name(flag)
-    shown = default.replace("%", "%%") if default else "none"  # argparse %-formats help
+    shown = (shown or default or "none").replace("%", "%%")  # argparse %-formats help
     if "metavar" not in kwargs and kwargs.get("type") in METAVARS:
         kwargs["metavar"] = METAVARS[kwargs["type"]]
     parser.add_argument(

@@ -3,8 +3,9 @@
 ``cli.main`` adds these subcommands with ``add_commands`` and calls ``HANDLERS[command]``;
 it stays the only place that exits. Exit codes of ``rollout``:
 0 promoted, 1 rolled back or aborted (the canary's weight is then 0), 2 bad arguments
-(or a recorded rollout that does not match them), 3 the ConfigMap or file is missing or the
-API stays unreachable; 128 + N when stopped by signal N (the state is kept to resume).
+(or a recorded rollout that does not match them, or a ``--route`` the config contradicts),
+3 the ConfigMap or file is missing or the API stays unreachable; 128 + N when stopped by
+signal N (the state is kept to resume).
 ``promote``/``abort``: 0 requested, 1 no rollout to act on, 2 and 3 as above.
 """
 
@@ -14,11 +15,13 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import secrets
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
+from ..config import ConfigError
 from ..rollout.analysis import Thresholds, parse_factor, parse_percent
 from ..rollout.controller import Controller
 from ..rollout.decide import STOPPED, Settings
@@ -33,11 +36,16 @@ from ..rollout.store import (
     Store,
     Stored,
     StoreError,
+    Unavailable,
     open_configmap_store,
 )
 from ..rollout.webhooks import Webhooks, parse_webhook
+from ..router import DEFAULT_ROUTE
+from ..routes import parse_route
 from ..runner import Exit, fail, run_async, signalled
 from .args import KUBECONFIG_HELP, METAVARS, duration, env_flag, typed, whole
+
+log = logging.getLogger(__name__)
 
 # -- argument types -----------------------------------------------------------------------------
 
@@ -116,6 +124,14 @@ def add_commands(sub: Any) -> None:
         metavar="URL",
         default=[],
         help="a proxy's /metrics URL, scraped every interval; repeat for each replica",
+    )
+    _flag(
+        rollout,
+        "--route",
+        metavar="NAME",
+        shown="the config's name key, else 'default', the route of a config served alone",
+        help="the route whose series the analysis reads; a ConfigMap that serve "
+        "--configmap-selector loads is route NAMESPACE/NAME: give it",
     )
     _flag(
         rollout,
@@ -280,10 +296,16 @@ async def _rollout(args: argparse.Namespace, settings: Settings) -> int:
     timeout = aiohttp.ClientTimeout(total=max(1.0, min(settings.interval, 10.0)))
     try:
         async with open_store(args) as store, aiohttp.ClientSession(timeout=timeout) as session:
+            try:
+                stored = await store.load()
+            except (Missing, Unavailable) as exc:
+                return fail(Exit.UNAVAILABLE, [str(exc)])
+            route = analysed_route(stored.data, given=args.route)
+            log.info("analysing route %s", route, extra={"route": route})
             source = (
-                PrometheusSource(args.prometheus, session, mirror=mirrors(settings.plan))
+                PrometheusSource(args.prometheus, session, mirror=mirrors(settings.plan), route=route)
                 if args.prometheus
-                else ScrapeSource(args.metrics_url, session)
+                else ScrapeSource(args.metrics_url, session, route=route)
             )
             hooks = _webhooks(args, store)
             try:
@@ -295,6 +317,30 @@ async def _rollout(args: argparse.Namespace, settings: Settings) -> int:
     except Invalid as exc:
         return _errors([str(exc)])
     return signalled(caught[0]) if code == STOPPED else code
+
+
+def analysed_route(data: Mapping[str, Any], *, given: str | None) -> str:
+    """The ``route`` label of the config's series: ``--route``, else the config's own ``name``
+    key, else ``default`` (a catch-all config the proxy serves alone). Invalid when the two
+    disagree, or for a config with a host or path and no name: the proxies name such a route
+    after their source (``FILE``, ``NAMESPACE/NAME``), which only the operator knows."""
+    try:
+        route = parse_route(data, name=DEFAULT_ROUTE)
+    except ConfigError:
+        return given or DEFAULT_ROUTE  # the controller's first load names every problem
+    if route.named and given and given != route.name:
+        raise Invalid(
+            f"--route {given}: the config names its route {route.name!r} (its name key), "
+            "and the proxies label its series with that name"
+        )
+    if given or route.named:
+        return given or route.name
+    if not route.catch_all:
+        raise Invalid(
+            "--route is required: the config has a host or path and no name key, so its series "
+            "carry the name of the proxies' source (NAMESPACE/NAME for a ConfigMap, FILE for a file)"
+        )
+    return DEFAULT_ROUTE
 
 
 def _webhooks(args: argparse.Namespace, store: Store) -> Webhooks:
