@@ -30,11 +30,12 @@ from dataclasses import dataclass, replace
 from typing import Any, Final, Generic, TypeVar
 
 from .config import Config, ConfigError, parse_config
-from .router import DEFAULT_ROUTE
+from .router import DEFAULT_ROUTE, UNROUTED
 
 PREFIX: Final = "prefix"
 EXACT: Final = "exact"
 ROUTE_KEYS: Final = ("name", "host", "path", "path-type")
+RESERVED: Final = frozenset({UNROUTED, "default-backend"})  # route labels the proxy itself uses
 
 _HOST_LABEL = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
 
@@ -106,6 +107,8 @@ def parse_route(raw: Mapping[str, Any], *, name: str, order: tuple[Any, ...] = (
         raise ConfigError(errors)
     if path_type == PREFIX and path != "/":
         path = path.rstrip("/") or "/"
+    if isinstance(own_name, str) and own_name.strip() in RESERVED:
+        raise ConfigError([f"name: {own_name.strip()!r} is reserved (it labels requests no route took)"])
     named = isinstance(own_name, str) and bool(own_name.strip())
     chosen = own_name.strip() if named and isinstance(own_name, str) else name
     return Route(chosen, host, path, path_type, config, order, named)

@@ -144,3 +144,9 @@ def test_a_lone_unnamed_catch_all_route_is_default() -> None:
     assert [r.name for r in settle_names(named)] == ["shop"]
     two = [route("a", host="a.example"), route("b")]
     assert [r.name for r in settle_names(two)] == ["a", "b"]
+
+
+def test_the_labels_the_proxy_uses_itself_are_no_route_names() -> None:
+    for name in ("none", "default-backend"):
+        with pytest.raises(ConfigError, match="reserved"):
+            parse_route({**UPSTREAMS, "name": name}, name="file.yaml")

@@ -15,7 +15,8 @@ import aiohttp
 import yaml
 
 from ..annotations import PREFIX
-from ..config import ConfigError, parse_config
+from ..config import ConfigError
+from ..routes import parse_route
 from ..runner import Exit, fail
 from .args import KUBECONFIG_HELP, env_flag
 
@@ -60,7 +61,7 @@ def with_weight(data: dict[str, str], value: str) -> dict[str, str]:
     """The new data, validated as a whole against the ConfigMap's own canary-weight-total."""
     new = {**data, "canary-weight": value}
     try:
-        parse_config(new)
+        parse_route(new, name="configmap")  # a route's ConfigMap may carry host, path and name
     except ConfigError as exc:
         raise _Invalid(exc.errors) from None
     return new
@@ -122,7 +123,9 @@ def _describe(
 ) -> dict[str, Any]:
     report: dict[str, Any] = {"configmap": f"{namespace}/{name}", "resourceVersion": rv}
     try:
-        report["config"] = parse_config(data).effective()
+        route = parse_route(data, name=f"{namespace}/{name}")
+        where = {} if route.catch_all else route.describe()  # a route's ConfigMap: where it applies
+        report["config"] = {**where, **route.config.effective()}
     except ConfigError as exc:
         report["config"] = dict(data)
         report["errors"] = exc.errors
