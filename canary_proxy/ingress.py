@@ -1,0 +1,523 @@
+"""Ingress objects -> routes, as ingress-nginx reads them. Pure, no I/O.
+
+``routes_from_ingresses`` takes the API's JSON of ``networking.k8s.io/v1`` Ingresses and
+``v1`` Services and returns the routes to serve, with everything it could not serve or
+carry reported as data: one bad Ingress never hides the others.
+
+The rules, in the order they apply:
+
+1. **Claimed**: an Ingress whose ``spec.ingressClassName`` or legacy
+   ``kubernetes.io/ingress.class`` annotation is the class; all others are not looked at.
+2. **Main Ingresses first**, oldest first (``creationTimestamp``, then namespace/name, as
+   ingress-nginx resolves duplicates): every rule's host and path becomes a route
+   (``Prefix``; ``Exact``; ``ImplementationSpecific`` as ``Prefix``), and
+   ``spec.defaultBackend`` the catch-all (any host, prefix ``/``). A later route with the
+   same host, path and type is reported as a conflict and not served.
+3. **Backends** are reached at the Service's ``spec.clusterIP`` and the Service port the
+   Ingress names (its number, or its name through the Service's ``ports``), so kube-proxy
+   balances and nothing is looked up per connection; a headless Service (``clusterIP:
+   None``) by ``SERVICE.NAMESPACE.svc.cluster.local:PORT``; an ``ExternalName`` Service
+   by its external name.
+4. **Canary Ingresses** (``<prefix>/canary: "true"``, oldest first) attach their backend
+   as the canary of the route with the same host, path and type *in their namespace*
+   (Argo Rollouts and Flagger always create the canary beside the main Ingress; across
+   namespaces it would let one tenant take another's traffic). At most one canary per
+   route, as in ingress-nginx: a second is reported, not merged. A canary path with no
+   such route is reported and ignored. A canary path whose backend is the route's own
+   stable backend is no canary at all (Argo copies whole rules, other services' paths
+   included) and is passed over.
+5. **Annotations** under the prefix: the canary ones are carried on a canary Ingress;
+   ``proxy-read-timeout`` and ``proxy-connect-timeout`` become ``upstream-timeout`` and
+   ``upstream-connect-timeout`` and ``proxy-body-size`` the route's ``body_limit``, from
+   the main Ingress (ingress-nginx ignores them on a canary, which inherits the main's:
+   a canary's differing value is listed as ignored). Every other one is listed once per
+   Ingress under ``ignored`` with the reason; ``configuration-snippet`` and
+   ``server-snippet`` are never executed.
+
+Route names are ``NAMESPACE/INGRESS`` for an Ingress with one route and
+``NAMESPACE/INGRESS#N`` for its Nth of several (paths in order, then the default
+backend), the convention a file's YAML documents already follow: the ``route`` metric
+label stays short and readable, and the nginx-compatible metrics get the Ingress name
+from ``IngressRoute.ingress`` anyway.
+
+Each route's config is built as a flat mapping and validated by ``routes.parse_route``.
+A route with no canary Ingress gets its own stable backend as ``canary-url`` and weight
+0: the config needs both URLs, and no rule can reach the canary side.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from .config import DECLARATIONS, ConfigError
+from .routes import EXACT, PREFIX, Route, parse_route
+
+DEFAULT_CLASS: Final = "canary-proxy"
+DEFAULT_PREFIX: Final = "nginx.ingress.kubernetes.io"
+LEGACY_CLASS_ANNOTATION: Final = "kubernetes.io/ingress.class"
+
+# ingress-nginx canary annotation -> config key (the names are the same on purpose).
+CANARY_KEYS: Final = (
+    "canary-weight",
+    "canary-weight-total",
+    "canary-by-header",
+    "canary-by-header-value",
+    "canary-by-header-pattern",
+    "canary-by-cookie",
+)
+# Read from the main Ingress: annotation -> config key.
+TIMEOUT_KEYS: Final = {
+    "proxy-read-timeout": "upstream-timeout",
+    "proxy-connect-timeout": "upstream-connect-timeout",
+}
+BODY_SIZE: Final = "proxy-body-size"
+SNIPPETS: Final = frozenset({"configuration-snippet", "server-snippet"})
+
+_SNIPPET_REASON = (
+    "never executed: a snippet is raw nginx configuration, and running it would be a security hole"
+)
+_REASONS: Final = {
+    "affinity": "canary-proxy keeps users sticky with its own bucket cookie (sticky-cookie)",
+    "session-cookie-name": "canary-proxy keeps users sticky with its own bucket cookie (sticky-cookie)",
+    "session-cookie-max-age": "the sticky bucket cookie lasts sticky-max-age",
+    "session-cookie-expires": "the sticky bucket cookie lasts sticky-max-age",
+    "ssl-redirect": "TLS is not served in Ingress mode yet",
+    "force-ssl-redirect": "TLS is not served in Ingress mode yet",
+    "backend-protocol": "Service backends are reached over plain HTTP",
+    "rewrite-target": "canary-proxy forwards the path unchanged",
+    "use-regex": "paths are matched as Prefix or Exact, never as regular expressions",
+    "proxy-send-timeout": "canary-proxy bounds the upstream's reads (upstream-timeout), not its writes",
+    "load-balance": "kube-proxy balances across the Service's pods (the backend is its cluster IP)",
+    "upstream-hash-by": "kube-proxy balances across the Service's pods (the backend is its cluster IP)",
+    "mirror-target": "canary-proxy mirrors only to the canary (canary-mirror-percent)",
+}
+_DEFAULT_REASON = "not supported by canary-proxy"
+_INHERITED = "on a canary Ingress it is inherited from the main Ingress, as in ingress-nginx"
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)\s*$")
+_SIZE_UNITS: Final = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """Something that is not served as written: what, where, and why."""
+
+    kind: str  # conflict, second-canary, orphan-canary, backend, invalid
+    ingress: str  # NAMESPACE/NAME
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ignored:
+    """An annotation that has no effect, listed once per Ingress with the reason."""
+
+    ingress: str
+    annotation: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """A Service port as an Ingress names it, and where it is reached."""
+
+    namespace: str
+    service: str
+    port: int | str  # as the Ingress names it: a number, or the Service port's name
+    url: str  # http://CLUSTER_IP:PORT, or the DNS name of a headless Service
+
+    @property
+    def upstream(self) -> str:
+        """ingress-nginx's upstream name, ``NAMESPACE-SERVICE-PORT`` (the port as named)."""
+        return f"{self.namespace}-{self.service}-{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class IngressRoute:
+    """A route and what the nginx-compatible metrics label it with."""
+
+    route: Route
+    namespace: str
+    ingress: str  # the main Ingress's name (the ``ingress`` label)
+    host: str  # as the Ingress writes it ("" for any host)
+    path: str  # as the Ingress writes it (the ``path`` label)
+    stable: Backend
+    canary: Backend | None = None
+    canary_ingress: str | None = None
+    body_limit: int | None = None  # proxy-body-size in bytes; 0 = unlimited; None = not set
+
+    @property
+    def service(self) -> str:
+        """The stable Service's name (the ``service`` label, for canary requests too)."""
+        return self.stable.service
+
+    @property
+    def canary_service(self) -> str | None:
+        return self.canary.service if self.canary else None
+
+    @property
+    def canary_label(self) -> str:
+        """The ``canary`` label of a request the canary served: its upstream's name, as
+        ingress-nginx fills it from ``proxy_alternative_upstream_name``; stable's is ``""``."""
+        return self.canary.upstream if self.canary else ""
+
+
+@dataclass(frozen=True, slots=True)
+class IngressRoutes:
+    routes: tuple[IngressRoute, ...] = ()
+    reported: tuple[Report, ...] = ()
+    ignored: tuple[Ignored, ...] = ()
+
+
+def routes_from_ingresses(
+    ingresses: Iterable[Mapping[str, Any]],
+    services: Iterable[Mapping[str, Any]],
+    *,
+    ingress_class: str = DEFAULT_CLASS,
+    annotation_prefix: str = DEFAULT_PREFIX,
+) -> IngressRoutes:
+    """The routes the claimed Ingresses describe (see the module docstring for the rules)."""
+    prefix = annotation_prefix.rstrip("/") + "/"
+    by_service = {_key(s): s for s in services if isinstance(s, Mapping)}
+    claimed = sorted((i for i in ingresses if isinstance(i, Mapping) and _claims(i, ingress_class)), key=_age)
+    state = _State(prefix, by_service)
+    mains = [i for i in claimed if not _is_canary(i, prefix)]
+    canaries = [i for i in claimed if _is_canary(i, prefix)]
+    for ingress in mains:
+        state.guarded(state.add_main, ingress)
+    for ingress in canaries:
+        state.guarded(state.add_canary, ingress)
+    return state.result()
+
+
+@dataclass
+class _Draft:
+    """A main route before its config is validated."""
+
+    name: str
+    order: tuple[Any, ...]
+    namespace: str
+    ingress: str
+    host: str
+    path: str
+    path_type: str
+    stable: Backend
+    main_raw: dict[str, str]  # host/path keys and the main Ingress's carried annotations
+    body_limit: int | None
+    canary: Backend | None = None
+    canary_ingress: str | None = None
+    canary_raw: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _State:
+    prefix: str
+    services: dict[tuple[str, str], Mapping[str, Any]]
+    drafts: dict[tuple[str, str, str], _Draft] = field(default_factory=dict)
+    reported: list[Report] = field(default_factory=list)
+    ignored: dict[tuple[str, str], Ignored] = field(default_factory=dict)
+
+    def guarded(self, add: Callable[[Mapping[str, Any]], None], ingress: Mapping[str, Any]) -> None:
+        """One malformed Ingress (a list where the API has a mapping) is reported, not raised."""
+        try:
+            add(ingress)
+        except (AttributeError, TypeError, ValueError) as exc:
+            namespace, name = _key(ingress)
+            self.report("invalid", f"{namespace}/{name}", f"malformed Ingress: {exc}")
+
+    def report(self, kind: str, ingress: str, message: str) -> None:
+        self.reported.append(Report(kind, ingress, message))
+
+    def ignore(self, ingress: str, annotation: str, reason: str) -> None:
+        self.ignored.setdefault((ingress, annotation), Ignored(ingress, annotation, reason))
+
+    # -- main Ingresses --------------------------------------------------------------------
+
+    def add_main(self, ingress: Mapping[str, Any]) -> None:
+        namespace, name = _key(ingress)
+        where = f"{namespace}/{name}"
+        carried, body_limit = self._main_annotations(ingress, where)
+        paths = _paths(ingress)
+        if not paths:
+            self.report("invalid", where, "no rules with paths and no defaultBackend: nothing to serve")
+        for number, (host, path, path_type, backend) in enumerate(paths, 1):
+            route_name = where if len(paths) == 1 else f"{where}#{number}"
+            stable = self._backend(namespace, backend, where, f"{host or '*'} {path}")
+            if stable is None:
+                continue
+            raw = {"host": host, "path": path, "path-type": path_type, **carried}
+            key = self._route_key(raw, where, route_name)
+            if key is None:
+                continue
+            winner = self.drafts.get(key)
+            if winner is not None:
+                self.report(
+                    "conflict",
+                    where,
+                    f"route {route_name} conflicts with {winner.name} on host {host or '*'} path {path} "
+                    f"({path_type}); {winner.name} is older and wins",
+                )
+                continue
+            self.drafts[key] = _Draft(
+                route_name, (*_age(ingress), number), namespace, name, host, path, path_type,
+                stable, raw, body_limit,
+            )  # fmt: skip
+
+    def _main_annotations(self, ingress: Mapping[str, Any], where: str) -> tuple[dict[str, str], int | None]:
+        carried: dict[str, str] = {}
+        body_limit: int | None = None
+        for annotation, value in sorted(self._annotations(ingress).items()):
+            if annotation == "canary":  # "false": Flagger's switched-off canary, a main Ingress
+                continue
+            if annotation in TIMEOUT_KEYS:
+                try:
+                    _KEYS[TIMEOUT_KEYS[annotation]].parse(value)
+                except ValueError as exc:
+                    self.report(
+                        "invalid", where, f"{self.prefix}{annotation}: {value!r} is not {exc}; not applied"
+                    )
+                else:
+                    carried[TIMEOUT_KEYS[annotation]] = value
+            elif annotation == BODY_SIZE:
+                try:
+                    body_limit = parse_nginx_size(value)
+                except ValueError as exc:
+                    self.report("invalid", where, f"{self.prefix}{BODY_SIZE}: {exc}; not applied")
+            elif annotation in CANARY_KEYS:
+                self.ignore(where, self.prefix + annotation, "only a canary Ingress's canary rules apply")
+            else:
+                self.ignore(where, self.prefix + annotation, _reason(annotation))
+        return carried, body_limit
+
+    def _route_key(self, raw: dict[str, str], where: str, name: str) -> tuple[str, str, str] | None:
+        """The normalised host, path and type: the key canaries and conflicts match on."""
+        try:
+            return parse_route({**raw, **_PLACEHOLDER}, name=name).key
+        except ConfigError as exc:
+            self.report("invalid", where, f"route {name}: {'; '.join(exc.errors)}")
+            return None
+
+    # -- canary Ingresses ------------------------------------------------------------------
+
+    def add_canary(self, ingress: Mapping[str, Any]) -> None:
+        namespace, name = _key(ingress)
+        where = f"{namespace}/{name}"
+        rules = self._canary_annotations(ingress, where)
+        for host, path, path_type, backend in _paths(ingress):
+            shown = f"host {host or '*'} path {path} ({path_type})"
+            key = self._match_key(host, path, path_type)
+            draft = self.drafts.get(key) if key else None
+            if draft is None or draft.namespace != namespace:
+                self.report(
+                    "orphan-canary", where,
+                    f"canary for {shown}: no main Ingress in namespace {namespace} serves it; ignored",
+                )  # fmt: skip
+                continue
+            canary = self._backend(namespace, backend, where, f"{host or '*'} {path}")
+            if canary is None:
+                continue
+            if (canary.service, canary.url) == (draft.stable.service, draft.stable.url):
+                continue  # the route's own backend: Argo copies whole rules
+            if draft.canary_ingress is not None and draft.canary_ingress != name:
+                self.report(
+                    "second-canary", where,
+                    f"canary for {shown}: route {draft.name} already has the canary "
+                    f"{namespace}/{draft.canary_ingress} (at most one per route); ignored",
+                )  # fmt: skip
+                continue
+            draft.canary, draft.canary_ingress, draft.canary_raw = canary, name, dict(rules)
+            self._compare_inherited(ingress, where, draft)
+
+    def _canary_annotations(self, ingress: Mapping[str, Any], where: str) -> dict[str, str]:
+        rules: dict[str, str] = {}
+        for annotation, value in sorted(self._annotations(ingress).items()):
+            if annotation == "canary":
+                continue
+            if annotation in CANARY_KEYS:
+                rules[annotation] = value
+            elif annotation not in TIMEOUT_KEYS and annotation != BODY_SIZE:
+                self.ignore(where, self.prefix + annotation, _reason(annotation))
+        return rules
+
+    def _compare_inherited(self, ingress: Mapping[str, Any], where: str, draft: _Draft) -> None:
+        """A canary's timeouts and body size are the main's (Flagger copies them over): one
+        that differs is listed as ignored, never applied to the stable traffic too."""
+        annotations = self._annotations(ingress)
+        for annotation, key in TIMEOUT_KEYS.items():
+            if annotation in annotations and annotations[annotation] != draft.main_raw.get(key):
+                self.ignore(where, self.prefix + annotation, _INHERITED)
+        if BODY_SIZE in annotations:
+            try:
+                same = parse_nginx_size(annotations[BODY_SIZE]) == draft.body_limit
+            except ValueError:
+                same = False
+            if not same:
+                self.ignore(where, self.prefix + BODY_SIZE, _INHERITED)
+
+    def _match_key(self, host: str, path: str, path_type: str) -> tuple[str, str, str] | None:
+        try:
+            raw = {"host": host, "path": path, "path-type": path_type, **_PLACEHOLDER}
+            return parse_route(raw, name="canary").key
+        except ConfigError:
+            return None
+
+    # -- backends --------------------------------------------------------------------------
+
+    def _backend(self, namespace: str, backend: Mapping[str, Any], where: str, what: str) -> Backend | None:
+        service_ref = backend.get("service")
+        if not isinstance(service_ref, Mapping) or not service_ref.get("name"):
+            self.report(
+                "backend",
+                where,
+                f"{what}: the backend is not a Service (resource backends are not supported)",
+            )
+            return None
+        name = str(service_ref["name"])
+        port_ref = service_ref.get("port") or {}
+        named: int | str = port_ref.get("number") or str(port_ref.get("name") or "")
+        service = self.services.get((namespace, name))
+        if service is None:
+            self.report("backend", where, f"{what}: Service {namespace}/{name} not found")
+            return None
+        spec = service.get("spec") or {}
+        port = _service_port(spec, named)
+        if port is None:
+            self.report("backend", where, f"{what}: Service {namespace}/{name} has no port {named!r}")
+            return None
+        return Backend(namespace, name, named, f"http://{_address(spec, namespace, name)}:{port}")
+
+    def _annotations(self, ingress: Mapping[str, Any]) -> dict[str, str]:
+        """The annotations under the prefix, by their name after it."""
+        found = (_metadata(ingress).get("annotations") or {}).items()
+        return {str(k)[len(self.prefix) :]: str(v) for k, v in found if str(k).startswith(self.prefix)}
+
+    # -- result ----------------------------------------------------------------------------
+
+    def result(self) -> IngressRoutes:
+        routes = []
+        for draft in sorted(self.drafts.values(), key=lambda d: d.order):
+            built = self._build(draft)
+            if built is not None:
+                routes.append(built)
+        return IngressRoutes(tuple(routes), tuple(self.reported), tuple(self.ignored.values()))
+
+    def _build(self, draft: _Draft) -> IngressRoute | None:
+        raw = {**draft.main_raw, "stable-url": draft.stable.url, "canary-url": draft.stable.url}
+        if draft.canary is not None:
+            try:
+                route = parse_route(
+                    {**raw, **draft.canary_raw, "canary-url": draft.canary.url},
+                    name=draft.name,
+                    order=draft.order,
+                )
+            except ConfigError as exc:
+                self.report(
+                    "invalid", f"{draft.namespace}/{draft.canary_ingress}",
+                    f"canary for route {draft.name}: {'; '.join(exc.errors)}; the route serves stable only",
+                )  # fmt: skip
+            else:
+                return IngressRoute(
+                    route, draft.namespace, draft.ingress, draft.host, draft.path, draft.stable,
+                    draft.canary, draft.canary_ingress, draft.body_limit,
+                )  # fmt: skip
+        try:
+            route = parse_route(raw, name=draft.name, order=draft.order)
+        except ConfigError as exc:  # e.g. an ExternalName that is no host name
+            self.report(
+                "invalid",
+                f"{draft.namespace}/{draft.ingress}",
+                f"route {draft.name}: {'; '.join(exc.errors)}",
+            )
+            return None
+        return IngressRoute(
+            route,
+            draft.namespace,
+            draft.ingress,
+            draft.host,
+            draft.path,
+            draft.stable,
+            body_limit=draft.body_limit,
+        )
+
+
+_KEYS: Final = {k.name: k for k in DECLARATIONS}
+_PLACEHOLDER: Final = {"stable-url": "http://placeholder", "canary-url": "http://placeholder"}
+
+
+def parse_nginx_size(value: str) -> int:
+    """nginx's size syntax (``client_max_body_size``): ``512``, ``8k``, ``1m``, ``1g``;
+    ``0`` means no limit. Raises ValueError."""
+    m = _SIZE.match(value)
+    if not m:
+        raise ValueError(f"invalid size {value!r}; expected a size such as 8k, 1m or 1g")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+
+
+def _reason(annotation: str) -> str:
+    if annotation in SNIPPETS:
+        return _SNIPPET_REASON
+    return _REASONS.get(annotation, _DEFAULT_REASON)
+
+
+def _metadata(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    meta = obj.get("metadata")
+    return meta if isinstance(meta, Mapping) else {}
+
+
+def _key(obj: Mapping[str, Any]) -> tuple[str, str]:
+    meta = _metadata(obj)
+    return str(meta.get("namespace") or "default"), str(meta.get("name") or "")
+
+
+def _age(ingress: Mapping[str, Any]) -> tuple[str, str, str]:
+    """Oldest first: creationTimestamp (RFC 3339 in UTC, so it sorts as text), then name."""
+    namespace, name = _key(ingress)
+    return (str(_metadata(ingress).get("creationTimestamp") or ""), namespace, name)
+
+
+def _claims(ingress: Mapping[str, Any], ingress_class: str) -> bool:
+    spec = ingress.get("spec") or {}
+    legacy = (_metadata(ingress).get("annotations") or {}).get(LEGACY_CLASS_ANNOTATION)
+    return spec.get("ingressClassName") == ingress_class or legacy == ingress_class
+
+
+def _is_canary(ingress: Mapping[str, Any], prefix: str) -> bool:
+    value = (_metadata(ingress).get("annotations") or {}).get(prefix + "canary")
+    return str(value).strip().lower() == "true"
+
+
+def _paths(ingress: Mapping[str, Any]) -> list[tuple[str, str, str, Mapping[str, Any]]]:
+    """(host, path, path type, backend) of every rule path, then of the defaultBackend."""
+    spec = ingress.get("spec") or {}
+    found: list[tuple[str, str, str, Mapping[str, Any]]] = []
+    for rule in spec.get("rules") or []:
+        host = str(rule.get("host") or "")
+        for path in (rule.get("http") or {}).get("paths") or []:
+            path_type = EXACT if path.get("pathType") == "Exact" else PREFIX
+            found.append((host, str(path.get("path") or "/"), path_type, path.get("backend") or {}))
+    default = spec.get("defaultBackend")
+    if isinstance(default, Mapping):
+        found.append(("", "/", PREFIX, default))
+    return found
+
+
+def _service_port(spec: Mapping[str, Any], named: int | str) -> int | None:
+    """The Service port an Ingress names, by number or by name."""
+    ports = [p for p in spec.get("ports") or [] if isinstance(p, Mapping)]
+    for port in ports:
+        if named in (port.get("port"), port.get("name")) and isinstance(port.get("port"), int):
+            return int(port["port"])
+    if isinstance(named, int) and spec.get("type") == "ExternalName":
+        return named  # an ExternalName Service need not list its ports
+    return None
+
+
+def _address(spec: Mapping[str, Any], namespace: str, name: str) -> str:
+    if spec.get("type") == "ExternalName" and spec.get("externalName"):
+        return str(spec["externalName"])
+    ip = str(spec.get("clusterIP") or "")
+    if not ip or ip == "None":
+        return f"{name}.{namespace}.svc.cluster.local"
+    return f"[{ip}]" if ":" in ip else ip
