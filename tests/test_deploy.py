@@ -217,7 +217,7 @@ def promql_metric_names() -> set[str]:
 
 def test_kustomizations_are_discovered() -> None:
     relative = {str(p.relative_to(DEPLOY)) for p in KUSTOMIZATIONS}
-    assert {"base", "monitoring", "examples/demo-app"} <= relative
+    assert {"base", "monitoring", "examples/demo-app", "ingress-mode"} <= relative
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(DEPLOY)))
@@ -737,6 +737,36 @@ def test_proxy_role_reads_configmaps_only() -> None:
     sa = deployment["spec"]["template"]["spec"]["serviceAccountName"]
     assert subject == {"kind": "ServiceAccount", "name": sa}
     find(docs, "ServiceAccount", sa)
+
+
+def test_ingress_mode_class_and_rbac() -> None:
+    """What serve --ingress-class needs, for deploy/base's ServiceAccount, and no more."""
+    docs = built(DEPLOY / "ingress-mode")
+    ingress_class = find(docs, "IngressClass", "canary-proxy")
+    assert ingress_class["spec"] == {"controller": "canary-proxy.io/ingress-controller"}
+
+    role = find(docs, "ClusterRole", "canary-proxy-ingress")
+    reads = {("networking.k8s.io", "ingresses"), ("networking.k8s.io", "ingressclasses")}
+    reads |= {("", "services"), ("", "secrets")}
+    assert rbac_grants(role) == {(g, r, v) for g, r in reads for v in ("get", "list", "watch")} | {
+        ("networking.k8s.io", "ingresses/status", "update")
+    }
+    leader = find(docs, "Role", "canary-proxy-leader")
+    assert rbac_grants(leader) == {("coordination.k8s.io", "leases", v) for v in ("get", "create", "update")}
+
+    base = built(DEPLOY / "base")
+    account = find(base, "Deployment", "canary-proxy")["spec"]["template"]["spec"]["serviceAccountName"]
+    find(base, "ServiceAccount", account)
+    namespace = find(docs, "Role", "canary-proxy-leader")["metadata"]["namespace"]
+    for kind, binding_kind, name in (
+        ("ClusterRole", "ClusterRoleBinding", "canary-proxy-ingress"),
+        ("Role", "RoleBinding", "canary-proxy-leader"),
+    ):
+        binding = find(docs, binding_kind, name)
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": name}
+        [subject] = binding["subjects"]
+        assert subject["kind"] == "ServiceAccount" and subject["name"] == account
+        assert subject.get("namespace", binding["metadata"].get("namespace")) == namespace
 
 
 def test_rollout_job() -> None:
