@@ -84,15 +84,24 @@ _REASONS: Final = {
     "session-cookie-name": "canary-proxy keeps users sticky with its own bucket cookie (sticky-cookie)",
     "session-cookie-max-age": "the sticky bucket cookie lasts sticky-max-age",
     "session-cookie-expires": "the sticky bucket cookie lasts sticky-max-age",
-    "ssl-redirect": "TLS is not served in Ingress mode yet",
-    "force-ssl-redirect": "TLS is not served in Ingress mode yet",
+    "ssl-redirect": "canary-proxy does not redirect to HTTPS yet",
+    "force-ssl-redirect": "canary-proxy does not redirect to HTTPS yet",
     "backend-protocol": "Service backends are reached over plain HTTP",
     "rewrite-target": "canary-proxy forwards the path unchanged",
     "use-regex": "paths are matched as Prefix or Exact, never as regular expressions",
     "proxy-send-timeout": "canary-proxy bounds the upstream's reads (upstream-timeout), not its writes",
     "load-balance": "kube-proxy balances across the Service's pods (the backend is its cluster IP)",
     "upstream-hash-by": "kube-proxy balances across the Service's pods (the backend is its cluster IP)",
-    "mirror-target": "canary-proxy mirrors only to the canary (canary-mirror-percent)",
+    "session-cookie-path": "the sticky bucket cookie always has Path=/",
+    "mirror-target": (
+        "ingress-nginx mirrors to any URL; canary-proxy mirrors only to the canary: set "
+        "canary-mirror-percent (and canary-mirror-max-body) if that is what it was for"
+    ),
+    "mirror-request-body": "canary-proxy mirrors bodies up to canary-mirror-max-body (default 64KiB)",
+    "mirror-host": "a mirror copy keeps the request's Host and adds X-Canary-Mirror: 1",
+    "canary-by-header-value-pattern": (
+        "not an ingress-nginx annotation; did you mean canary-by-header-pattern?"
+    ),
 }
 _DEFAULT_REASON = "not supported by canary-proxy"
 _INHERITED = "on a canary Ingress it is inherited from the main Ingress, as in ingress-nginx"
@@ -147,6 +156,7 @@ class IngressRoute:
     canary: Backend | None = None
     canary_ingress: str | None = None
     body_limit: int | None = None  # proxy-body-size in bytes; 0 = unlimited; None = not set
+    data: Mapping[str, str] = field(default_factory=dict, compare=False)  # what parse_route validated
 
     @property
     def service(self) -> str:
@@ -404,41 +414,40 @@ class _State:
         return IngressRoutes(tuple(routes), tuple(self.reported), tuple(self.ignored.values()))
 
     def _build(self, draft: _Draft) -> IngressRoute | None:
-        raw = {**draft.main_raw, "stable-url": draft.stable.url, "canary-url": draft.stable.url}
+        stable_only = {**draft.main_raw, "stable-url": draft.stable.url, "canary-url": draft.stable.url}
         if draft.canary is not None:
+            data = {**stable_only, **draft.canary_raw, "canary-url": draft.canary.url}
             try:
-                route = parse_route(
-                    {**raw, **draft.canary_raw, "canary-url": draft.canary.url},
-                    name=draft.name,
-                    order=draft.order,
-                )
+                route = parse_route(data, name=draft.name, order=draft.order)
             except ConfigError as exc:
+                where = f"{draft.namespace}/{draft.canary_ingress}"
+                errors = "; ".join(exc.errors)
                 self.report(
-                    "invalid", f"{draft.namespace}/{draft.canary_ingress}",
-                    f"canary for route {draft.name}: {'; '.join(exc.errors)}; the route serves stable only",
-                )  # fmt: skip
+                    "invalid", where, f"canary for route {draft.name}: {errors}; stable serves it all"
+                )
             else:
-                return IngressRoute(
-                    route, draft.namespace, draft.ingress, draft.host, draft.path, draft.stable,
-                    draft.canary, draft.canary_ingress, draft.body_limit,
-                )  # fmt: skip
+                return self._route(draft, route, data, canary=True)
         try:
-            route = parse_route(raw, name=draft.name, order=draft.order)
+            route = parse_route(stable_only, name=draft.name, order=draft.order)
         except ConfigError as exc:  # e.g. an ExternalName that is no host name
-            self.report(
-                "invalid",
-                f"{draft.namespace}/{draft.ingress}",
-                f"route {draft.name}: {'; '.join(exc.errors)}",
-            )
+            where = f"{draft.namespace}/{draft.ingress}"
+            self.report("invalid", where, f"route {draft.name}: {'; '.join(exc.errors)}")
             return None
+        return self._route(draft, route, stable_only, canary=False)
+
+    @staticmethod
+    def _route(draft: _Draft, route: Route, data: dict[str, str], *, canary: bool) -> IngressRoute:
         return IngressRoute(
-            route,
-            draft.namespace,
-            draft.ingress,
-            draft.host,
-            draft.path,
-            draft.stable,
+            route=route,
+            namespace=draft.namespace,
+            ingress=draft.ingress,
+            host=draft.host,
+            path=draft.path,
+            stable=draft.stable,
+            canary=draft.canary if canary else None,
+            canary_ingress=draft.canary_ingress if canary else None,
             body_limit=draft.body_limit,
+            data=data,
         )
 
 

@@ -1,48 +1,32 @@
 """``import-ingress``: turn an ingress-nginx main Ingress and its canary Ingress into the
-canary-proxy ConfigMap that routes the same way. Pure: manifests in, ConfigMap text out.
+canary-proxy ConfigMaps that route the same way, one per route. Pure: manifests in,
+ConfigMap text out.
+
+The rules are Ingress mode's own (``ingress.routes_from_ingresses``): every rule path of the
+main Ingress, and its defaultBackend, is a route with its ``host`` and ``path`` keys; the
+canary Ingress attaches to the routes with the same host and path; the main Ingress's
+timeouts are carried. Two things differ, because the output is a ConfigMap for
+``serve --configmap``/``--configmap-selector`` rather than a live view of the cluster:
+Services are reached by their DNS name (the manifests need not be at hand, and a cluster IP
+in a file would go stale), and a backend that cannot be resolved is an error (exit 2).
 
 Everything that cannot be carried over is reported, never dropped silently.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ConfigError, parse_config
+from .ingress import BODY_SIZE, DEFAULT_PREFIX, IngressRoutes, routes_from_ingresses
 
-PREFIX = "nginx.ingress.kubernetes.io/"
-# ingress-nginx canary annotation -> our key. The names are the same on purpose.
-CARRIED = {
-    "canary-weight": "canary-weight",
-    "canary-weight-total": "canary-weight-total",
-    "canary-by-header": "canary-by-header",
-    "canary-by-header-value": "canary-by-header-value",
-    "canary-by-header-pattern": "canary-by-header-pattern",
-    "canary-by-cookie": "canary-by-cookie",
-}
-_REASONS = {
-    "affinity": "canary-proxy keeps users sticky with its own bucket cookie (sticky-cookie)",
-    "session-cookie-name": "canary-proxy keeps users sticky with its own bucket cookie (sticky-cookie)",
-    "session-cookie-max-age": "set sticky-max-age instead",
-    "session-cookie-expires": "set sticky-max-age instead",
-    "session-cookie-path": "the sticky cookie always has Path=/",
-    "mirror-target": (
-        "ingress-nginx mirrors to any URL; canary-proxy mirrors only to the canary: set "
-        "canary-mirror-percent (and canary-mirror-max-body) if that is what it was for"
-    ),
-    "mirror-request-body": "canary-proxy mirrors bodies up to canary-mirror-max-body (default 64KiB)",
-    "mirror-host": "a mirror copy keeps the request's Host and adds X-Canary-Mirror: 1",
-    "canary-by-header-value-pattern": (
-        "not an ingress-nginx annotation; did you mean canary-by-header-pattern?"
-    ),
-}
-_DEFAULT_REASON = (
-    "applies to the canary Ingress itself, which canary-proxy replaces; move it to the main "
-    "Ingress if it should apply to all traffic"
-)
+PREFIX = DEFAULT_PREFIX + "/"
+LABEL = "canary-proxy.io/import"  # every ConfigMap of one import: --configmap-selector LABEL=NAME
+_CLASS = "import-ingress"  # both Ingresses are claimed whatever their class
+_ERRORS = frozenset({"backend", "invalid"})  # reports that make the import fail (exit 2)
 
 
 class ImportError_(ValueError):
@@ -56,7 +40,7 @@ class ImportError_(ValueError):
 @dataclass
 class Result:
     namespace: str
-    data: dict[str, str]
+    routes: list[dict[str, str]]  # each route's ConfigMap data, in the main Ingress's order
     warnings: list[str] = field(default_factory=list)
 
 
@@ -71,129 +55,129 @@ def convert(
     mains, canaries = find(main_docs, "Ingress"), find(canary_docs, "Ingress")
     if len(mains) != 1 or len(canaries) != 1:
         raise ImportError_(["expected exactly one Ingress in each file (the main one, then the canary)"])
-    main, canary = mains[0], canaries[0]
-    if _annotations(main).get(PREFIX + "canary", "").lower() == "true":
+    if _is_canary(mains[0]):
         raise ImportError_(['the first Ingress is annotated canary: "true"; give the main Ingress first'])
-    if _annotations(canary).get(PREFIX + "canary", "").lower() != "true":
+    if not _is_canary(canaries[0]):
         raise ImportError_(['the second Ingress is not annotated nginx.ingress.kubernetes.io/canary: "true"'])
-    known_services = list(services or []) + find(main_docs, "Service") + find(canary_docs, "Service")
-    namespace = str(main.get("metadata", {}).get("namespace") or "default")
-    warnings: list[str] = []
-    data = {
-        "stable-url": _url(main, namespace, known_services, warnings, role="main"),
-        "canary-url": _url(canary, namespace, known_services, warnings, role="canary"),
-    }
-    data.update(_carry(canary, warnings))
-    _compare_hosts(main, canary, warnings)
-    try:
-        parse_config(data)
-    except ConfigError as exc:
-        raise ImportError_([f"the resulting config is invalid: {e}" for e in exc.errors]) from None
-    return Result(namespace, data, warnings)
+    namespace = str((mains[0].get("metadata") or {}).get("namespace") or "default")
+    main, canary = (_claimed(i, namespace) for i in (mains[0], canaries[0]))
+    given = list(services or []) + find(main_docs, "Service") + find(canary_docs, "Service")
+    known = _by_dns(given, namespace, [("main", main), ("canary", canary)])
+    result = routes_from_ingresses([main, canary], known, ingress_class=_CLASS)
+    errors = [r.message for r in result.reported if r.kind in _ERRORS]
+    if errors:
+        raise ImportError_(errors)
+    if not result.routes:
+        raise ImportError_(["the main Ingress has no backend"])
+    return Result(namespace, [dict(r.data) for r in result.routes], _warnings(result))
 
 
-def _annotations(ingress: Mapping[str, Any]) -> dict[str, str]:
-    return {str(k): str(v) for k, v in (ingress.get("metadata", {}).get("annotations") or {}).items()}
+def _is_canary(ingress: Mapping[str, Any]) -> bool:
+    annotations = (ingress.get("metadata") or {}).get("annotations") or {}
+    return str(annotations.get(PREFIX + "canary", "")).lower() == "true"
 
 
-def _carry(canary: Mapping[str, Any], warnings: list[str]) -> dict[str, str]:
-    data: dict[str, str] = {}
-    for key, value in sorted(_annotations(canary).items()):
-        if not key.startswith(PREFIX):
-            continue
-        name = key.removeprefix(PREFIX)
-        if name == "canary":
-            continue
-        if name in CARRIED:
-            data[CARRIED[name]] = value
-        else:
-            warnings.append(f"annotation {key}: not carried over: {_REASONS.get(name, _DEFAULT_REASON)}")
-    return data
-
-
-def _paths(ingress: Mapping[str, Any]) -> list[tuple[str, str, Mapping[str, Any]]]:
-    """(host, path, backend) for every rule path, then the default backend."""
-    spec = ingress.get("spec") or {}
-    found = []
+def _claimed(ingress: Mapping[str, Any], namespace: str) -> dict[str, Any]:
+    """A copy in ``networking.k8s.io/v1`` form, in the main Ingress's namespace, of our class."""
+    copied = copy.deepcopy(dict(ingress))
+    copied["metadata"] = {**(copied.get("metadata") or {}), "namespace": namespace}
+    spec = copied["spec"] = dict(copied.get("spec") or {})
+    spec["ingressClassName"] = _CLASS
+    if "backend" in spec:  # extensions/v1beta1
+        spec["defaultBackend"] = _v1_backend(spec.pop("backend"))
     for rule in spec.get("rules") or []:
         for path in (rule.get("http") or {}).get("paths") or []:
-            found.append((str(rule.get("host", "*")), str(path.get("path", "/")), path.get("backend") or {}))
-    default = spec.get("defaultBackend") or spec.get("backend")
-    if default:
-        found.append(("*", "(default backend)", default))
-    return found
+            path["backend"] = _v1_backend(path.get("backend") or {})
+    return copied
 
 
-def _url(
-    ingress: Mapping[str, Any],
-    namespace: str,
-    services: list[Mapping[str, Any]],
-    warnings: list[str],
-    *,
-    role: str,
-) -> str:
-    paths = _paths(ingress)
-    if not paths:
-        raise ImportError_([f"the {role} Ingress has no backend"])
-    host, path, backend = paths[0]
-    for extra_host, extra_path, extra in paths[1:]:
-        name, port = _service_ref(extra)
-        warnings.append(
-            f"{role} Ingress: rule {extra_host} {extra_path} -> {name}:{port} not carried over: "
-            f"canary-proxy fronts one stable and one canary Service (used {host} {path})"
-        )
-    name, port = _service_ref(backend)
-    if not name:
-        raise ImportError_(
-            [f"the {role} Ingress backend is not a Service (resource backends are not supported)"]
-        )
-    number = port if isinstance(port, int) else _resolve_port(name, str(port), namespace, services, role)
-    return f"http://{name}.{namespace}.svc.cluster.local:{number}"
+def _v1_backend(backend: Mapping[str, Any]) -> Mapping[str, Any]:
+    if "serviceName" not in backend:
+        return backend
+    port = backend.get("servicePort", "")
+    key = "number" if isinstance(port, int) or str(port).isdigit() else "name"
+    return {
+        "service": {"name": backend["serviceName"], "port": {key: int(port) if key == "number" else port}}
+    }
 
 
-def _service_ref(backend: Mapping[str, Any]) -> tuple[str, int | str]:
-    service = backend.get("service")
-    if isinstance(service, Mapping):  # networking.k8s.io/v1
-        port = service.get("port") or {}
-        return str(service.get("name", "")), port.get("number") or str(port.get("name", ""))
-    port = backend.get("servicePort", "")  # extensions/v1beta1
-    return str(backend.get("serviceName", "")), int(port) if str(port).isdigit() else str(port)
-
-
-def _resolve_port(name: str, port: str, namespace: str, services: list[Mapping[str, Any]], role: str) -> int:
-    for service in services:
+def _by_dns(
+    given: list[Mapping[str, Any]], namespace: str, ingresses: list[tuple[str, Mapping[str, Any]]]
+) -> list[Mapping[str, Any]]:
+    """The Services the Ingresses name, headless (so reached by DNS name); a numbered port
+    needs no manifest, a named one does."""
+    known: dict[str, dict[str, Any]] = {}
+    for service in given:
         meta = service.get("metadata") or {}
-        if meta.get("name") != name or str(meta.get("namespace") or namespace) != namespace:
-            continue
-        for entry in (service.get("spec") or {}).get("ports") or []:
-            if entry.get("name") == port and isinstance(entry.get("port"), int):
-                return int(entry["port"])
-    raise ImportError_(
-        [
-            f"the {role} Ingress uses the named port {port!r} of Service {name}, which cannot be "
-            f"resolved: pass the Service manifest too (--service FILE) or use a port number"
-        ]
-    )
+        if str(meta.get("namespace") or namespace) == namespace and meta.get("name"):
+            ports = (service.get("spec") or {}).get("ports") or []
+            known[str(meta["name"])] = _headless(str(meta["name"]), namespace, list(ports))
+    for role, ingress in ingresses:
+        for ref in _service_refs(ingress):
+            name, port = str(ref.get("name", "")), ref.get("port") or {}
+            number, port_name = port.get("number"), port.get("name")
+            if name in known and (number or any(p.get("name") == port_name for p in _ports(known[name]))):
+                continue
+            if number:
+                known.setdefault(name, _headless(name, namespace, []))["spec"]["ports"].append(
+                    {"port": number}
+                )
+            elif port_name:
+                raise ImportError_(
+                    [
+                        f"the {role} Ingress uses the named port {port_name!r} of Service {name}, "
+                        "which cannot be resolved: pass the Service manifest too (--service FILE) "
+                        "or use a port number"
+                    ]
+                )
+    return list(known.values())
 
 
-def _compare_hosts(main: Mapping[str, Any], canary: Mapping[str, Any], warnings: list[str]) -> None:
-    hosts = {p[0] for p in _paths(main)}, {p[0] for p in _paths(canary)}
-    if hosts[0] != hosts[1]:
+def _headless(name: str, namespace: str, ports: list[Any]) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": namespace}, "spec": {"clusterIP": "None", "ports": ports}}
+
+
+def _ports(service: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return list(service["spec"]["ports"])
+
+
+def _service_refs(ingress: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    spec = ingress.get("spec") or {}
+    backends = [
+        p.get("backend") or {}
+        for r in spec.get("rules") or []
+        for p in (r.get("http") or {}).get("paths") or []
+    ]
+    backends.append(spec.get("defaultBackend") or {})
+    return [b["service"] for b in backends if isinstance(b.get("service"), Mapping)]
+
+
+def _warnings(result: IngressRoutes) -> list[str]:
+    warnings = [r.message for r in result.reported]
+    warnings += [f"annotation {i.annotation}: not carried over: {i.reason}" for i in result.ignored]
+    if any(r.body_limit is not None for r in result.routes):
         warnings.append(
-            f"the Ingresses serve different hosts ({sorted(hosts[0])} vs {sorted(hosts[1])}); "
-            "canary-proxy splits whatever traffic the main Ingress sends it"
+            f"annotation {PREFIX}{BODY_SIZE}: not carried over: a route has no body limit of its own "
+            "yet; serve --max-body-size sets one for the whole proxy"
         )
+    return warnings
 
 
 def render(result: Result, *, name: str) -> str:
-    """The ConfigMap manifest; every string value double-quoted (so "yes" stays a string)."""
-    lines = [
-        "apiVersion: v1",
-        "kind: ConfigMap",
-        "metadata:",
-        f"  name: {json.dumps(name)}",
-        f"  namespace: {json.dumps(result.namespace)}",
-        "data:",
-    ]
-    lines += [f"  {key}: {json.dumps(value)}" for key, value in result.data.items()]
-    return "\n".join(lines) + "\n"
+    """One ConfigMap per route (``NAME`` for one, ``NAME-N`` for the Nth of several), every
+    string value double-quoted (so "yes" stays a string)."""
+    documents = []
+    for number, data in enumerate(result.routes, 1):
+        lines = [
+            "apiVersion: v1",
+            "kind: ConfigMap",
+            "metadata:",
+            f"  name: {json.dumps(name if len(result.routes) == 1 else f'{name}-{number}')}",
+            f"  namespace: {json.dumps(result.namespace)}",
+            "  labels:",
+            f"    {LABEL}: {json.dumps(name)}",
+            "data:",
+        ]
+        lines += [f"  {key}: {json.dumps(value)}" for key, value in data.items()]
+        documents.append("\n".join(lines) + "\n")
+    return "---\n".join(documents)

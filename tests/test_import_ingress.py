@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from canary_proxy.config import parse_config
+from canary_proxy.routes import parse_route
 
 
 def ingress(
@@ -65,6 +65,7 @@ def run(tmp_path: Path, main: list[Any], canary: list[Any], *args: str) -> subpr
 
 STABLE = "http://shop-v1.shop.svc.cluster.local:80"
 CANARY = "http://shop-v2.shop.svc.cluster.local:8080"
+WHERE = {"host": "shop.example.com", "path": "/", "path-type": "prefix"}  # issue #18: a route's keys
 
 CASES: list[tuple[str, dict[str, str], dict[str, str]]] = [
     ("weight", {"canary-weight": "10"}, {"canary-weight": "10"}),
@@ -94,10 +95,12 @@ def test_canary_annotations_map_to_config_keys(
     assert manifest["kind"] == "ConfigMap" and manifest["metadata"] == {
         "name": "canary-proxy",
         "namespace": "shop",
+        "labels": {"canary-proxy.io/import": "canary-proxy"},
     }
-    assert manifest["data"] == {"stable-url": STABLE, "canary-url": CANARY, **expected}
-    parse_config(manifest["data"])  # what it prints is a valid config
-    for line in result.stdout.splitlines()[6:]:
+    assert manifest["data"] == {**WHERE, "stable-url": STABLE, "canary-url": CANARY, **expected}
+    parse_route(manifest["data"], name="imported")  # what it prints is a valid route
+    lines = result.stdout.splitlines()
+    for line in lines[lines.index("data:") + 1 :]:
         assert line.split(": ", 1)[1].startswith('"'), line  # every string value quoted
     # the canary Ingress's own ssl-redirect is reported, never silently dropped
     assert "nginx.ingress.kubernetes.io/ssl-redirect: not carried over" in result.stderr
@@ -115,16 +118,45 @@ def test_named_ports_are_resolved_through_services_or_exit_2(tmp_path: Path) -> 
     assert yaml.safe_load(result.stdout)["data"]["stable-url"] == STABLE
 
 
-def test_extra_paths_affinity_and_host_mismatch_are_listed(tmp_path: Path) -> None:
+def test_every_path_is_a_route_and_a_canary_for_another_host_is_listed(tmp_path: Path) -> None:
+    # Issue #18: extra paths used to be listed as not carried over; each is now a ConfigMap.
     main = [ingress("shop", "shop-v1", 80, extra_paths=2)]
     sticky = {"canary-weight": "50", "affinity": "cookie", "session-cookie-name": "route"}
     canary = [ingress("shop-canary", "shop-v2", 8080, host="beta.example.com", canary=sticky)]
     result = run(tmp_path, main, canary)
     assert result.returncode == 0, result.stderr
-    assert result.stderr.count("rule shop.example.com /extra") == 2
+    manifests = list(yaml.safe_load_all(result.stdout))
+    assert [m["metadata"]["name"] for m in manifests] == [
+        "canary-proxy-1",
+        "canary-proxy-2",
+        "canary-proxy-3",
+    ]
+    assert [m["data"]["path"] for m in manifests] == ["/", "/extra0", "/extra1"]
+    for manifest in manifests:
+        assert manifest["metadata"]["labels"] == {"canary-proxy.io/import": "canary-proxy"}
+        assert manifest["data"]["canary-url"] == manifest["data"]["stable-url"] == STABLE
+    # the canary serves another host: it attaches to no route, and says so
+    assert "canary for host beta.example.com path / (prefix): no main Ingress" in result.stderr
     assert "nginx.ingress.kubernetes.io/affinity: not carried over" in result.stderr
     assert "session-cookie-name: not carried over" in result.stderr
-    assert "different hosts" in result.stderr
+
+
+def test_the_main_ingress_annotations_are_carried_or_listed(tmp_path: Path) -> None:
+    main = ingress("shop", "shop-v1", 80)
+    main["metadata"]["annotations"].update(
+        {
+            "nginx.ingress.kubernetes.io/proxy-read-timeout": "120",
+            "nginx.ingress.kubernetes.io/proxy-connect-timeout": "5",
+            "nginx.ingress.kubernetes.io/proxy-body-size": "8m",
+            "nginx.ingress.kubernetes.io/configuration-snippet": "more_set_headers 'X-A: b';",
+        }
+    )
+    result = run(tmp_path, [main], [ingress("c", "shop-v2", 8080, canary={"canary-weight": "5"})])
+    assert result.returncode == 0, result.stderr
+    data = yaml.safe_load(result.stdout)["data"]
+    assert data["upstream-timeout"] == "120" and data["upstream-connect-timeout"] == "5"
+    assert "configuration-snippet: not carried over: never executed" in result.stderr
+    assert "proxy-body-size: not carried over" in result.stderr and "--max-body-size" in result.stderr
 
 
 def test_legacy_v1beta1_ingresses_and_custom_name(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""``canary-proxy import-ingress MAIN.yaml CANARY.yaml``: print the equivalent ConfigMap.
+"""``canary-proxy import-ingress MAIN.yaml CANARY.yaml``: print the equivalent ConfigMaps,
+one per route (a multi-document YAML stream).
 
 Exit codes: 0 printed (anything not carried over is listed on stderr), 2 the manifests
 cannot be read or converted (e.g. a named port that no given Service resolves).
@@ -19,12 +20,15 @@ from ..runner import Exit, fail, print_errors
 def add_commands(sub: Any) -> None:
     parser = sub.add_parser(
         "import-ingress",
-        help="convert an ingress-nginx main + canary Ingress into a canary-proxy ConfigMap",
+        help="convert an ingress-nginx main + canary Ingress into canary-proxy ConfigMaps, one per route",
     )
     parser.add_argument("main", metavar="MAIN.yaml", help="the main Ingress (may also hold its Services)")
     parser.add_argument("canary", metavar="CANARY.yaml", help='the Ingress annotated canary: "true"')
     parser.add_argument(
-        "--name", default="canary-proxy", metavar="NAME", help="the ConfigMap's name [default: canary-proxy]"
+        "--name",
+        default="canary-proxy",
+        metavar="NAME",
+        help="the ConfigMap's name (NAME-N for the Nth of several routes) [default: canary-proxy]",
     )
     parser.add_argument(
         "--service",
