@@ -8,8 +8,9 @@ The rules, in the order they apply:
 
 1. **Claimed**: an Ingress whose ``spec.ingressClassName`` or legacy
    ``kubernetes.io/ingress.class`` annotation is the class; all others are not looked at.
-2. **Main Ingresses first**, oldest first (``creationTimestamp``, then namespace/name, as
-   ingress-nginx resolves duplicates): every rule's host and path becomes a route
+2. **Main Ingresses first**, oldest first: by ``creationTimestamp``, and at the same second
+   by ``NAMESPACE/NAME`` in *descending* order, exactly as ingress-nginx's
+   ``sortIngressSlice`` does (``in > jn``). Every rule's host and path becomes a route
    (``Prefix``; ``Exact``; ``ImplementationSpecific`` as ``Prefix``), and
    ``spec.defaultBackend`` the catch-all (any host, prefix ``/``). A later route with the
    same host, path and type is reported as a conflict and not served.
@@ -50,6 +51,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Final
 
 from .config import DECLARATIONS, ConfigError
@@ -106,6 +108,7 @@ _REASONS: Final = {
 _DEFAULT_REASON = "not supported by canary-proxy"
 _INHERITED = "on a canary Ingress it is inherited from the main Ingress, as in ingress-nginx"
 
+_PARSE_BOOL_TRUE: Final = frozenset({"1", "t", "true"})  # Go's strconv.ParseBool, lower-cased
 _SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)\s*$")
 _SIZE_UNITS: Final = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -191,14 +194,14 @@ def routes_from_ingresses(
     """The routes the claimed Ingresses describe (see the module docstring for the rules)."""
     prefix = annotation_prefix.rstrip("/") + "/"
     by_service = {_key(s): s for s in services if isinstance(s, Mapping)}
-    claimed = sorted((i for i in ingresses if isinstance(i, Mapping) and _claims(i, ingress_class)), key=_age)
+    claimed = _oldest_first(i for i in ingresses if isinstance(i, Mapping) and _claims(i, ingress_class))
     state = _State(prefix, by_service)
     mains = [i for i in claimed if not _is_canary(i, prefix)]
     canaries = [i for i in claimed if _is_canary(i, prefix)]
-    for ingress in mains:
-        state.guarded(state.add_main, ingress)
+    for rank, ingress in enumerate(mains):
+        state.guarded(ingress, partial(state.add_main, ingress, rank))
     for ingress in canaries:
-        state.guarded(state.add_canary, ingress)
+        state.guarded(ingress, partial(state.add_canary, ingress))
     return state.result()
 
 
@@ -229,10 +232,10 @@ class _State:
     reported: list[Report] = field(default_factory=list)
     ignored: dict[tuple[str, str], Ignored] = field(default_factory=dict)
 
-    def guarded(self, add: Callable[[Mapping[str, Any]], None], ingress: Mapping[str, Any]) -> None:
+    def guarded(self, ingress: Mapping[str, Any], add: Callable[[], None]) -> None:
         """One malformed Ingress (a list where the API has a mapping) is reported, not raised."""
         try:
-            add(ingress)
+            add()
         except (AttributeError, TypeError, ValueError) as exc:
             namespace, name = _key(ingress)
             self.report("invalid", f"{namespace}/{name}", f"malformed Ingress: {exc}")
@@ -245,7 +248,8 @@ class _State:
 
     # -- main Ingresses --------------------------------------------------------------------
 
-    def add_main(self, ingress: Mapping[str, Any]) -> None:
+    def add_main(self, ingress: Mapping[str, Any], rank: int) -> None:
+        """``rank``: the Ingress's place, oldest first; its routes' ``order`` in a RouteTable."""
         namespace, name = _key(ingress)
         where = f"{namespace}/{name}"
         carried, body_limit = self._main_annotations(ingress, where)
@@ -271,7 +275,7 @@ class _State:
                 )
                 continue
             self.drafts[key] = _Draft(
-                route_name, (*_age(ingress), number), namespace, name, host, path, path_type,
+                route_name, (rank, number), namespace, name, host, path, path_type,
                 stable, raw, body_limit,
             )  # fmt: skip
 
@@ -480,10 +484,11 @@ def _key(obj: Mapping[str, Any]) -> tuple[str, str]:
     return str(meta.get("namespace") or "default"), str(meta.get("name") or "")
 
 
-def _age(ingress: Mapping[str, Any]) -> tuple[str, str, str]:
-    """Oldest first: creationTimestamp (RFC 3339 in UTC, so it sorts as text), then name."""
-    namespace, name = _key(ingress)
-    return (str(_metadata(ingress).get("creationTimestamp") or ""), namespace, name)
+def _oldest_first(ingresses: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """By creationTimestamp (RFC 3339 in UTC, so it sorts as text), then NAMESPACE/NAME
+    descending, as ingress-nginx's sortIngressSlice orders Ingresses of the same second."""
+    by_name = sorted(ingresses, key=lambda i: "/".join(_key(i)), reverse=True)
+    return sorted(by_name, key=lambda i: str(_metadata(i).get("creationTimestamp") or ""))
 
 
 def _claims(ingress: Mapping[str, Any], ingress_class: str) -> bool:
@@ -494,7 +499,7 @@ def _claims(ingress: Mapping[str, Any], ingress_class: str) -> bool:
 
 def _is_canary(ingress: Mapping[str, Any], prefix: str) -> bool:
     value = (_metadata(ingress).get("annotations") or {}).get(prefix + "canary")
-    return str(value).strip().lower() == "true"
+    return str(value).strip().lower() in _PARSE_BOOL_TRUE
 
 
 def _paths(ingress: Mapping[str, Any]) -> list[tuple[str, str, str, Mapping[str, Any]]]:

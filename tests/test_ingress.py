@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from canary_proxy.ingress import IngressRoute, IngressRoutes, parse_nginx_size, routes_from_ingresses
+from canary_proxy.routes import RouteTable
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ingress"
 P = "nginx.ingress.kubernetes.io/"
@@ -266,15 +267,16 @@ def test_a_custom_annotation_prefix() -> None:
     assert route.route.config.canary_weight == 30
 
 
-def test_the_oldest_ingress_wins_a_conflict_then_the_name() -> None:
+def test_the_oldest_ingress_wins_a_conflict_as_in_ingress_nginx() -> None:
     young = ingress("a-young", created="2026-03-01T00:00:00Z")
     old = ingress("z-old", svc="web-canary", created="2026-02-01T00:00:00Z")
     result = routes_from_ingresses([young, old], SERVICES)
     assert only(result).ingress == "z-old"
     [report] = result.reported
     assert (report.kind, report.ingress) == ("conflict", "shop/a-young")
-    same_time = routes_from_ingresses([ingress("b"), ingress("a", svc="web-canary")], SERVICES)
-    assert only(same_time).ingress == "a" and same_time.reported[0].ingress == "shop/b"
+    # the same second: ingress-nginx's sortIngressSlice puts the greater NAMESPACE/NAME first
+    same_time = routes_from_ingresses([ingress("a"), ingress("b", svc="web-canary")], SERVICES)
+    assert only(same_time).ingress == "b" and same_time.reported[0].ingress == "shop/a"
 
 
 def test_a_second_canary_is_reported_not_merged() -> None:
@@ -380,3 +382,33 @@ def test_unreachable_backends_are_reported_and_the_rest_served() -> None:
     assert "Service shop/nope not found" in messages["shop/missing"]
     assert "no port 'grpc'" in messages["shop/port"]
     assert "malformed" in messages["shop/broken"]
+
+
+def test_argo_copies_whole_rules_so_other_services_paths_are_no_canary() -> None:
+    main = ingress("shop", paths=[("/", "Prefix")])
+    main["spec"]["rules"][0]["http"]["paths"].append(
+        {"path": "/docs", "pathType": "Prefix", "backend": backend("docs", 80)}
+    )
+    can = copy.deepcopy(main)  # buildCanaryIngress: the rule with the stable Service, switched
+    can["metadata"] |= {
+        "name": "r-shop-canary",
+        "annotations": {P + "canary": "True", P + "canary-weight": "40"},
+    }
+    can["spec"]["rules"][0]["http"]["paths"][0]["backend"] = backend("web-canary", 80)
+    result = routes_from_ingresses([main, can], [*SERVICES, service("docs", {"http": 80}, ip="10.0.0.3")])
+    assert result.reported == ()
+    web, docs = result.routes
+    assert web.canary_ingress == "r-shop-canary" and web.route.config.canary_weight == 40
+    assert docs.canary is None and docs.route.config.canary.url == "http://10.0.0.3:80"
+
+
+def test_the_routes_fit_one_route_table_in_their_order() -> None:
+    ingresses = [
+        ingress("b", host="b.example.com"),
+        ingress("a", host="a.example.com", created="2025-01-01T00:00:00Z"),
+    ]
+    result = routes_from_ingresses(ingresses, SERVICES)
+    table = RouteTable((r.route, r) for r in result.routes)
+    assert table.conflicts == () and [r.ingress for r in result.routes] == ["a", "b"]
+    found = table.lookup(b"b.example.com", b"/x")
+    assert found is not None and found[1].ingress == "b"
