@@ -13,6 +13,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+
+from canary_proxy.metrics import Metrics
+from canary_proxy.rollout.analysis import Window
+from canary_proxy.rollout.sources import PrometheusSource
 
 from .conftest import Backend, ProxyFactory, ProxyProcess, base_config
 from .rollouts import FAST, LATENCY, file_state, rollout, traffic
@@ -56,6 +62,13 @@ async def proxy(backends: tuple[Backend, Backend], proxy_factory: ProxyFactory) 
 
 @pytest.fixture
 async def prometheus(proxy: ProxyProcess, tmp_path: Path) -> AsyncIterator[str]:
+    async with run_prometheus(proxy.admin_url.removeprefix("http://"), tmp_path) as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def run_prometheus(target: str, tmp_path: Path) -> AsyncIterator[str]:
+    """A real Prometheus scraping ``target`` (HOST:PORT, path /metrics) every second."""
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.fail(
@@ -63,7 +76,7 @@ async def prometheus(proxy: ProxyProcess, tmp_path: Path) -> AsyncIterator[str]:
             "(apt-get install -y prometheus, as scripts/bootstrap does); this test must not be skipped"
         )
     config = tmp_path / "prometheus.yml"
-    write_prometheus_config(config, proxy.admin_url.removeprefix("http://"))
+    write_prometheus_config(config, target)
     address = f"127.0.0.1:{free_port()}"
     process = await asyncio.create_subprocess_exec(
         binary,
@@ -137,3 +150,66 @@ async def test_a_mirror_step_with_prometheus_judges_the_copies(
         analysis["canary"]["p99"] is not None and "canary judged on its mirrored copies" in analysis["notes"]
     )
     assert load.versions.keys() == {"stable"}
+
+
+# -- two routes on one proxy: PromQL reads one route's series only -------------------------------
+
+# Route names are any string: these two need escaping in PromQL (and in the exposition).
+OURS = 'shop/"cart"\\v2'
+THEIRS = "shop/checkout"
+
+
+@pytest.fixture
+async def two_routes() -> AsyncIterator[str]:
+    """A /metrics page from the proxy's own collectors, growing at each scrape: ``OURS`` healthy
+    (canary, stable and mirrored copies: 20 requests of 20 ms each), ``THEIRS`` with a canary
+    and copies that fail every request after 5 s, plus requests no route took."""
+    metrics = Metrics(registry := CollectorRegistry())
+    for route in (OURS, THEIRS):
+        metrics.init_data_plane(route)
+
+    async def page(request: web.Request) -> web.Response:
+        for _ in range(20):
+            metrics.count_request(OURS, "stable", 200, "GET", 0.02)
+            metrics.count_request(OURS, "canary", 200, "GET", 0.02)
+            metrics.count_mirror(OURS, "200", 0.02)
+            metrics.count_request(THEIRS, "canary", 503, "GET", 5.0)
+            metrics.count_mirror(THEIRS, "timeout", 5.0)
+            metrics.count_rejected(404, "GET")
+        return web.Response(body=generate_latest(registry), content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/metrics", page)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def sample_when_counted(source: PrometheusSource, timeout: float = 15) -> Window:
+    """Sample until ``increase()`` has two scrapes of the canary to compare (polled: bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        window = await source.sample(10)
+        if window.canary.requests > 0 and window.canary.p99 is not None:
+            return window
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no canary requests in prometheus after {timeout}s: {window}")
+        await asyncio.sleep(0.2)
+
+
+async def test_prometheus_reads_one_routes_series(two_routes: str, tmp_path: Path) -> None:
+    async with run_prometheus(two_routes, tmp_path) as url, aiohttp.ClientSession() as session:
+        ours = await sample_when_counted(PrometheusSource(url, session, mirror=True, route=OURS))
+        theirs = await sample_when_counted(PrometheusSource(url, session, mirror=True, route=THEIRS))
+    assert ours.mirror is not None and theirs.mirror is not None
+    for stats in (ours.canary, ours.stable, ours.mirror):
+        assert stats.requests > 0 and stats.errors == 0, ours
+        assert stats.p99 is not None and stats.p99 <= 0.025, ours  # none of theirs at 5 s
+    # Each query extrapolates at its own instant: every request failed, give or take that.
+    assert theirs.canary.errors == pytest.approx(theirs.canary.requests, rel=0.1), theirs
+    assert theirs.mirror.errors == pytest.approx(theirs.mirror.requests, rel=0.1), theirs
+    assert theirs.stable.requests == 0 and theirs.canary.p99 is not None and theirs.canary.p99 > 2.5

@@ -1,17 +1,22 @@
 """Metric sources for the analysis: PromQL over Prometheus' HTTP API, or the proxies' own /metrics.
 
-Both answer ``sample(window) -> Window`` from the proxy's per-version series
-``canary_proxy_requests_total{version,code,method}`` and
-``canary_proxy_request_duration_seconds_bucket{version,le}``, so traffic routed by header or
-cookie counts for the version that served it, exactly like weighted traffic. Asked for the
-mirror too (a plan with ``mirror`` steps), they add the copies' stats from
-``canary_proxy_mirror_requests_total{code}`` (``error`` and ``timeout`` count as 5xx) and
-``canary_proxy_mirror_request_duration_seconds_bucket{le}``.
+Both answer ``sample(window) -> Window`` for one route from the proxy's per-version series
+``canary_proxy_requests_total{route,version,code,method}`` and
+``canary_proxy_request_duration_seconds_bucket{route,version,le}``, so traffic routed by
+header or cookie counts for the version that served it, exactly like weighted traffic. Asked
+for the mirror too (a plan with ``mirror`` steps), they add the copies' stats from
+``canary_proxy_mirror_requests_total{route,code}`` (``error`` and ``timeout`` count as 5xx)
+and ``canary_proxy_mirror_request_duration_seconds_bucket{route,le}``.
+
+One proxy serves many routes, each its own stable/canary pair, and a rollout drives one of
+them: every series is read for ``route`` only, so another route's errors or latency never
+count for (or against) this canary.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -20,7 +25,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..router import CANARY, STABLE
+from ..router import CANARY, DEFAULT_ROUTE, STABLE, UNROUTED
 from .analysis import SourceError, VersionStats, Window, histogram_quantile
 
 MIRROR = "mirror"  # the pseudo-version the mirror's series are filed under
@@ -35,24 +40,39 @@ QUANTILE = 0.99
 # -- Prometheus ---------------------------------------------------------------------------------
 
 
-def promql(window: float) -> dict[str, str]:
-    """The three queries of one check, over a ``window``-second range."""
+def promql_string(value: str) -> str:
+    """``value`` as a double-quoted PromQL string literal (a route name is any string).
+
+    PromQL unquotes a string as Go does, and every escape JSON writes (before a quote, a
+    backslash or a control character) is one of Go's. Non-ASCII stays UTF-8: JSON would
+    write a character outside the BMP as a surrogate pair, which Go refuses.
+    """
+    return json.dumps(value, ensure_ascii=False)
+
+
+def promql(window: float, *, route: str = DEFAULT_ROUTE) -> dict[str, str]:
+    """The three queries of one check of ``route``, over a ``window``-second range."""
     w = f"{max(1, round(window * 1000))}ms"
+    r = f"route={promql_string(route)}"
     return {
-        "requests": f"sum by (version) (increase({REQUESTS}[{w}]))",
-        "errors": f'sum by (version) (increase({REQUESTS}{{code=~"5.."}}[{w}]))',
-        "p99": f"histogram_quantile({QUANTILE}, sum by (version, le) (rate({BUCKETS}[{w}])))",
+        "requests": f"sum by (version) (increase({REQUESTS}{{{r}}}[{w}]))",
+        "errors": f'sum by (version) (increase({REQUESTS}{{{r}, code=~"5.."}}[{w}]))',
+        "p99": f"histogram_quantile({QUANTILE}, sum by (version, le) (rate({BUCKETS}{{{r}}}[{w}])))",
     }
 
 
-def mirror_promql(window: float) -> dict[str, str]:
+def mirror_promql(window: float, *, route: str = DEFAULT_ROUTE) -> dict[str, str]:
     """The mirror's three queries, labelled ``version="mirror"`` to share the vector parsing."""
     w = f"{max(1, round(window * 1000))}ms"
+    r = f"route={promql_string(route)}"
     tag = 'label_replace({q}, "version", "mirror", "", "")'
+    failed = "|".join(("5..", *MIRROR_FAILED))
     return {
-        "requests": tag.format(q=f"sum(increase({MIRROR_REQUESTS}[{w}]))"),
-        "errors": tag.format(q=f'sum(increase({MIRROR_REQUESTS}{{code=~"5..|error|timeout"}}[{w}]))'),
-        "p99": tag.format(q=f"histogram_quantile({QUANTILE}, sum by (le) (rate({MIRROR_BUCKETS}[{w}])))"),
+        "requests": tag.format(q=f"sum(increase({MIRROR_REQUESTS}{{{r}}}[{w}]))"),
+        "errors": tag.format(q=f'sum(increase({MIRROR_REQUESTS}{{{r}, code=~"{failed}"}}[{w}]))'),
+        "p99": tag.format(
+            q=f"histogram_quantile({QUANTILE}, sum by (le) (rate({MIRROR_BUCKETS}{{{r}}}[{w}])))"
+        ),
     }
 
 
@@ -63,15 +83,23 @@ class PrometheusSource:
     second scrape, as ``increase()`` always does: detection may lag one scrape interval.
     """
 
-    def __init__(self, url: str, session: aiohttp.ClientSession, *, mirror: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        session: aiohttp.ClientSession,
+        *,
+        mirror: bool = False,
+        route: str = DEFAULT_ROUTE,
+    ) -> None:
         self.url = url.rstrip("/") + "/api/v1/query"
         self._session = session
         self._mirror = mirror
+        self.route = route
 
     async def sample(self, window: float) -> Window:
-        queries = list(promql(window).values())
+        queries = list(promql(window, route=self.route).values())
         if self._mirror:
-            queries += mirror_promql(window).values()
+            queries += mirror_promql(window, route=self.route).values()
         answers = await asyncio.gather(*(self._query(q) for q in queries))
         # requests, errors, p99 (then the mirror's, under version "mirror"): merge every third.
         requests, errors, p99 = ({k: v for a in answers[i::3] for k, v in a.items()} for i in range(3))
@@ -113,18 +141,33 @@ def _stats(
 
 # -- scraping the proxies -------------------------------------------------------------------------
 
-# One scrape, flattened: (kind, version, code or le) -> value, for kind "requests" or "bucket";
-# the mirror's series are filed under the version MIRROR.
+# One scrape of one route, flattened: (kind, version, code or le) -> value, for kind "requests"
+# or "bucket"; the mirror's series are filed under the version MIRROR.
 Series = dict[tuple[str, str, str], float]
+READ = frozenset({REQUESTS, BUCKETS, MIRROR_REQUESTS, MIRROR_BUCKETS})
+SHOWN_ROUTES = 10  # at most this many of the routes a scrape has, named when ours is missing
 
 
-def parse_scrape(text: str) -> Series:
-    """The request counters and latency buckets of one /metrics page."""
+def parse_scrape(text: str, *, route: str = DEFAULT_ROUTE) -> Series:
+    """The request counters and latency buckets of ``route`` on one /metrics page.
+
+    A proxy creates a route's latency buckets at zero as soon as it serves the route, so a
+    page without any series of ``route`` means a wrong ``--route`` (or a replica that has not
+    loaded the route yet): SourceError, naming the routes the page does have.
+    """
     series: Series = defaultdict(float)
+    seen: set[str] = set()
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
+                if sample.name not in READ:
+                    continue
                 labels = sample.labels
+                name = labels.get("route")  # none on a proxy from before routes
+                if name is not None:
+                    seen.add(name)
+                if name != route:
+                    continue
                 if sample.name == REQUESTS:
                     series["requests", labels["version"], labels["code"]] += sample.value
                 elif sample.name == BUCKETS:
@@ -135,6 +178,10 @@ def parse_scrape(text: str) -> Series:
                     series["bucket", MIRROR, labels["le"]] += sample.value
     except (ValueError, KeyError, IndexError) as exc:
         raise SourceError(f"unparseable metrics: {exc}") from exc
+    if route not in seen:
+        routes = sorted(seen - {UNROUTED})
+        shown = ", ".join(routes[:SHOWN_ROUTES]) + (", ..." if len(routes) > SHOWN_ROUTES else "")
+        raise SourceError(f"no series of route {route!r} (routes on this page: {shown or 'none'})")
     return dict(series)
 
 
@@ -184,11 +231,14 @@ class ScrapeSource:
     is inconclusive, never judged on part of the fleet) and that URL starts a new baseline.
     """
 
-    def __init__(self, urls: Sequence[str], session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, urls: Sequence[str], session: aiohttp.ClientSession, *, route: str = DEFAULT_ROUTE
+    ) -> None:
         if not urls:
             raise ValueError("at least one metrics URL")
         self.urls = list(urls)
         self._session = session
+        self.route = route
         self._last: dict[str, Series] = {}
 
     async def sample(self, window: float) -> Window:
@@ -217,4 +267,7 @@ class ScrapeSource:
                 text = await response.text()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise SourceError(f"{url}: {type(exc).__name__}: {exc}") from exc
-        return parse_scrape(text)
+        try:
+            return parse_scrape(text, route=self.route)
+        except SourceError as exc:
+            raise SourceError(f"{url}: {exc}") from None
