@@ -16,7 +16,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from ..config import ConfigError, parse_config
+from ..config import ConfigError
+from ..router import DEFAULT_ROUTE
+from ..routes import parse_route
 from .analysis import MetricSource, SourceError, Verdict, Window, unavailable, verdict
 from .decide import (
     EXIT_ROLLED_BACK,
@@ -94,7 +96,9 @@ class Controller:
         for _ in range(5):  # a concurrent write (e.g. a promote) makes us decide again
             stored = await self.store.load()
             try:
-                parse_config(stored.data)  # the proxies would reject every weight we wrote
+                # Else the proxies would reject every weight we wrote. As a route: the
+                # ConfigMap of one route also holds its name, host and path.
+                parse_route(stored.data, name=DEFAULT_ROUTE)
             except ConfigError as exc:
                 raise Invalid(f"{self.store.description}: invalid config: {'; '.join(exc.errors)}") from None
             current = decode_or_blank(stored.annotations) if restart else decode(stored.annotations)
