@@ -192,6 +192,7 @@ async def test_with_two_routes_a_selector_picks_the_route_charted(
         await asyncio.to_thread(browser.get, proxy.admin_url + "/")
         await wait_for(browser, charted("shop", "stable"), what="shop's stable charted")  # the first
         await wait_for(browser, text_of("weight", "0%"), what="shop's weight")
+        await wait_for(browser, text_of("phase", "\u2013"), what="no claim about shop's rollout")
         picker = await asyncio.to_thread(lambda: browser.find_element(By.ID, "route"))
         assert await asyncio.to_thread(lambda: picker.is_displayed())
         names = await asyncio.to_thread(lambda: [o.text for o in Select(picker).options])

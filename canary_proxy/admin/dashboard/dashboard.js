@@ -82,13 +82,20 @@
   const pct = (v) => (v == null ? "n/a" : (v * 100).toFixed(2) + "%");
   const ms = (v) => (v == null ? "n/a" : (v * 1000).toFixed(1) + "ms");
 
-  function showRollout(rollout) {
+  function showRollout(rollout, several) {
     const box = $("analysis");
     const a = rollout && rollout.phase ? rollout.lastAnalysis : null;
     if (!a) {
       // Never another route's (or an earlier rollout's) analysis.
       box.replaceChildren("no analysis yet");
       box.className = "muted";
+    }
+    if (!rollout && several) {
+      // /stats reports the rollout of a lone route only: say so rather than "no rollout".
+      text($("phase"), "–");
+      text($("step"), "–");
+      $("message").textContent = "One route of several: its rollout is not shown here (canary-proxy status shows it).";
+      return;
     }
     if (!rollout || !rollout.phase) {
       text($("phase"), rollout && rollout.error ? "unreadable" : "no rollout");
@@ -174,7 +181,7 @@
     const w = stats.weight;
     text($("weight"), w ? `${w.percent}%` : "no config");
     $("weight").title = w ? `canary-weight ${w.weight} of ${w.total}` : "";
-    showRollout(stats.rollout);
+    showRollout(stats.rollout, (stats.routes || []).length > 1);
     showDecisions(stats.decisions);
     const config = stats.config || {};
     $("config").textContent = Object.entries(config)
