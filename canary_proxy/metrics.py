@@ -156,8 +156,13 @@ class Metrics:
         self._duration_by: dict[tuple[str, str], Histogram] = {}
         self._decisions_by: dict[tuple[str, str, str], Counter] = {}
 
-    def init_data_plane(self, route: str = DEFAULT_ROUTE) -> None:
-        """Create a route's per-version series at zero so rate() works from the first scrape."""
+    def init_data_plane(self, route: str | None = DEFAULT_ROUTE) -> None:
+        """Create a route's per-version series at zero so rate() works from the first scrape
+        (None: only the series of no route; the proxy adds each route's as it loads it)."""
+        for reason in MIRROR_SKIP_REASONS:
+            self.mirror_skipped.labels(reason)
+        if route is None:
+            return
         for version in VERSIONS:
             self.duration.labels(route, version)
             self.in_flight.labels(route, version)
@@ -165,8 +170,6 @@ class Metrics:
             self.decisions.labels(route, version, "weight")
         self.outlier_ejections.labels(route)
         self.mirror_duration.labels(route)
-        for reason in MIRROR_SKIP_REASONS:
-            self.mirror_skipped.labels(reason)
 
     def init_control_plane(self) -> None:
         for result in ("success", "failure"):

@@ -238,12 +238,16 @@ class ProxyProcess:
 
 
 async def stats_until(
-    proxy: ProxyProcess, check: Callable[[dict[str, Any]], bool], timeout: float = 10
+    proxy: ProxyProcess,
+    check: Callable[[dict[str, Any]], bool],
+    timeout: float = 10,
+    *,
+    path: str = "/stats",
 ) -> dict[str, Any]:
     """Poll /stats (one new point a second) until ``check`` holds, bounded."""
     deadline = time.monotonic() + timeout
     while True:
-        stats: dict[str, Any] = await proxy.admin_json("/stats")
+        stats: dict[str, Any] = await proxy.admin_json(path)
         if check(stats):
             return stats
         if time.monotonic() > deadline:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from canary_proxy.rollout.state import RolloutState, encode
 
@@ -143,6 +144,8 @@ async def test_the_dashboard_charts_both_versions_and_follows_the_weight(
         assert "canary-weight: 60" in config_text and f'stable-url: "{stable.url}"' in config_text
         decisions = await asyncio.to_thread(lambda: browser.find_element(By.ID, "decisions").text)
         assert "weight" in decisions
+        picker = await asyncio.to_thread(lambda: browser.find_element(By.ID, "route-picker").is_displayed())
+        assert picker is False  # one route: nothing to pick
 
         ARTIFACTS.mkdir(exist_ok=True)
         shot = ARTIFACTS / "dashboard.png"
@@ -150,3 +153,61 @@ async def test_the_dashboard_charts_both_versions_and_follows_the_weight(
     assert shot.stat().st_size > 10_000
     if os.environ.get("CANARY_PROXY_UPDATE_DOCS"):  # refresh the README's picture on purpose only
         shutil.copyfile(shot, DOCS / "dashboard.png")
+
+
+# The route charted, and whether each version of its requests chart ever had traffic.
+CHARTED = """
+const d = window.dashboard;
+if (!d || !d.stats) return null;
+const r = d.charts.requests.data;
+const some = (xs) => xs.some((v) => v != null && v > 0);
+return {route: d.stats.route, stable: some(r[1]), canary: some(r[2]), points: r[0].length};
+"""
+
+
+async def test_with_two_routes_a_selector_picks_the_route_charted(
+    backends: tuple[Backend, Backend], proxy_factory: ProxyFactory, browser: Any, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    stable, canary = backends
+    config = tmp_path / "routes.yaml"
+    shop = {**base_config(stable, canary, canary_weight=0), "name": "shop", "host": "shop.example"}
+    blog = {**base_config(stable, canary, canary_weight=100), "name": "blog", "host": "blog.example"}
+    config.write_text(yaml.safe_dump_all([shop, blog]))
+    proxy = await proxy_factory(None, "--access-log", "off", config_path=config)
+
+    def charted(route: str, version: str) -> Callable[[Any], bool]:
+        def check(d: Any) -> bool:
+            now = d.execute_script(CHARTED)
+            return bool(now and now["route"] == route and now["points"] >= 2 and now[version])
+
+        return check
+
+    async with (
+        traffic(proxy.url, concurrency=2, headers={"Host": "shop.example"}),
+        traffic(proxy.url, concurrency=2, headers={"Host": "blog.example"}),
+    ):
+        await asyncio.to_thread(browser.get, proxy.admin_url + "/")
+        await wait_for(browser, charted("shop", "stable"), what="shop's stable charted")  # the first
+        await wait_for(browser, text_of("weight", "0%"), what="shop's weight")
+        await wait_for(browser, text_of("phase", "\u2013"), what="no claim about shop's rollout")
+        picker = await asyncio.to_thread(lambda: browser.find_element(By.ID, "route"))
+        assert await asyncio.to_thread(lambda: picker.is_displayed())
+        names = await asyncio.to_thread(lambda: [o.text for o in Select(picker).options])
+        assert names == ["shop", "blog"]
+        shown = await asyncio.to_thread(browser.execute_script, CHARTED)
+        assert not shown["canary"], shown  # weight 0: only blog's requests reach a canary
+
+        await asyncio.to_thread(lambda: Select(picker).select_by_visible_text("blog"))
+        await wait_for(browser, charted("blog", "canary"), what="blog's canary charted")
+        await wait_for(browser, text_of("weight", "100%"), what="blog's weight")
+        shown = await asyncio.to_thread(browser.execute_script, CHARTED)
+        assert not shown["stable"], shown  # blog's own series: its stable served nothing
+        config_text = await asyncio.to_thread(lambda: browser.find_element(By.ID, "config").text)
+        assert "canary-weight: 100" in config_text
+
+        await asyncio.to_thread(browser.refresh)  # the choice is in the page's URL
+        await wait_for(browser, charted("blog", "canary"), what="blog still charted after a reload")
+        assert (await asyncio.to_thread(lambda: browser.current_url)).endswith("/?route=blog")

@@ -21,11 +21,11 @@ SPEED = "2.5"  # about 25 s for a promotion, 12 s for a rollback
 ANSI = re.compile(r"\x1b\[")
 
 
-async def run_demo(*args: str, timeout: float = 75) -> tuple[int, list[str], str, float]:
+async def run_demo(*args: str, timeout: float = 75, speed: str = SPEED) -> tuple[int, list[str], str, float]:
     """(exit code, stdout lines, stderr, seconds)."""
     started = time.monotonic()
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "canary_proxy", "demo", "--speed", SPEED, *args,
+        sys.executable, "-m", "canary_proxy", "demo", "--speed", speed, *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, "TERM": "xterm"},
     )  # fmt: skip
     try:
@@ -102,6 +102,41 @@ async def test_a_bad_canary_is_caught_and_rolled_back(mode: str, failing: str) -
     assert len(rolled) == 1 and "2 consecutive failed checks" in rolled[0] and "step 3/5 (25%)" in rolled[0]
     assert not any("now at step 4/5" in e for e in happened)
     assert lines[-1] == "result: rolled back (exit 1)"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("bad", "outcomes", "code"),
+    [([], ("promoted", "promoted"), 0), (["--bad-canary", "errors"], ("rolled back", "promoted"), 1)],
+    ids=["healthy", "bad-shop"],
+)
+async def test_two_services_behind_one_proxy_each_roll_out_on_their_own(
+    bad: list[str], outcomes: tuple[str, str], code: int
+) -> None:
+    """``--services 2``: shop and blog by Host, each its own rollout on its own route's
+    series; a bad canary is shop's only, so shop rolls back while blog is promoted."""
+    exit_code, lines, err, took = await run_demo("--services", "2", *bad, speed="10", timeout=45)
+    assert exit_code == code, (lines, err)
+    assert took < 30, took
+    assert lines[0] == (
+        "canary-proxy demo: 2 services behind one proxy, each a rollout through 5,10,25,50,100 on loopback"
+    )
+    urls = intro(lines)
+    assert urls.keys() >= {"shop stable v1", "shop canary v2", "blog stable v1", "blog canary v2", "proxy"}
+    finished = {
+        e.split(":")[0]: e for e in events(lines) if re.match(r"(shop|blog): (promoted|rolled back)", e)
+    }
+    for name, outcome in zip(("shop", "blog"), outcomes, strict=True):
+        assert finished[name].startswith(f"{name}: {outcome}"), finished
+    failing = [e for e in events(lines) if "canary v2 starts failing now" in e]
+    assert len(failing) == len(bad[:1]) and all(e.startswith("shop: ") for e in failing)
+    # Both routes served both versions: the proxy's own totals, per route, as the run ends.
+    for line, (name, outcome) in zip(lines[-3:-1], zip(("shop", "blog"), outcomes, strict=True), strict=True):
+        served = re.fullmatch(
+            rf"{name}: {outcome}; served (\d+) requests \((\d+) by stable v1, (\d+) by canary v2\)", line
+        )
+        assert served is not None and int(served[2]) > 0 and int(served[3]) > 0, lines[-3:]
+    assert lines[-1] == f"result: {'promoted' if code == 0 else 'rolled back'} (exit {code})"
 
 
 def free_port() -> int:

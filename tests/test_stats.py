@@ -8,15 +8,31 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 
-from canary_proxy.admin.stats import notes_rollout, read_rollout, series, snapshot, stats_document
-from canary_proxy.control import ConfigControl, RolloutNotes
+from canary_proxy.admin.stats import (
+    History,
+    Snapshot,
+    notes_rollout,
+    offered_routes,
+    read_rollout,
+    snapshot,
+    stats_document,
+)
+from canary_proxy.control import ConfigControl, RolloutNotes, Routes
 from canary_proxy.metrics import Metrics
 from canary_proxy.rollout.state import RolloutState, encode
 from canary_proxy.sources.configmap import raw_from_data
 
 from .conftest import Backend, ProxyFactory, base_config, stats_until
+
+
+def history_of(*snapshots: Snapshot) -> History:
+    history = History()
+    for taken in snapshots:
+        history.add(taken)
+    return history
 
 
 def test_rates_error_share_and_quantiles_come_from_snapshot_deltas() -> None:
@@ -34,7 +50,8 @@ def test_rates_error_share_and_quantiles_come_from_snapshot_deltas() -> None:
     metrics.count_decision("default", "canary", "header")
     second = snapshot(registry.collect(), 102.0)
 
-    columns = series([first, second])
+    history = history_of(first, second)
+    columns = history.series("default")
     assert columns["time"] == [102.0] and columns["weightPercent"] == [25.0]
     assert columns["stable"]["requestRate"] == [10.0]  # 20 requests in 2 s
     assert columns["stable"]["errorRate"] == [0.1]
@@ -42,7 +59,8 @@ def test_rates_error_share_and_quantiles_come_from_snapshot_deltas() -> None:
     assert columns["canary"]["requestRate"] == [5.0] and columns["canary"]["errorRate"] == [0.0]
     assert 0.25 < columns["canary"]["p50"][0] <= 0.5
 
-    document = stats_document([first, second], effective=None, rollout=None)
+    document = stats_document(history, routes=["default"], effective=None, rollout=None)
+    assert document["route"] == "default" and document["routes"] == ["default"]
     assert {"version": "canary", "rule": "header", "total": 1.0, "rate": 0.5} in document["decisions"]
     assert document["totals"]["stable"] == {"requests": 20.0, "errors": 2.0}
 
@@ -50,8 +68,70 @@ def test_rates_error_share_and_quantiles_come_from_snapshot_deltas() -> None:
 def test_no_traffic_is_a_gap_not_a_zero() -> None:
     registry = CollectorRegistry()
     Metrics(registry).init_data_plane()
-    columns = series([snapshot(registry.collect(), 1.0), snapshot(registry.collect(), 2.0)])
-    assert columns["canary"] == {"requestRate": [0.0], "errorRate": [None], "p50": [None], "p99": [None]}
+    history = history_of(snapshot(registry.collect(), 1.0), snapshot(registry.collect(), 2.0))
+    assert history.series("default")["canary"] == {
+        "requestRate": [0.0],
+        "errorRate": [None],
+        "p50": [None],
+        "p99": [None],
+    }
+
+
+def test_each_route_has_its_own_points_weight_decisions_and_totals() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    for route, ratio in (("shop", 0.1), ("blog", 0.5)):
+        metrics.init_data_plane(route)
+        metrics.weight_ratio.labels(route).set(ratio)
+    history = history_of(snapshot(registry.collect(), 10.0))
+    for _ in range(4):
+        metrics.count_request("shop", "canary", 500, "GET", 0.3)
+        metrics.count_decision("shop", "canary", "weight")
+    metrics.count_request("blog", "stable", 200, "GET", 0.02)
+    metrics.count_rejected(404, "GET")  # route="none": no route's
+    history.add(snapshot(registry.collect(), 11.0))
+    metrics.init_data_plane("new")  # a route loaded later: gaps before its first point
+    history.add(snapshot(registry.collect(), 12.0))
+
+    shop, blog, new = (history.series(r) for r in ("shop", "blog", "new"))
+    assert shop["time"] == blog["time"] == new["time"] == [11.0, 12.0]
+    assert shop["weightPercent"] == [10.0, 10.0] and blog["weightPercent"] == [50.0, 50.0]
+    assert shop["canary"]["requestRate"] == [4.0, 0.0] and shop["canary"]["errorRate"] == [1.0, None]
+    assert shop["stable"]["requestRate"] == [0.0, 0.0]
+    assert blog["stable"]["requestRate"] == [1.0, 0.0] and blog["canary"]["errorRate"] == [None, None]
+    assert new["weightPercent"] == [None, None] and new["stable"]["requestRate"] == [None, 0.0]
+    assert history.series("unknown")["canary"]["p99"] == [None, None]
+    assert [(d["version"], d["total"]) for d in history.decisions("blog")] == [("canary", 0), ("stable", 0)]
+    assert {"version": "canary", "rule": "weight", "total": 4.0, "rate": 2.0} in history.decisions("shop")
+    assert history.totals("shop")["canary"] == {"requests": 4.0, "errors": 4.0}
+    assert history.totals("blog") == {
+        "stable": {"requests": 1.0, "errors": 0.0},
+        "canary": {"requests": 0.0, "errors": 0.0},
+    }
+    assert "none" not in history.charts  # unrouted requests have no version to chart
+
+
+def test_the_history_keeps_points_per_route_up_to_its_size() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.init_data_plane("shop")
+    history = History(3)
+    for second in range(6):
+        metrics.count_request("shop", "stable", 200, "GET", 0.02)
+        history.add(snapshot(registry.collect(), float(second)))
+    assert history.series("shop")["time"] == [3.0, 4.0, 5.0]
+    assert all(len(column) == 3 for column in history.charts["shop"].values())
+
+
+def test_offered_routes_are_the_served_ones_then_labels_that_served() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    for route in ("default", "shop", "blog", "gone"):
+        metrics.init_data_plane(route)
+    metrics.count_request("gone", "stable", 200, "GET", 0.02)  # removed from the config since
+    latest = snapshot(registry.collect(), 1.0)
+    assert offered_routes(latest, ["shop", "blog"]) == ["shop", "blog", "gone"]  # not default at 0
+    assert offered_routes(None, []) == []
 
 
 def test_the_rollout_beside_the_config_reads_like_status_json(tmp_path: Path) -> None:
@@ -96,8 +176,8 @@ def test_the_rollout_in_configmap_annotations_reads_like_status_json() -> None:
 
 def test_an_annotation_only_change_updates_the_rollout_but_is_no_reload() -> None:
     registry = CollectorRegistry()
-    loaded: list[dict[str, object]] = []
-    control = ConfigControl(Metrics(registry), [lambda _config, raw: loaded.append(raw)])
+    loaded: list[Routes] = []
+    control = ConfigControl(Metrics(registry), [loaded.append])
     data = {"stable-url": "http://127.0.0.1:1", "canary-url": "http://127.0.0.1:2"}
     for phase in ("Progressing", "Paused"):
         raw = raw_from_data(data, {"canary-proxy.io/phase": phase, "app.kubernetes.io/x": "y"})
@@ -162,3 +242,35 @@ async def test_the_dashboard_page_and_its_files_are_served(
         async with client.get(proxy.admin_url + path) as r:
             assert r.status == 200, path
     assert "http://" not in page and "https://" not in page  # works offline: no CDN
+
+
+async def test_stats_of_one_route_among_several(
+    backends: tuple[Backend, Backend],
+    proxy_factory: ProxyFactory,
+    client: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    stable, canary = backends
+    config = tmp_path / "routes.yaml"
+    shop = {**base_config(stable, canary, canary_weight=0), "name": "shop", "host": "shop.example"}
+    blog = {**base_config(canary, stable, canary_weight=100), "name": "blog", "host": "blog.example"}
+    config.write_text(yaml.safe_dump_all([shop, blog]))
+    proxy = await proxy_factory(None, config_path=config)
+    for host, times in (("shop.example", 3), ("blog.example", 2)):
+        for _ in range(times):
+            async with client.get(proxy.url + "/", headers={"Host": host}) as r:
+                assert r.status == 200
+
+    blog_stats = await stats_until(
+        proxy, lambda s: s["totals"]["canary"]["requests"] == 2, path="/stats?route=blog"
+    )
+    assert blog_stats["route"] == "blog" and blog_stats["routes"] == ["shop", "blog"]
+    assert blog_stats["weight"]["percent"] == 100.0 and blog_stats["config"]["stable-url"] == canary.url
+    assert blog_stats["totals"]["stable"]["requests"] == 0 and blog_stats["rollout"] is None
+    shop_stats = await stats_until(proxy, lambda s: s["totals"]["stable"]["requests"] == 3)  # the first
+    assert shop_stats["route"] == "shop" and shop_stats["weight"]["percent"] == 0.0
+    assert shop_stats["totals"]["canary"]["requests"] == 0
+    assert sum(v or 0 for v in shop_stats["series"]["stable"]["requestRate"]) == pytest.approx(3, abs=0.5)
+    async with client.get(proxy.admin_url + "/stats?route=nope") as r:
+        assert r.status == 404
+        assert await r.json() == {"error": "no route 'nope'", "routes": ["shop", "blog"]}

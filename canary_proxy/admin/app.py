@@ -12,9 +12,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ..address import Address, ListenError, bound_address
-from ..config import Config
 from ..control import ConfigControl, Routes
-from .stats import Sampler, stats_document
+from ..router import DEFAULT_ROUTE
+from ..routes import Route
+from .stats import Sampler, offered_routes, stats_document
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,10 @@ class AdminState:
             return served
         return replace(served, rejected=latest.rejected)
 
-    def config(self) -> Config | None:
-        """The lone route's config (a single-pair proxy), for /stats."""
+    def served(self) -> list[Route]:
+        """The routes the data plane serves (the winners of any conflict), in the config's order."""
         routes = self.routes()
-        return routes.single if routes is not None else None
+        return list(routes.table.routes) if routes is not None else []
 
 
 ADMIN_STATE = web.AppKey("admin_state", AdminState)
@@ -77,12 +78,22 @@ async def _dashboard(request: web.Request) -> web.FileResponse:
 
 
 async def _stats(request: web.Request) -> web.Response:
-    """Chart data from the sampler's ring buffer (the same collectors as /metrics)."""
-    sampler, config = request.app[STATS], request.app[ADMIN_STATE].config()
+    """One route's chart data from the sampler's history (the same collectors as /metrics):
+    ``?route=NAME``, else the lone route or the first. The rollout is shown for a lone route
+    only: it is the one a ``--config FILE`` or ConfigMap rollout records."""
+    sampler, served = request.app[STATS], request.app[ADMIN_STATE].served()
+    routes = offered_routes(sampler.history.latest, [r.name for r in served])
+    route = request.query.get("route") or (routes[0] if routes else DEFAULT_ROUTE)
+    if "route" in request.query and route not in routes:
+        error = {"error": f"no route {route!r}", "routes": routes}
+        return web.json_response(error, status=404, headers={"Cache-Control": "no-store"})
+    config = next((r.config for r in served if r.name == route), None)
     document = stats_document(
-        list(sampler.ring),
+        sampler.history,
+        route=route,
+        routes=routes,
         effective=None if config is None else config.effective(),
-        rollout=sampler.rollout,
+        rollout=sampler.rollout if len(served) <= 1 else None,
         interval=sampler.interval,
     )
     return web.json_response(document, headers={"Cache-Control": "no-store"})

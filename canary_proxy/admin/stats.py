@@ -1,27 +1,32 @@
-"""The admin port's ``/stats``: per-version rates, error rates and latency over the last minutes.
+"""The admin port's ``/stats``: each route's per-version rates, error rates and latency over the last minutes.
 
 Fed by the very collectors ``/metrics`` exports (the process's registry, or with
 ``--workers N`` the multiprocess collector): no second set of counters is kept. Once a
-second the ``Sampler`` reads the cumulative counters and histogram buckets into a ring
-buffer; ``stats_document`` turns each pair of consecutive snapshots into one point -- a
-per-second rate, a 5xx share and p50/p99 from the bucket increase, as Prometheus'
-``rate()`` and ``histogram_quantile()`` would over that second.
+second the ``Sampler`` reads every route's cumulative counters and histogram buckets (a
+``Snapshot``), and the ``History`` turns each pair of consecutive snapshots into one point
+per route -- a per-second rate, a 5xx share and p50/p99 from the bucket increase, as
+Prometheus' ``rate()`` and ``histogram_quantile()`` would over that second.
+
+The history keeps those points, not the snapshots: a route's five minutes are nine flat
+arrays of 300 numbers. Only the last 11 snapshots are kept whole, for the routing-decision
+rates and the totals: about 80 KB a route in all, where 300 whole snapshots took 1.6 MB, so
+a proxy with many routes can chart every one of them.
 
 Everything but ``Sampler.run`` is pure: a snapshot is built from metric families, and a
-document from snapshots.
+document from the history.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import math
 import time
-from collections import deque
+from array import array
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from prometheus_client.metrics_core import Metric
@@ -32,12 +37,12 @@ from ..rollout.analysis import histogram_quantile
 from ..rollout.report import status_report
 from ..rollout.state import StateError, decode
 from ..rollout.store import FileStore, Stored
-from ..router import VERSIONS
+from ..router import DEFAULT_ROUTE, UNROUTED, VERSIONS
 
 log = logging.getLogger(__name__)
 
 SAMPLE_INTERVAL: Final = 1.0  # seconds between snapshots: one chart point per second
-HISTORY: Final = 300  # points kept: the charts show the last five minutes
+HISTORY: Final = 300  # points kept per route: the charts show the last five minutes
 DECISION_WINDOW: Final = 10  # points over which the routing-decision rates are averaged
 
 REQUESTS: Final = f"{NAMESPACE}_requests"
@@ -45,57 +50,92 @@ DURATION: Final = f"{NAMESPACE}_request_duration_seconds"
 DECISIONS: Final = f"{NAMESPACE}_routing_decisions"
 WEIGHT_RATIO: Final = f"{NAMESPACE}_canary_weight_ratio"
 
+POINT_KEYS: Final = ("requestRate", "errorRate", "p50", "p99")  # one version's values at a point
+WEIGHT: Final = "weightPercent"
+COLUMNS: Final = (WEIGHT, *(f"{version}.{key}" for version in VERSIONS for key in POINT_KEYS))
+
 Buckets = tuple[tuple[float, float], ...]  # cumulative (le, count), +Inf included
 
 
 @dataclass(frozen=True, slots=True)
-class Snapshot:
-    """The cumulative values at one instant, as a scrape of /metrics would show them."""
+class Counts:
+    """One route's cumulative values at one instant, as a scrape of /metrics would show them."""
 
-    time: float  # unix seconds
-    requests: Mapping[str, float]  # version -> responses
-    errors: Mapping[str, float]  # version -> 5xx responses
-    buckets: Mapping[str, Buckets]  # version -> latency histogram
-    decisions: Mapping[tuple[str, str], float]  # (version, rule) -> decisions
-    weight_ratio: float | None  # the canary's configured share, 0..1
+    requests: Mapping[str, float] = field(default_factory=dict)  # version -> responses
+    errors: Mapping[str, float] = field(default_factory=dict)  # version -> 5xx responses
+    buckets: Mapping[str, Buckets] = field(default_factory=dict)  # version -> latency histogram
+    decisions: Mapping[tuple[str, str], float] = field(default_factory=dict)  # (version, rule) -> n
+    weight_ratio: float | None = None  # the canary's configured share, 0..1
+
+    @property
+    def served(self) -> float:
+        return sum(self.requests.values())
+
+
+NO_COUNTS: Final = Counts()
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Every route's cumulative values at one instant (unix seconds)."""
+
+    time: float
+    routes: Mapping[str, Counts]
+
+    def of(self, route: str) -> Counts:
+        """A route the snapshot does not know has served nothing yet."""
+        return self.routes.get(route, NO_COUNTS)
 
 
 class Collector(Protocol):
     def collect(self) -> Iterable[Metric]: ...
 
 
+class _Route:
+    """One route's values while a snapshot is being read."""
+
+    def __init__(self) -> None:
+        self.requests = dict.fromkeys(VERSIONS, 0.0)
+        self.errors = dict.fromkeys(VERSIONS, 0.0)
+        self.buckets: dict[str, dict[float, float]] = {v: {} for v in VERSIONS}
+        self.decisions: dict[tuple[str, str], float] = {}
+        self.weight: float | None = None
+
+    def counts(self) -> Counts:
+        buckets = {v: tuple(sorted(b.items())) for v, b in self.buckets.items()}
+        return Counts(self.requests, self.errors, buckets, self.decisions, self.weight)
+
+
 def snapshot(families: Iterable[Metric], now: float) -> Snapshot:
-    """One snapshot from metric families (``registry.collect()``)."""
-    requests = dict.fromkeys(VERSIONS, 0.0)
-    errors = dict.fromkeys(VERSIONS, 0.0)
-    buckets: dict[str, dict[float, float]] = {v: {} for v in VERSIONS}
-    decisions: dict[tuple[str, str], float] = {}
-    weight: float | None = None
+    """One snapshot from metric families (``registry.collect()``), by their ``route`` label.
+
+    Requests no route took (``route="none"``) are left out: they have no version to chart.
+    """
+    routes: defaultdict[str, _Route] = defaultdict(_Route)
     for family in families:
+        if family.name not in (REQUESTS, DURATION, DECISIONS, WEIGHT_RATIO):
+            continue
         for sample in family.samples:
             labels, value = sample.labels, sample.value
+            name = labels.get("route", DEFAULT_ROUTE)
+            if name == UNROUTED:
+                continue
             if family.name == REQUESTS and sample.name == REQUESTS + "_total":
-                version = labels.get("version", "")
-                requests[version] = requests.get(version, 0.0) + value
+                route, version = routes[name], labels.get("version", "")
+                route.requests[version] = route.requests.get(version, 0.0) + value
                 if labels.get("code", "").startswith("5"):
-                    errors[version] = errors.get(version, 0.0) + value
+                    route.errors[version] = route.errors.get(version, 0.0) + value
             elif family.name == DURATION and sample.name == DURATION + "_bucket":
-                per = buckets.setdefault(labels.get("version", ""), {})
+                per = routes[name].buckets.setdefault(labels.get("version", ""), {})
                 le = float(labels["le"])
                 per[le] = per.get(le, 0.0) + value
             elif family.name == DECISIONS and sample.name == DECISIONS + "_total":
+                decisions = routes[name].decisions
                 key = (labels.get("version", ""), labels.get("rule", ""))
                 decisions[key] = decisions.get(key, 0.0) + value
             elif family.name == WEIGHT_RATIO:
-                weight = value
-    return Snapshot(
-        time=now,
-        requests=requests,
-        errors=errors,
-        buckets={v: tuple(sorted(b.items())) for v, b in buckets.items()},
-        decisions=decisions,
-        weight_ratio=weight,
-    )
+                routes[name].weight = value
+    return Snapshot(time=now, routes={name: route.counts() for name, route in routes.items()})
 
 
 def _increase(now: float, before: float) -> float:
@@ -112,12 +152,11 @@ def _round(value: float | None, digits: int = 6) -> float | None:
     return None if value is None or not math.isfinite(value) else round(value, digits)
 
 
-def point(before: Snapshot, now: Snapshot, version: str) -> dict[str, float | None]:
-    """One version between two snapshots: requests/s, 5xx share (0..1), p50 and p99 (seconds).
-
-    The share and the quantiles are None (a gap in the chart) when it served nothing.
-    """
-    elapsed = max(now.time - before.time, 1e-9)
+def point(before: Counts, now: Counts, version: str, elapsed: float) -> dict[str, float | None]:
+    """One version of one route over ``elapsed`` seconds: requests/s, 5xx share (0..1), p50
+    and p99 (seconds). The share and the quantiles are None (a gap in the chart) when it
+    served nothing."""
+    elapsed = max(elapsed, 1e-9)
     served = _increase(now.requests.get(version, 0.0), before.requests.get(version, 0.0))
     failed = _increase(now.errors.get(version, 0.0), before.errors.get(version, 0.0))
     latency = _bucket_increase(now.buckets.get(version, ()), before.buckets.get(version, ()))
@@ -129,64 +168,119 @@ def point(before: Snapshot, now: Snapshot, version: str) -> dict[str, float | No
     }
 
 
-def series(snapshots: Sequence[Snapshot]) -> dict[str, Any]:
-    """Columns for the charts, oldest first: ``time`` and, per version, one value per point."""
-    pairs = list(itertools.pairwise(snapshots))
-    out: dict[str, Any] = {
-        "time": [round(now.time, 3) for _, now in pairs],
-        "weightPercent": [
-            None if now.weight_ratio is None else round(now.weight_ratio * 100, 4) for _, now in pairs
-        ],
-    }
+def row(before: Counts, now: Counts, elapsed: float) -> dict[str, float | None]:
+    """One route's point: the value of each of ``COLUMNS``."""
+    weight = now.weight_ratio
+    values: dict[str, float | None] = {WEIGHT: None if weight is None else round(weight * 100, 4)}
     for version in VERSIONS:
-        points = [point(before, now, version) for before, now in pairs]
-        out[version] = {key: [p[key] for p in points] for key in ("requestRate", "errorRate", "p50", "p99")}
-    return out
+        for key, value in point(before, now, version, elapsed).items():
+            values[f"{version}.{key}"] = value
+    return values
 
 
-def decisions(snapshots: Sequence[Snapshot], *, window: int = DECISION_WINDOW) -> list[dict[str, Any]]:
-    """Routing decisions by version and rule: the total, and the rate over the last points."""
-    if not snapshots:
-        return []
-    now = snapshots[-1]
-    before = snapshots[max(0, len(snapshots) - 1 - window)]
-    elapsed = now.time - before.time
-    rows = []
-    for (version, rule), total in sorted(now.decisions.items()):
-        increase = _increase(total, before.decisions.get((version, rule), 0.0))
-        rate = increase / elapsed if elapsed > 0 else None
-        rows.append({"version": version, "rule": rule, "total": total, "rate": _round(rate, 3)})
-    return rows
+class History:
+    """Each route's chart points, oldest first: at most ``size``, one per pair of consecutive
+    snapshots (n + 1 snapshots make n points). A gap (None) is stored as NaN in a flat array
+    of doubles. The last ``window`` + 1 snapshots are kept whole, for ``decisions`` and
+    ``totals``. Fed from one thread (the event loop's): a reader never sees half a point."""
+
+    def __init__(self, size: int = HISTORY, *, window: int = DECISION_WINDOW) -> None:
+        self.size = size
+        self.times: deque[float] = deque(maxlen=size)
+        self.charts: dict[str, dict[str, array[float]]] = {}
+        self.recent: deque[Snapshot] = deque(maxlen=window + 1)
+
+    @property
+    def latest(self) -> Snapshot | None:
+        return self.recent[-1] if self.recent else None
+
+    def add(self, now: Snapshot) -> None:
+        before = self.latest
+        self.recent.append(now)
+        if before is None:
+            return  # a baseline only
+        self.times.append(now.time)
+        for route in now.routes.keys() - self.charts.keys():  # new: a gap until now
+            self.charts[route] = {c: array("d", [math.nan] * (len(self.times) - 1)) for c in COLUMNS}
+        for route, columns in self.charts.items():
+            values = row(before.of(route), now.of(route), now.time - before.time)
+            for column, numbers in columns.items():
+                value = values[column]
+                numbers.append(math.nan if value is None else value)
+                if len(numbers) > self.size:
+                    del numbers[0]
+
+    def series(self, route: str) -> dict[str, Any]:
+        """The route's columns for the charts: ``time``, ``weightPercent`` and per version one
+        value per point (a route not seen yet: all gaps)."""
+        columns = self.charts.get(route)
+
+        def values(column: str) -> list[float | None]:
+            if columns is None:
+                return [None] * len(self.times)
+            return [None if math.isnan(v) else v for v in columns[column]]
+
+        out: dict[str, Any] = {"time": [round(t, 3) for t in self.times], WEIGHT: values(WEIGHT)}
+        for version in VERSIONS:
+            out[version] = {key: values(f"{version}.{key}") for key in POINT_KEYS}
+        return out
+
+    def decisions(self, route: str) -> list[dict[str, Any]]:
+        """The route's routing decisions by version and rule: the total, and the rate over the
+        last ``window`` points."""
+        if not self.recent:
+            return []
+        now, before = self.recent[-1].of(route), self.recent[0].of(route)
+        elapsed = self.recent[-1].time - self.recent[0].time
+        rows = []
+        for (version, rule), total in sorted(now.decisions.items()):
+            increase = _increase(total, before.decisions.get((version, rule), 0.0))
+            rate = increase / elapsed if elapsed > 0 else None
+            rows.append({"version": version, "rule": rule, "total": total, "rate": _round(rate, 3)})
+        return rows
+
+    def totals(self, route: str) -> dict[str, dict[str, float]]:
+        now = self.recent[-1].of(route) if self.recent else NO_COUNTS
+        return {v: {"requests": now.requests.get(v, 0.0), "errors": now.errors.get(v, 0.0)} for v in VERSIONS}
 
 
-def totals(snapshots: Sequence[Snapshot]) -> dict[str, dict[str, float]]:
-    if not snapshots:
-        return {v: {"requests": 0.0, "errors": 0.0} for v in VERSIONS}
-    now = snapshots[-1]
-    return {v: {"requests": now.requests.get(v, 0.0), "errors": now.errors.get(v, 0.0)} for v in VERSIONS}
+def offered_routes(latest: Snapshot | None, configured: Sequence[str]) -> list[str]:
+    """The routes the page offers: the served ones, in the config's order, then any other
+    route label of the metrics that served requests (a route removed since: its history
+    stays). A label at zero that no config names -- the ``default`` series a proxy creates
+    before it knows its routes -- is no route."""
+    labels = latest.routes if latest is not None else {}
+    others = sorted(name for name, c in labels.items() if name not in configured and c.served > 0)
+    return [*configured, *others]
 
 
 def stats_document(
-    snapshots: Sequence[Snapshot],
+    history: History,
     *,
+    route: str = DEFAULT_ROUTE,
+    routes: Sequence[str] = (),
     effective: Mapping[str, Any] | None,
     rollout: Mapping[str, Any] | None,
     interval: float = SAMPLE_INTERVAL,
 ) -> dict[str, Any]:
-    """The ``/stats`` JSON (its shape is documented in the README)."""
+    """The ``/stats`` JSON of one ``route`` (its shape is documented in docs/demo.md);
+    ``routes`` are those the page may offer, ``effective`` is the route's effective config."""
     weight = None
     if effective is not None:
         value, total = effective["canary-weight"], effective["canary-weight-total"]
         weight = {"weight": value, "total": total, "percent": round(float(value) * 100 / total, 4)}
+    latest = history.latest
     return {
-        "time": round(snapshots[-1].time, 3) if snapshots else None,
+        "time": round(latest.time, 3) if latest is not None else None,
         "interval": interval,
+        "route": route,
+        "routes": list(routes),
         "weight": weight,
         "rollout": rollout,
         "config": effective,
-        "series": series(snapshots),
-        "decisions": decisions(snapshots),
-        "totals": totals(snapshots),
+        "series": history.series(route),
+        "decisions": history.decisions(route),
+        "totals": history.totals(route),
     }
 
 
@@ -253,7 +347,7 @@ class Sampler:
         self.collector = collector
         self.config_path = config_path
         self.interval = interval
-        self.ring: deque[Snapshot] = deque(maxlen=history + 1)  # n + 1 snapshots make n points
+        self.history = History(history)
         self.rollout: dict[str, Any] | None = None
 
     def read(
@@ -267,7 +361,7 @@ class Sampler:
 
     async def sample(self, data: Mapping[str, Any] | None = None, notes: RolloutNotes | None = None) -> None:
         taken, rollout = await asyncio.to_thread(self.read, data, notes)
-        self.ring.append(taken)  # in the loop's thread: handlers never see it half-appended
+        self.history.add(taken)  # in the loop's thread: handlers never see half a point
         self.rollout = rollout
 
     async def run(

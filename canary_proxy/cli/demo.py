@@ -13,14 +13,26 @@ def add_commands(sub: Any) -> None:
     demo = sub.add_parser(
         "demo",
         help="a canary rollout on loopback: two demo apps, the proxy, traffic, analysis, live view",
-        description="Exit codes: 0 promoted, 1 rolled back, 2 cannot start, 130 Ctrl-C.",
+        description="Exit codes: 0 promoted (every rollout, with --services 2), 1 rolled back (any), "
+        "2 cannot start, 130 Ctrl-C.",
     )
-    demo.add_argument("--bad-canary", choices=("errors", "latency"), help="make v2 fail (default: healthy)")
+    demo.add_argument(
+        "--bad-canary",
+        choices=("errors", "latency"),
+        help="make v2 fail (default: healthy); with --services 2, the first service's v2 only",
+    )
     demo.add_argument(
         "--fail-at", type=_number(0, 100), default=20.0, metavar="PERCENT", help="v2 fails from this %% on"
     )
     demo.add_argument(
         "--speed", type=_number(0, 10), default=1.0, metavar="FACTOR", help="2: twice as fast; at most 10"
+    )
+    demo.add_argument(
+        "--services",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="2: two services (shop, blog) behind the one proxy, by Host, each with its own rollout",
     )
     demo.add_argument(
         "--port", type=_port, default=0, metavar="PORT", help="proxy port on 127.0.0.1 (0: a free one)"
@@ -59,6 +71,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         speed=args.speed,
         port=args.port,
         admin_port=args.admin_port,
+        services=args.services,
     )
     try:
         return run_async(run_demo(options))

@@ -10,15 +10,23 @@ One command starts, in this process unless said otherwise:
 - the rollout controller in file mode through 5,10,25,50,100, analysing the proxy's own
   ``/metrics`` exactly as ``canary-proxy rollout --config FILE --metrics-url ...`` does.
 
+With ``--services 2`` there are two such services, ``shop`` and ``blog``, each its own
+stable/canary pair, traffic and rollout, behind the one proxy: ``serve --config-dir DIR``
+with a route file each, routed by Host (``shop.localhost``, ``blog.localhost``). Each
+rollout drives its own file and analyses its own route's series; ``--bad-canary`` breaks
+the first service's canary only.
+
 ``view`` shows it: a live view in a terminal, plain progress lines otherwise. The exit
-code is the rollout's: 0 promoted, 1 rolled back; 128 + N when stopped by signal N (130 for
-Ctrl-C); 2 when it cannot start (a port in use).
+code is the rollout's: 0 promoted, 1 rolled back (with several: 0 when every one promoted,
+1 when any rolled back); 128 + N when stopped by signal N (130 for Ctrl-C); 2 when it
+cannot start (a port in use).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -29,7 +37,7 @@ import socket
 import sys
 import tempfile
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -46,7 +54,7 @@ from ..rollout.sources import ScrapeSource
 from ..rollout.store import FileStore
 from ..router import CANARY, STABLE
 from ..runner import Exit, print_errors, signalled
-from .model import CheckRow, DemoModel, DemoOptions, version_now
+from .model import CheckRow, DemoModel, DemoOptions, ServiceModel, version_now
 from .view import View, make_view
 
 log = logging.getLogger(__name__)
@@ -105,6 +113,7 @@ class Fault:
 class DemoApp:
     version: str  # "v1" or "v2"
     fault: Fault | None = None
+    app: str = "demo"  # the service it belongs to, in its answers
     rng: random.Random = field(default_factory=random.Random)
     runner: web.AppRunner | None = None
     port: int = 0
@@ -120,8 +129,8 @@ class DemoApp:
             delay += SLOW_EXTRA
         await asyncio.sleep(delay)
         if fault is not None and fault.active and fault.mode == "errors" and self.rng.random() < ERROR_SHARE:
-            return web.json_response({"app": "demo", "version": self.version, "error": "boom"}, status=500)
-        return web.json_response({"app": "demo", "version": self.version, "path": request.path})
+            return web.json_response({"app": self.app, "version": self.version, "error": "boom"}, status=500)
+        return web.json_response({"app": self.app, "version": self.version, "path": request.path})
 
     async def start(self) -> None:
         app = web.Application()
@@ -161,10 +170,11 @@ class ProxyProcess:
             await asyncio.gather(self.reader, return_exceptions=True)
 
 
-async def start_proxy(config_path: Path, *, port: int, admin_port: int) -> ProxyProcess:
-    """``canary-proxy serve --config FILE``; returns once it logs ``ready`` (StartError if it exits)."""
+async def start_proxy(source: Sequence[str], *, port: int, admin_port: int) -> ProxyProcess:
+    """``canary-proxy serve`` with ``source`` (``--config FILE``, ``--config-dir DIR``);
+    returns once it logs ``ready`` (StartError if it exits)."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "canary_proxy", "serve", "--config", str(config_path),
+        sys.executable, "-m", "canary_proxy", "serve", *source,
         "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin_port}",
         "--drain-delay", "0", "--shutdown-timeout", "2s", "--access-log", "off",
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
@@ -210,6 +220,7 @@ class Traffic:
 
     url: str
     session: aiohttp.ClientSession
+    host: str | None = None  # the Host header that routes to this service; None: any
     rng: random.Random = field(default_factory=random.Random)
     on_version: Counter[str] = field(default_factory=Counter)  # browser users now on each version
     stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -226,6 +237,8 @@ class Traffic:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
     async def _get(self, headers: dict[str, str]) -> aiohttp.ClientResponse | None:
+        if self.host is not None:
+            headers = {**headers, "Host": self.host}
         try:
             async with self.session.get(self.url + "/", headers=headers) as response:
                 await response.read()
@@ -279,6 +292,10 @@ def controller_settings(options: DemoOptions, plan: Plan) -> Settings:
     )
 
 
+# The service whose controller is logging: each rollout runs in its own task, which sets it.
+SERVICE: contextvars.ContextVar[int] = contextvars.ContextVar("demo_service", default=0)
+
+
 class _Records(logging.Handler):
     """Hands the controller's log records (decisions and checks, with their numbers) to the demo."""
 
@@ -287,7 +304,7 @@ class _Records(logging.Handler):
         self.demo = demo
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.demo.on_record(record)
+        self.demo.on_record(record, SERVICE.get())
 
 
 @contextlib.contextmanager
@@ -306,16 +323,44 @@ def _capture_controller_logs(demo: Demo) -> Iterator[None]:
         logger.propagate = saved[1]
 
 
+@dataclass
+class Service:
+    """One service as it runs: its two apps, its config file, its traffic, and what the views show."""
+
+    model: ServiceModel
+    fault: Fault
+    stable: DemoApp
+    canary: DemoApp
+    config_path: Path
+    traffic: Traffic | None = None
+
+    @property
+    def route(self) -> str:
+        return self.model.name
+
+    def config(self) -> dict[str, Any]:
+        """Its config file: the flat config of today, plus the route keys with several."""
+        keys = {"name": self.model.name, "host": self.model.host} if self.model.host else {}
+        return {
+            **keys,
+            "stable-url": self.stable.url,
+            "canary-url": self.canary.url,
+            "canary-weight": 0,
+            "canary-by-header": HEADER,
+        }
+
+
 class Demo:
     def __init__(self, options: DemoOptions, view: View) -> None:
         self.options = options
         self.plan = parse_plan(STEPS)
         self.model = DemoModel(options, self.plan)
         self.view = view
-        self.fault = Fault(options.bad_canary, options.fail_at)
+        self.services: list[Service] = []
 
-    def on_record(self, record: logging.LogRecord) -> None:
+    def on_record(self, record: logging.LogRecord, index: int = 0) -> None:
         model, message = self.model, record.getMessage()
+        service = model.services[index]
         warning = record.levelno >= logging.WARNING
         check = getattr(record, "check", None)
         step = getattr(record, "step", None)
@@ -328,86 +373,111 @@ class Demo:
                 check.get("canary") or {},
                 check.get("stable") or {},
                 [str(r) for r in check.get("reasons", [])],
-                message,
+                model.about(service, message),
             )
-            model.checks.append(row)
+            service.checks.append(row)
             self.view.check(model, row)
             return
         if message.startswith("stopped by signal"):
             return  # the controller's hint to resume does not apply: the demo's files go with it
         phase = getattr(record, "phase", None)
         if phase:
-            model.phase = str(phase)
-            model.step = where.removeprefix("step ")
-        model.events.append((model.elapsed, message, warning))
-        self.view.event(model, message, warning=warning)
+            service.phase = str(phase)
+            service.step = where.removeprefix("step ")
+        self.note(model.about(service, message), warning=warning)
 
     def note(self, text: str, *, warning: bool = False) -> None:
         self.model.events.append((self.model.elapsed, text, warning))
         self.view.event(self.model, text, warning=warning)
 
-    async def watch(self, session: aiohttp.ClientSession, admin: str, traffic: Traffic) -> None:
-        """Read the proxy's /stats twice a second: the weight it serves and each version's numbers."""
+    async def watch(self, session: aiohttp.ClientSession, admin: str) -> None:
+        """Read the proxy's /stats twice a second, each service's route: the weight it serves
+        and each version's numbers."""
         while True:
-            try:
-                async with session.get(admin + "/stats") as response:
-                    stats = await response.json()
-            except (aiohttp.ClientError, TimeoutError, ValueError):
-                stats = None
-            if stats is not None:
-                model = self.model
-                if stats.get("weight") is not None:
-                    model.weight = float(stats["weight"]["percent"])
-                    if self.fault.reached(model.weight):
-                        model.fault_active = True
-                        self.note(
-                            f"canary v2 starts failing now (--bad-canary {self.fault.mode}): the proxy "
-                            f"serves it {model.weight:g}% >= --fail-at {self.options.fail_at:g}%",
-                            warning=True,
-                        )
-                for version in (STABLE, CANARY):
-                    model.versions[version] = version_now(stats.get("series", {}), version)
-                model.users = Counter({k: v for k, v in traffic.on_version.items() if v > 0})
+            for service in self.services:
+                query = f"?route={service.route}" if self.model.several else ""
+                try:
+                    async with session.get(admin + "/stats" + query) as response:
+                        stats = await response.json()
+                except (aiohttp.ClientError, TimeoutError, ValueError):
+                    stats = None
+                if isinstance(stats, dict):
+                    self._seen(service, stats)
             self.view.tick(self.model)
             await asyncio.sleep(STATS_POLL)
+
+    def _seen(self, service: Service, stats: dict[str, Any]) -> None:
+        model = service.model
+        if stats.get("weight") is not None:
+            model.weight = float(stats["weight"]["percent"])
+            if service.fault.reached(model.weight):
+                model.fault_active = True
+                self.note(
+                    self.model.about(
+                        model,
+                        f"canary v2 starts failing now (--bad-canary {service.fault.mode}): the proxy "
+                        f"serves it {model.weight:g}% >= --fail-at {self.options.fail_at:g}%",
+                    ),
+                    warning=True,
+                )
+        for version in (STABLE, CANARY):
+            model.versions[version] = version_now(stats.get("series", {}), version)
+        totals = stats.get("totals") or {}
+        model.served = {v: float(totals.get(v, {}).get("requests", 0)) for v in (STABLE, CANARY)}
+        if service.traffic is not None:
+            on = service.traffic.on_version
+            model.users = Counter({k: v for k, v in on.items() if v > 0})
 
     async def run(self, stop: asyncio.Event) -> int:
         check_free(self.options.port, "--port")
         check_free(self.options.admin_port, "--admin-port")
         workdir = Path(tempfile.mkdtemp(prefix="canary-proxy-demo-"))
-        stable, canary = DemoApp("v1"), DemoApp("v2", self.fault)
+        several = self.model.several
+        routes = workdir / "routes"
+        for model in self.model.services:
+            fault = Fault(model.bad_canary, self.options.fail_at)
+            label = model.name if several else "demo"
+            path = routes / f"{model.name}.yaml" if several else workdir / "canary.yaml"
+            self.services.append(
+                Service(model, fault, DemoApp("v1", app=label), DemoApp("v2", fault, app=label), path)
+            )
         try:
             async with contextlib.AsyncExitStack() as stack:
-                for app in (stable, canary):
-                    await app.start()
-                    stack.push_async_callback(app.stop)
-                config_path = workdir / "canary.yaml"
-                config = {
-                    "stable-url": stable.url,
-                    "canary-url": canary.url,
-                    "canary-weight": 0,
-                    "canary-by-header": HEADER,
-                }
-                config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-                proxy = await start_proxy(
-                    config_path, port=self.options.port, admin_port=self.options.admin_port
+                for service in self.services:
+                    for app in (service.stable, service.canary):
+                        await app.start()
+                        stack.push_async_callback(app.stop)
+                    service.config_path.parent.mkdir(exist_ok=True)
+                    service.config_path.write_text(yaml.safe_dump(service.config(), sort_keys=False))
+                source = (
+                    ["--config-dir", str(routes)]
+                    if several
+                    else ["--config", str(self.services[0].config_path)]
                 )
+                proxy = await start_proxy(source, port=self.options.port, admin_port=self.options.admin_port)
                 stack.push_async_callback(proxy.stop)
-                self.model.urls = {
-                    "stable v1": stable.url,
-                    "canary v2": canary.url,
-                    "proxy": proxy.url,
-                    "metrics": proxy.admin + "/metrics",
-                    "dashboard": proxy.admin + "/",
-                    "config": str(config_path),
-                }
+                self.model.urls = self._urls(proxy, source[1])
                 self.view.start(self.model)
-                return await self._rollout(stack, proxy, config_path, stop)
+                return await self._rollout(stack, proxy, stop)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
+    def _urls(self, proxy: ProxyProcess, config: str) -> dict[str, str]:
+        urls = {}
+        for service in self.services:
+            prefix = f"{service.route} " if self.model.several else ""
+            urls[f"{prefix}stable v1"] = service.stable.url
+            urls[f"{prefix}canary v2"] = service.canary.url
+        return {
+            **urls,
+            "proxy": proxy.url,
+            "metrics": proxy.admin + "/metrics",
+            "dashboard": proxy.admin + "/",
+            "config": config,
+        }
+
     async def _rollout(
-        self, stack: contextlib.AsyncExitStack, proxy: ProxyProcess, config_path: Path, stop: asyncio.Event
+        self, stack: contextlib.AsyncExitStack, proxy: ProxyProcess, stop: asyncio.Event
     ) -> int:
         users = await stack.enter_async_context(
             aiohttp.ClientSession(
@@ -417,15 +487,42 @@ class Demo:
             )
         )
         admin = await stack.enter_async_context(aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)))
-        traffic = Traffic(proxy.url, users)
-        traffic.start()
-        stack.push_async_callback(traffic.close)  # runs before the proxy stops (LIFO)
-        watcher = asyncio.create_task(self.watch(admin, proxy.admin, traffic))
+        for service in self.services:
+            service.traffic = Traffic(proxy.url, users, host=service.model.host)
+            service.traffic.start()
+            stack.push_async_callback(service.traffic.close)  # runs before the proxy stops (LIFO)
+        watcher = asyncio.create_task(self.watch(admin, proxy.admin))
         stack.push_async_callback(_cancel, watcher)
         settings = controller_settings(self.options, self.plan)
-        source = ScrapeSource([proxy.admin + "/metrics"], admin)
         with _capture_controller_logs(self):
-            code = await Controller(FileStore(config_path), source, settings).run(restart=True, stop=stop)
+            rollouts = [
+                asyncio.create_task(self._rollout_of(i, proxy, admin, settings, stop))
+                for i in range(len(self.services))
+            ]
+            try:
+                codes = await asyncio.gather(*rollouts)
+            finally:  # one that failed takes the others down with it, never leaves them behind
+                for task in rollouts:
+                    task.cancel()
+                await asyncio.gather(*rollouts, return_exceptions=True)
+        # Several: 0 only when every one promoted, 1 (rolled back) as soon as one did.
+        return STOPPED if STOPPED in codes else max(codes)
+
+    async def _rollout_of(
+        self,
+        index: int,
+        proxy: ProxyProcess,
+        session: aiohttp.ClientSession,
+        settings: Settings,
+        stop: asyncio.Event,
+    ) -> int:
+        """One service's rollout, as ``rollout --config FILE --metrics-url ...`` runs it, on the
+        series of its own route (``default`` for the only one)."""
+        SERVICE.set(index)  # this task's: its controller's records name the service
+        service = self.services[index]
+        source = ScrapeSource([proxy.admin + "/metrics"], session, route=service.route)
+        code = await Controller(FileStore(service.config_path), source, settings).run(restart=True, stop=stop)
+        service.model.result = None if code == STOPPED else code
         return code
 
 

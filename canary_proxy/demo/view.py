@@ -3,7 +3,8 @@
 Both views read the same ``DemoModel`` and are told of each controller event, each analysis
 check and, twice a second, a tick. The plain view is for CI logs and pipes: one line per
 event or check (the controller's own log line, every number in it) and a traffic summary
-every few seconds.
+every few seconds. With several services every line about one starts with its name, and
+the live view has a section per service (its route).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from ..rollout.analysis import fmt_rate, fmt_seconds
 from ..router import CANARY, STABLE
-from .model import CheckRow, DemoModel
+from .model import CheckRow, DemoModel, ServiceModel
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -34,20 +35,35 @@ def make_view(*, live: bool) -> View:
     return LiveView() if live else PlainView()
 
 
+def canary_text(model: DemoModel, service: ServiceModel) -> str:
+    if service.bad_canary is None:
+        return "healthy canary"
+    at = model.options.fail_at
+    return f"bad canary: v2 starts failing ({service.bad_canary}) once it serves {at:g}% of traffic"
+
+
 def intro_lines(model: DemoModel) -> list[str]:
-    o = model.options
-    canary = (
-        "healthy canary"
-        if o.bad_canary is None
-        else f"bad canary: v2 starts failing ({o.bad_canary}) once it serves {o.fail_at:g}% of traffic"
-    )
-    lines = [f"canary-proxy demo: a rollout through {','.join(map(str, model.plan))} on loopback; {canary}"]
+    steps = ",".join(map(str, model.plan))
+    first = model.services[0]
+    if model.several:
+        lines = [
+            f"canary-proxy demo: {len(model.services)} services behind one proxy, "
+            f"each a rollout through {steps} on loopback"
+        ]
+        lines += [f"  {s.name}: host {s.host}; {canary_text(model, s)}" for s in model.services]
+    else:
+        lines = [f"canary-proxy demo: a rollout through {steps} on loopback; {canary_text(model, first)}"]
     width = max(len(k) for k in model.urls)
     lines += [f"  {name:<{width}}  {url}" for name, url in model.urls.items()]
+    host = f"-H 'Host: {first.host}' " if first.host else ""
     lines.append(
-        f"  try: curl -i {model.urls.get('proxy', '')}/   (add -H 'X-Canary: always' for the canary)"
+        f"  try: curl -i {host}{model.urls.get('proxy', '')}/   (add -H 'X-Canary: always' for the canary)"
     )
     return lines
+
+
+def outcome(code: int | None) -> str:
+    return {None: "not over", 0: "promoted", 1: "rolled back"}.get(code, f"failed (exit {code})")
 
 
 def result_text(code: int | None) -> str:
@@ -56,22 +72,29 @@ def result_text(code: int | None) -> str:
     return f"result: {'promoted' if code == 0 else 'rolled back'} (exit {code})"
 
 
+def served_text(service: ServiceModel) -> str:
+    """What a service served through the proxy since the start, by version (its metrics)."""
+    total = sum(service.served.values())
+    parts = ", ".join(f"{service.served.get(v, 0):.0f} by {NAMES[v]}" for v in (STABLE, CANARY))
+    return f"{service.name}: {outcome(service.result)}; served {total:.0f} requests ({parts})"
+
+
 def rate_text(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f} req/s"
 
 
-def weight_text(model: DemoModel) -> str:
-    return "n/a" if model.weight is None else f"{model.weight:g}%"
+def weight_text(service: ServiceModel) -> str:
+    return "n/a" if service.weight is None else f"{service.weight:g}%"
 
 
-def summary_line(model: DemoModel) -> str:
-    parts = [f"traffic: weight {weight_text(model)}"]
+def summary_line(model: DemoModel, service: ServiceModel) -> str:
+    parts = [model.about(service, f"traffic: weight {weight_text(service)}")]
     for version in (STABLE, CANARY):
-        v = model.versions[version]
+        v = service.versions[version]
         parts.append(
             f"{NAMES[version]} {rate_text(v.rate)}, {fmt_rate(v.error_rate)} 5xx, p99 {fmt_seconds(v.p99)}"
         )
-    users = ", ".join(f"{model.users[v]} on {v}" for v in (STABLE, CANARY))
+    users = ", ".join(f"{service.users[v]} on {v}" for v in (STABLE, CANARY))
     parts.append(f"sticky users: {users}")
     return " | ".join(parts)
 
@@ -102,9 +125,13 @@ class PlainView:
     def tick(self, model: DemoModel) -> None:
         if model.elapsed >= self.next_summary:
             self.next_summary = model.elapsed + SUMMARY_EVERY
-            self._at(model, summary_line(model))
+            for service in model.services:
+                self._at(model, summary_line(model, service))
 
     def close(self, model: DemoModel, code: int | None) -> None:
+        if model.several and code is not None:
+            for service in model.services:
+                self._print(served_text(service))
         self._print(result_text(code))
 
 
@@ -155,15 +182,45 @@ class LiveView:
             self.live.stop()
             self.live = None
         style = "dim" if code is None else "bold green" if code == 0 else "bold red"
+        if model.several and code is not None:
+            for service in model.services:
+                self.console.print(served_text(service), highlight=False)
         self.console.print(result_text(code), style=style, highlight=False)
 
     def render(self, model: DemoModel) -> RenderableType:
         from rich.console import Group
 
-        return Group(self._status(model), self._versions(model), self._checks(model), self._events(model))
+        if model.several:
+            from rich.text import Text
 
-    def _status(self, model: DemoModel) -> RenderableType:
+            head = Text(
+                f"canary-proxy demo  {model.elapsed:5.1f}s   dashboard {model.urls.get('dashboard', '')}"
+            )
+            sections = [self._section(model, s) for s in model.services]
+            return Group(head, *sections, self._events(model))
+        service = model.services[0]
+        return Group(
+            self._status(model, service, title=f"canary-proxy demo  {model.elapsed:5.1f}s"),
+            self._versions(service),
+            self._checks(service),
+            self._events(model),
+        )
+
+    def _section(self, model: DemoModel, service: ServiceModel) -> RenderableType:
+        """One service of several: its rollout beside its versions, then its last checks."""
+        from rich.columns import Columns
+        from rich.console import Group
+
+        top = Columns([self._status(model, service), self._versions(service)], padding=(0, 3))  # wraps
+        title = f"{service.name}: host {service.host}"
+        return self._panel(Group(top, self._checks(service, rows=4)), title)
+
+    def _panel(self, body: RenderableType, title: str) -> RenderableType:
         from rich.panel import Panel
+
+        return Panel(body, title=title, title_align="left")
+
+    def _status(self, model: DemoModel, service: ServiceModel, *, title: str | None = None) -> RenderableType:
         from rich.progress_bar import ProgressBar
         from rich.table import Table
         from rich.text import Text
@@ -171,48 +228,51 @@ class LiveView:
         grid = Table.grid(padding=(0, 2))
         grid.add_column(style="dim", justify="right")
         grid.add_column()
-        grid.add_row("phase", Text(model.phase, style=PHASE_STYLE.get(model.phase, "bold")))
-        grid.add_row("step", model.step)
+        grid.add_row("phase", Text(service.phase, style=PHASE_STYLE.get(service.phase, "bold")))
+        grid.add_row("step", service.step)
         bar = Table.grid(padding=(0, 1))
-        bar.add_row(ProgressBar(total=100, completed=model.weight or 0, width=40), weight_text(model))
+        width = 40 if title is not None else 16
+        bar.add_row(ProgressBar(total=100, completed=service.weight or 0, width=width), weight_text(service))
         grid.add_row("canary weight", bar)
-        o = model.options
-        if o.bad_canary is None:
+        fail_at = model.options.fail_at
+        if service.bad_canary is None:
             health = Text("healthy", style="green")
-        elif model.fault_active:
-            health = Text(f"failing now ({o.bad_canary})", style="bold red")
+        elif service.fault_active:
+            health = Text(f"failing now ({service.bad_canary})", style="bold red")
         else:
-            health = Text(f"will fail ({o.bad_canary}) at {o.fail_at:g}%", style="yellow")
+            health = Text(f"will fail ({service.bad_canary}) at {fail_at:g}%", style="yellow")
         grid.add_row("canary v2", health)
+        if title is None:
+            return grid  # a section of several: the dashboard is named once, above them
         grid.add_row("dashboard", model.urls.get("dashboard", ""))
-        return Panel(grid, title=f"canary-proxy demo  {model.elapsed:5.1f}s", title_align="left")
+        return self._panel(grid, title)
 
-    def _versions(self, model: DemoModel) -> RenderableType:
+    def _versions(self, service: ServiceModel) -> RenderableType:
         from rich.table import Table
 
         table = Table(title="traffic through the proxy (its own metrics, last 3 s)", title_justify="left")
         for name in ("version", "req/s", "5xx", "p50", "p99", "sticky users"):
             table.add_column(name, justify="left" if name == "version" else "right")
         for version, style in ((STABLE, "blue"), (CANARY, "yellow")):
-            v = model.versions[version]
+            v = service.versions[version]
             table.add_row(
                 f"[{style}]{NAMES[version]}[/]",
                 "n/a" if v.rate is None else f"{v.rate:.1f}",
                 fmt_rate(v.error_rate),
                 fmt_seconds(v.p50),
                 fmt_seconds(v.p99),
-                str(model.users[version]),
+                str(service.users[version]),
             )
         return table
 
-    def _checks(self, model: DemoModel) -> RenderableType:
+    def _checks(self, service: ServiceModel, *, rows: int = 8) -> RenderableType:
         from rich.table import Table
         from rich.text import Text
 
         table = Table(title="analysis (each check of the rollout controller)", title_justify="left")
         for name in ("time", "step", "verdict", "canary", "stable", "why"):
             table.add_column(name, overflow="fold")
-        for row in model.checks[-8:]:
+        for row in service.checks[-rows:]:
             why = "; ".join(row.reasons) if row.reasons else "every limit holds"
             table.add_row(
                 f"{row.elapsed:5.1f}s",

@@ -35,7 +35,7 @@ async def run_single(
     """
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    metrics.init_data_plane()
+    metrics.init_data_plane(route=None)  # each route's series come with it: ProxyServer.apply_routes
     metrics.init_control_plane()
     proxy = ProxyServer(metrics=metrics, access_log=access_log_for(settings), limits=settings.limits)
     fallback = settings.default_backend_config()

@@ -1,6 +1,7 @@
 // canary-proxy's dashboard: polls /stats once a second and redraws. No framework, no network
 // but the admin port; the charts are uPlot (vendor/, MIT). Values from the server are only ever
-// set as text, never as HTML.
+// set as text, never as HTML. With several routes a selector picks the one charted; the page's
+// own ?route=NAME keeps the choice across a reload (and makes a link to one route).
 "use strict";
 
 (function () {
@@ -81,7 +82,21 @@
   const pct = (v) => (v == null ? "n/a" : (v * 100).toFixed(2) + "%");
   const ms = (v) => (v == null ? "n/a" : (v * 1000).toFixed(1) + "ms");
 
-  function showRollout(rollout) {
+  function showRollout(rollout, several) {
+    const box = $("analysis");
+    const a = rollout && rollout.phase ? rollout.lastAnalysis : null;
+    if (!a) {
+      // Never another route's (or an earlier rollout's) analysis.
+      box.replaceChildren("no analysis yet");
+      box.className = "muted";
+    }
+    if (!rollout && several) {
+      // /stats reports the rollout of a lone route only: say so rather than "no rollout".
+      text($("phase"), "–");
+      text($("step"), "–");
+      $("message").textContent = "One route of several: its rollout is not shown here (canary-proxy status shows it).";
+      return;
+    }
     if (!rollout || !rollout.phase) {
       text($("phase"), rollout && rollout.error ? "unreadable" : "no rollout");
       text($("step"), "–");
@@ -91,8 +106,6 @@
     text($("phase"), rollout.phase, rollout.phase);
     text($("step"), rollout.stepDescription || String(rollout.step + 1));
     $("message").textContent = rollout.message || "";
-    const box = $("analysis");
-    const a = rollout.lastAnalysis;
     if (!a) return;
     box.replaceChildren();
     box.className = "";
@@ -141,11 +154,34 @@
     }
   }
 
+  // The route charted: null is the server's default (the lone route, or the first).
+  let route = new URLSearchParams(location.search).get("route");
+
+  function showRoutes(stats) {
+    const picker = $("route");
+    const names = stats.routes || [];
+    const known = [...picker.options].map((o) => o.value);
+    if (names.join("\n") !== known.join("\n")) {
+      picker.replaceChildren(...names.map((name) => new Option(name, name)));
+    }
+    picker.value = stats.route;
+    $("route-picker").hidden = names.length < 2; // one route: nothing to pick
+  }
+
+  function pick(name) {
+    route = name;
+    const url = new URL(location.href);
+    url.searchParams.set("route", name);
+    history.replaceState(null, "", url);
+    refresh();
+  }
+
   function show(stats) {
+    showRoutes(stats);
     const w = stats.weight;
     text($("weight"), w ? `${w.percent}%` : "no config");
     $("weight").title = w ? `canary-weight ${w.weight} of ${w.total}` : "";
-    showRollout(stats.rollout);
+    showRollout(stats.rollout, (stats.routes || []).length > 1);
     showDecisions(stats.decisions);
     const config = stats.config || {};
     $("config").textContent = Object.entries(config)
@@ -154,22 +190,35 @@
     draw(stats);
   }
 
-  async function poll() {
+  async function refresh() {
     const updated = $("updated");
+    const asked = route;
     try {
-      const response = await fetch("/stats", { cache: "no-store", signal: AbortSignal.timeout(5000) });
+      const query = asked === null ? "" : "?route=" + encodeURIComponent(asked);
+      const response = await fetch("/stats" + query, { cache: "no-store", signal: AbortSignal.timeout(5000) });
+      if (response.status === 404 && asked !== null) {
+        if (route === asked) route = null; // that route is gone: back to the default one
+        text(updated, `no route ${asked}; showing the default`, "down");
+        return;
+      }
       if (!response.ok) throw new Error(`HTTP ${response.status}`);
       const stats = await response.json();
+      if (route !== asked) return; // a pick came in meanwhile: its own answer draws
       window.dashboard.stats = stats;
       window.dashboard.updates += 1;
       show(stats);
       text(updated, "updated " + new Date().toLocaleTimeString());
     } catch (err) {
       text(updated, `admin port unreachable (${err.message}); retrying`, "down");
-    } finally {
-      setTimeout(poll, POLL_MS);
     }
   }
+
+  async function poll() {
+    await refresh();
+    setTimeout(poll, POLL_MS);
+  }
+
+  $("route").addEventListener("change", (event) => pick(event.target.value));
 
   window.addEventListener("resize", () => {
     for (const chart of Object.values(charts)) {
