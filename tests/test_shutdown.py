@@ -268,8 +268,10 @@ async def test_more_sigterms_during_teardown_still_exit_0(
     proxy = await proxy_factory(base_config(stable, canary), "--workers", workers, "--drain-delay", "300ms")
     await sigterm(proxy)
     while proxy.process.returncode is None:  # until it is gone, through every stage of teardown
+        # os.kill, not Process.send_signal: that one polls (waitpid) first and may reap the
+        # child under asyncio's child watcher, which then reports a made-up returncode 255.
         with contextlib.suppress(ProcessLookupError):
-            proxy.process.send_signal(signal.SIGTERM)
+            os.kill(proxy.pid, signal.SIGTERM)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(proxy.process.wait()), 0.002)
     assert await exit_code(proxy) == 0

@@ -32,7 +32,7 @@ from ..control import ConfigControl, Routes
 from ..metrics import Metrics
 from ..runner import Exit
 from ..sources.raw import RawConfig
-from .lifecycle import Lifecycle
+from .lifecycle import HURRY_SIGNAL, Lifecycle
 from .public import public_socket
 from .settings import Settings
 from .worker import SETTINGS_ENV
@@ -165,7 +165,7 @@ class Supervisor:
         budget = self.settings.drain_delay + self.settings.shutdown_timeout + 5
         try:
             if not await life.unless_hurried(asyncio.wait_for(asyncio.shield(exited), budget)):
-                self._signal(signal.SIGINT)  # they skip what is left of their drain
+                self._signal(HURRY_SIGNAL)  # they skip what is left of their drain
                 await asyncio.wait_for(asyncio.shield(exited), HURRY_BUDGET)
         except TimeoutError:
             log.error("workers did not exit in time; killing them")
