@@ -9,10 +9,10 @@ another on one keep-alive connection. For each change it times:
 
 - **seen -> applied**: from the poll that saw the change to the proxy's ``config loaded``
   log line, which is written right after the new route table was swapped in. The poll does
-  not log; the directory it lists is watched with inotify instead: each poll opens it (to
-  glob it), and the proxy's reading of the route files opens those. The poll that saw the
-  change is the last directory open at least ``SETTLE`` (the watcher's wait for a write in
-  place to finish) before the first route file was opened;
+  not log; the directory is watched with inotify instead (in a process of its own, so that
+  this busy one does not delay its clock readings): each poll opens the directory to glob
+  it, and the proxy's reading of the route files opens those. The poll that saw the change
+  is the third directory open before the first file read (see ``DirectoryOpens.seen``);
 - **seen -> answered**: from that poll to the first probe answer from the new version;
 - **write -> answered**: from the rename to that answer, which also holds the wait for the
   next poll (every ``POLL_INTERVAL``).
@@ -110,13 +110,19 @@ class DirectoryOpens:
             kind, at = line.split()
             (self.listings if kind == b"dir" else self.reads).append(float(at))
 
-    def seen(self, after: float) -> tuple[float, float] | None:
-        """(the poll that saw a change made at ``after``, the start of the read it caused)."""
+    def seen(self, after: float) -> tuple[float, float]:
+        """(when the poll saw a change made at ``after``, the start of the read it caused).
+
+        ``watch_dir`` globs the directory three times per change: the poll that sees it,
+        the listing again after ``SETTLE``, and ``load_dir`` before it reads the files. So
+        the poll is the third directory open before the first read. A poll whose glob began
+        just before the write, and whose stats came after it, saw it at the write.
+        """
         read = next((t for t in self.reads if t >= after), None)
-        if read is None:
-            return None
-        polls = [t for t in self.listings if after <= t <= read - SETTLE]
-        return (polls[-1], read) if polls else None
+        opens = [t for t in self.listings if t < (read or 0)]
+        if read is None or len(opens) < 3 or opens[-2] - opens[-3] < SETTLE:
+            raise SystemExit(f"not the poll, settle, read sequence: opens {opens[-3:]}, read {read}")
+        return max(opens[-3], after), read
 
 
 # -- routes and traffic ----------------------------------------------------------------------
@@ -154,6 +160,7 @@ class Load:
     errors: list[str] = field(default_factory=list)
 
     async def run(self, url: str, targets: list[tuple[str, str]], stop: asyncio.Event, limit: int) -> None:
+        """One client; ``limit`` bounds the requests of all of them together."""
         async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
             k = 0
             while not stop.is_set() and self.sent < limit:
@@ -230,10 +237,7 @@ async def change_once(
     entry = await proxy.wait_log(lambda e: str(e.get("msg", "")).startswith("config loaded"), since=mark)
     answered = await probe.first(version, written)
     applied = log_time(entry)
-    seen = opens.seen(written)
-    if seen is None:
-        raise SystemExit(f"no poll seen by inotify between the write and the read: {entry}")
-    poll, read = seen
+    poll, read = opens.seen(written)
     return Change(applied - poll, answered - poll, answered - written, applied - read)
 
 
@@ -257,14 +261,13 @@ async def main(args: argparse.Namespace) -> None:
     changes: list[Change] = []
     opens = DirectoryOpens(folder)
     started = time.monotonic()
+    tasks = [
+        asyncio.create_task(load.run(proxy.url, targets, stop, args.load_limit))
+        for _ in range(args.concurrency)
+    ]
+    tasks.append(asyncio.create_task(probe.run(stop)))
     try:
         async with opens.watching():
-            limit = args.load_limit // max(1, args.concurrency)
-            clients = [
-                asyncio.create_task(load.run(proxy.url, targets, stop, limit))
-                for _ in range(args.concurrency)
-            ]
-            prober = asyncio.create_task(probe.run(stop))
             await probe.first("stable", 0)
             for i in range(args.changes):
                 await asyncio.sleep(rng.uniform(0, POLL_INTERVAL))  # any phase against the poll
@@ -272,13 +275,14 @@ async def main(args: argparse.Namespace) -> None:
                 doc = route_document(stable, canary, host=PROBE, path="/", weight=weight)
                 changes.append(await change_once(proxy, opens, probe, probe_file, doc, version))
             stop.set()
-            await asyncio.gather(*clients, prober)
+            await asyncio.gather(*tasks)
     finally:
         stop.set()
         await stop_proxy(proxy)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await stable.stop()
         await canary.stop()
-    report(args, changes, load, time.monotonic() - started, stable.hits + canary.hits)
+    report(args, changes, load, len(probe.answers), time.monotonic() - started)
 
 
 def quantiles(values: list[float]) -> str:
@@ -287,10 +291,14 @@ def quantiles(values: list[float]) -> str:
     return f"{statistics.median(ms):.0f} | {p99:.0f} | {ms[-1]:.0f}"
 
 
-def report(args: argparse.Namespace, changes: list[Change], load: Load, seconds: float, hits: int) -> None:
-    loadavg = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def report(args: argparse.Namespace, changes: list[Change], load: Load, probed: int, seconds: float) -> None:
     print(f"{args.routes:,} routes over {args.hosts} hosts in a --config-dir; {len(changes)} changes of one "
-          f"route's weight (0 <-> 100); load average at the end {loadavg}\n")  # fmt: skip
+          f"route's weight (0 <-> 100); load average at the start {args.loadavg}, "
+          f"at the end {loadavg()}\n")  # fmt: skip
     print(f"| ms, over {len(changes)} changes | p50 | p99 | max |")
     print("|---|--:|--:|--:|")
     rows: list[tuple[str, Callable[[Change], float]]] = [
@@ -301,10 +309,9 @@ def report(args: argparse.Namespace, changes: list[Change], load: Load, seconds:
     ]
     for label, get in rows:
         print(f"| {label} | {quantiles([get(c) for c in changes])} |")
-    rate = load.sent / seconds if seconds else 0.0
     print(f"\nBackground: {load.sent:,} requests on {args.load_routes} routes at concurrency "
-          f"{args.concurrency} ({rate:,.0f}/s), {load.failed} failed; the backends answered "
-          f"{hits:,} (the probe's included).")  # fmt: skip
+          f"{args.concurrency} ({load.sent / seconds:,.0f}/s), {load.failed} failed. The probe: {probed:,} "
+          f"requests, one at a time ({probed / seconds:,.0f}/s).")  # fmt: skip
     for error in load.errors:
         print(f"  failed: {error}")
 
@@ -316,5 +323,9 @@ if __name__ == "__main__":
     parser.add_argument("--changes", type=int, default=50, help="weight changes to time (50)")
     parser.add_argument("--load-routes", type=int, default=8, help="routes with background traffic (8)")
     parser.add_argument("--concurrency", type=int, default=8, help="background requests in flight (8)")
-    parser.add_argument("--load-limit", type=int, default=200_000, help="background requests at most")
-    asyncio.run(main(parser.parse_args()))
+    parser.add_argument(
+        "--load-limit", type=int, default=200_000, help="background requests at most, in all (200000)"
+    )
+    arguments = parser.parse_args()
+    arguments.loadavg = loadavg()
+    asyncio.run(main(arguments))
