@@ -25,7 +25,16 @@ runs; the targets take turns within each repeat so machine noise hits them alike
 Markdown table for the README, with the machine and the exact command line. Every process
 it starts is stopped by pid, on errors and Ctrl-C too.
 
-    .venv/bin/python loadtests/bench.py [--duration 10] [--repeats 3] [--quick]
+*Many routes* (``--routes N --hosts H``): a second canary-proxy serves N routes over H hosts
+(``--routes-from dir``: one file each in a ``--config-dir``, watched live as in production;
+``file``: one file of N YAML documents), every one pointing at the same backends, next to the
+one-route canary-proxy, in the same run. Each host has N/H prefix routes, ``/`` and ``/r1``
+... ``/rK``; wrk sends its requests round-robin over every (Host, path) pair of them (a Lua
+script; the backends strip the ``/rK`` prefix), to every target alike, so the two
+canary-proxies differ only in their routes. A request for ``/`` scans all of its host's
+candidates before it matches. nginx keeps its single config, for reference.
+
+    .venv/bin/python loadtests/bench.py [--duration 10] [--repeats 3] [--quick] [--routes 1000 --hosts 200]
 
 Needs the Debian packages ``nginx`` and ``wrk``, and 2+ CPUs for the pinned section.
 """
@@ -64,6 +73,8 @@ BODIES = {"small": ("/small", "2 B"), "16k": ("/16k", "16 KiB"), "1m": ("/1m", "
 CONNECTIONS = (64, 1)
 TARGETS = ("direct", "nginx", "canary-proxy")
 TARGET_LABELS = {"direct": "backend direct", "nginx": "nginx", "canary-proxy": "canary-proxy"}
+ROUTES_TARGET = "canary-proxy-routes"  # --routes: the same proxy serving N routes
+ROUTES_TARGET_MAX_LOSS = 0.10  # the issue's target: N routes within 10 % of one route's req/s
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL
 SPLIT_DELTA = 1e-6
@@ -216,7 +227,7 @@ http {{
         listen 127.0.0.1:{port} backlog=4096;
         root {www};
         location = /small {{ return 200 "ok"; }}
-        location = /nginx_status {{ stub_status; }}
+        location = /nginx_status {{ stub_status; }}{rewrite}
     }}
 }}
 """
@@ -289,7 +300,13 @@ class Backend:
         return int(lines[2].split()[2])
 
 
-def start_backends(procs: Processes, workdir: Path) -> tuple[Backend, Backend]:
+# --routes: /rK/small is the route /rK's request for /small; the backends drop the prefix.
+ROUTE_PREFIX_REWRITE = "\n        rewrite ^/r[0-9]+(/.*)$ $1 last;"
+
+
+def start_backends(
+    procs: Processes, workdir: Path, *, route_prefixes: bool = False
+) -> tuple[Backend, Backend]:
     www = workdir / "www"
     www.mkdir()
     (www / "16k").write_bytes(b"x" * 16384)
@@ -300,7 +317,8 @@ def start_backends(procs: Processes, workdir: Path) -> tuple[Backend, Backend]:
     for name in ("stable", "canary"):
         port = free_port()
         directory = workdir / f"backend-{name}"
-        conf = BACKEND_CONF.format(workers=1, dir=directory, port=port, www=www)
+        rewrite = ROUTE_PREFIX_REWRITE if route_prefixes else ""
+        conf = BACKEND_CONF.format(workers=1, dir=directory, port=port, www=www, rewrite=rewrite)
         proc = start_nginx(procs, f"backend-{name}", conf, directory, cpu=None)
         wait_until(functools.partial(port_open, port), proc, f"backend {name}")
         backends.append(Backend(name, port, proc))
@@ -343,21 +361,86 @@ def start_nginx_proxy(
     return Target("nginx", f"http://127.0.0.1:{port}", proc, [directory / "access.log"])
 
 
-def start_canary_proxy(
-    procs: Processes, workdir: Path, backends: tuple[Backend, Backend], *, workers: str, cpu: str | None
-) -> Target:
-    directory = workdir / f"canary-proxy-{workers}"
-    directory.mkdir()
-    config = directory / "canary.yaml"
-    config.write_text(
+@dataclass(frozen=True)
+class RouteLayout:
+    """``--routes N --hosts H``: route k is on host ``h{k % H}.bench.test``, path ``/`` for the
+    first H routes and ``/r{k // H}`` (a prefix) after them."""
+
+    routes: int
+    hosts: int
+    source: str  # "dir" (--config-dir, one file per route) or "file" (one file, N documents)
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """Each route's (Host, path prefix of its requests): "" for the ``/`` routes."""
+        return [(f"h{k % self.hosts}.bench.test", f"/r{k // self.hosts}" if k >= self.hosts else "")
+                for k in range(self.routes)]  # fmt: skip
+
+    def documents(self, backends: tuple[Backend, Backend]) -> list[str]:
+        return [
+            f"host: {host}\npath: {prefix or '/'}\n" + pair_config(backends) for host, prefix in self.pairs()
+        ]
+
+    def lua(self) -> str:
+        """A wrk script: every request round-robin over the routes' (Host, path) pairs, each
+        request built once in ``init``, so wrk's per-request cost is one table read."""
+        pairs = ",\n".join(f'  {{"{host}", "{prefix}"}}' for host, prefix in self.pairs())
+        return (
+            f"local pairs = {{\n{pairs}\n}}\n"
+            "local requests, i = {}, 0\n"
+            "function init(args)\n"
+            "  for k, pair in ipairs(pairs) do\n"
+            '    requests[k] = wrk.format("GET", pair[2] .. wrk.path, {Host = pair[1]})\n'
+            "  end\n"
+            "end\n"
+            "function request()\n"
+            "  i = i % #requests + 1\n"
+            "  return requests[i]\n"
+            "end\n"
+        )
+
+    def label(self) -> str:
+        return f"canary-proxy, {self.routes:,} routes / {self.hosts} hosts ({self.source})"
+
+
+def pair_config(backends: tuple[Backend, Backend]) -> str:
+    return (
         f"stable-url: http://127.0.0.1:{backends[0].port}\n"
         f"canary-url: http://127.0.0.1:{backends[1].port}\n"
         f"canary-weight: {CANARY_WEIGHT}\n"
         "canary-by-header: X-Canary\n"
     )
+
+
+def start_canary_proxy(
+    procs: Processes,
+    workdir: Path,
+    backends: tuple[Backend, Backend],
+    *,
+    workers: str,
+    cpu: str | None,
+    layout: RouteLayout | None = None,
+) -> Target:
+    """One catch-all route (today's config), or ``layout``'s routes."""
+    name = "canary-proxy" if layout is None else ROUTES_TARGET
+    directory = workdir / f"{name}-{workers}"
+    directory.mkdir()
+    if layout is None:
+        config = directory / "canary.yaml"
+        config.write_text(pair_config(backends))
+        source = ["--config", str(config)]
+    elif layout.source == "dir":
+        routes = directory / "routes"
+        routes.mkdir()
+        for k, document in enumerate(layout.documents(backends)):
+            (routes / f"route-{k:05d}.yaml").write_text(document)
+        source = ["--config-dir", str(routes)]
+    else:
+        config = directory / "routes.yaml"
+        config.write_text("---\n".join(layout.documents(backends)))
+        source = ["--config", str(config)]
     access, stderr = directory / "access.log", directory / "stderr.log"
     argv = [
-        *pinned(cpu), sys.executable, "-m", "canary_proxy", "serve", "--config", str(config),
+        *pinned(cpu), sys.executable, "-m", "canary_proxy", "serve", *source,
         "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--workers", workers,
         "--drain-delay", "0", "--shutdown-timeout", "2s",
     ]  # fmt: skip
@@ -373,8 +456,8 @@ def start_canary_proxy(
                     return dict(entry)
         return None
 
-    entry = wait_until(ready, proc, "canary-proxy")
-    return Target("canary-proxy", "http://" + entry["public"], proc, [access])
+    entry = wait_until(ready, proc, name)
+    return Target(name, "http://" + entry["public"], proc, [access])
 
 
 # -- wrk -------------------------------------------------------------------------------------
@@ -424,11 +507,18 @@ def parse_wrk(out: str) -> WrkResult:
 
 
 def run_wrk(
-    procs: Processes, url: str, *, connections: int, threads: int, duration: float, cpu: str | None
+    procs: Processes,
+    url: str,
+    *,
+    connections: int,
+    threads: int,
+    duration: float,
+    cpu: str | None,
+    script: Path | None = None,
 ) -> WrkResult:
     argv = [
         *pinned(cpu), "wrk", f"-t{min(threads, connections)}", f"-c{connections}",
-        f"-d{duration:g}s", "--latency", url,
+        f"-d{duration:g}s", "--latency", *(["-s", str(script)] if script is not None else []), url,
     ]  # fmt: skip
     proc = procs.start("wrk", argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -482,6 +572,7 @@ def measure(
     connections: int,
     repeat: int,
     duration: float,
+    script: Path | None,
 ) -> Run:
     tree = target.proc.tree() if target.proc is not None else []
     before = (cpu_seconds(tree), backends[0].served(), backends[1].served())
@@ -492,6 +583,7 @@ def measure(
         threads=section.wrk_threads,
         duration=duration,
         cpu=section.load_cpu,
+        script=script,
     )
     after = (cpu_seconds(tree), backends[0].served(), backends[1].served())
     for log in target.logs:
@@ -518,6 +610,36 @@ def measure(
     )
 
 
+def layout_of(args: argparse.Namespace) -> RouteLayout | None:
+    return RouteLayout(args.routes, args.hosts, args.routes_from) if args.routes else None
+
+
+def target_names(layout: RouteLayout | None) -> tuple[str, ...]:
+    return TARGETS if layout is None else (*TARGETS, ROUTES_TARGET)
+
+
+def target_label(name: str, layout: RouteLayout | None) -> str:
+    if name == ROUTES_TARGET and layout is not None:
+        return layout.label()
+    return TARGET_LABELS[name] + (", 1 route" if name == "canary-proxy" and layout is not None else "")
+
+
+@contextlib.contextmanager
+def paused(proc: Proc) -> Iterator[None]:
+    """SIGSTOP ``proc``'s tree while another target is measured: an idle canary-proxy with a
+    watched directory of 1,000 files still polls it, on the same CPU as the target."""
+    tree = proc.tree()
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
 def run_section(
     procs: Processes,
     section: Section,
@@ -527,47 +649,69 @@ def run_section(
 ) -> list[Run]:
     for backend in backends:
         set_affinity(backend.proc, section.load_cpu)
+    layout = layout_of(args)
+    names = target_names(layout)
     proxies = [
         start_nginx_proxy(procs, workdir, backends, workers=section.workers, cpu=section.proxy_cpu),
         start_canary_proxy(procs, workdir, backends, workers=section.workers, cpu=section.proxy_cpu),
     ]
-    targets = {
-        "direct": Target("direct", f"http://127.0.0.1:{backends[0].port}"),
-        "nginx": proxies[0],
-        "canary-proxy": proxies[1],
-    }
+    script = None
+    if layout is not None:
+        script = workdir / "routes.lua"
+        script.write_text(layout.lua())
+        proxies.append(
+            start_canary_proxy(
+                procs, workdir, backends, workers=section.workers, cpu=section.proxy_cpu, layout=layout
+            )
+        )
+    targets = {"direct": Target("direct", f"http://127.0.0.1:{backends[0].port}")}
+    targets.update((proxy.name, proxy) for proxy in proxies)
+
+    def others_paused(name: str) -> contextlib.ExitStack:
+        """Every canary-proxy but ``name`` stopped, so only the target measured takes CPU."""
+        stack = contextlib.ExitStack()
+        for other in proxies:
+            if other.name != name and other.name.startswith("canary-proxy") and other.proc is not None:
+                stack.enter_context(paused(other.proc))
+        return stack
+
     runs: list[Run] = []
     try:
         bodies = args.bodies.split(",")
         if args.warmup > 0:
             for body in bodies:
-                for name in TARGETS:
-                    run_wrk(
-                        procs,
-                        targets[name].url + BODIES[body][0],
-                        connections=CONNECTIONS[0],
-                        threads=section.wrk_threads,
-                        duration=args.warmup,
-                        cpu=section.load_cpu,
-                    )
+                for name in names:
+                    with others_paused(name):
+                        run_wrk(
+                            procs,
+                            targets[name].url + BODIES[body][0],
+                            connections=CONNECTIONS[0],
+                            threads=section.wrk_threads,
+                            duration=args.warmup,
+                            cpu=section.load_cpu,
+                            script=script,
+                        )
         for repeat in range(args.repeats):
-            order = TARGETS[repeat % 3 :] + TARGETS[: repeat % 3]  # take turns going first
+            turn = repeat % len(names)
+            order = names[turn:] + names[:turn]  # take turns going first
             for body in bodies:
                 for connections in CONNECTIONS:
                     for name in order:
-                        run = measure(
-                            procs,
-                            section,
-                            targets[name],
-                            backends,
-                            body=body,
-                            connections=connections,
-                            repeat=repeat,
-                            duration=args.duration,
-                        )
+                        with others_paused(name):
+                            run = measure(
+                                procs,
+                                section,
+                                targets[name],
+                                backends,
+                                body=body,
+                                connections=connections,
+                                repeat=repeat,
+                                duration=args.duration,
+                                script=script,
+                            )
                         runs.append(run)
                         print(
-                            f"  [{section.key} {repeat + 1}/{args.repeats}] {name:>12} {body:>5} "
+                            f"  [{section.key} {repeat + 1}/{args.repeats}] {name:>19} {body:>5} "
                             f"@{connections:<2}: {run.rps:9.0f} req/s  p50 {ms(run.p50)}  p99 {ms(run.p99)}",
                             file=sys.stderr,
                         )
@@ -606,7 +750,9 @@ def cell(
     return f"{fmt(value)} ({value / reference:.2f}×)"  # noqa: RUF001  (a multiplication sign)
 
 
-def section_table(section: Section, runs: list[Run], bodies: list[str]) -> list[str]:
+def section_table(
+    section: Section, runs: list[Run], bodies: list[str], layout: RouteLayout | None
+) -> list[str]:
     lines = [
         f"#### {section.title}",
         "",
@@ -622,8 +768,9 @@ def section_table(section: Section, runs: list[Run], bodies: list[str]) -> list[
         ]
         return median_of(chosen, attr)
 
+    names = target_names(layout)
     for body in bodies:
-        for target in TARGETS:
+        for target in names:
             ref = target == "nginx"
             cols = [
                 ("rps", 64, lambda v: f"{v:,.0f}"),
@@ -637,15 +784,48 @@ def section_table(section: Section, runs: list[Run], bodies: list[str]) -> list[
                 cell(pick(target, body, c, attr), pick("nginx", body, c, attr), fmt, ref)
                 for attr, c, fmt in cols
             ]
-            label = BODIES[body][1] if target == TARGETS[0] else ""
-            lines.append(f"| {label} | {TARGET_LABELS[target]} | " + " | ".join(cells) + " |")
+            label = BODIES[body][1] if target == names[0] else ""
+            lines.append(f"| {label} | {target_label(target, layout)} | " + " | ".join(cells) + " |")
     return lines
 
 
-def split_lines(section: Section, runs: list[Run]) -> tuple[list[str], bool]:
+TIMES = "\u00d7"  # the multiplication sign of the ratios
+
+
+def routes_lines(section: Section, runs: list[Run], bodies: list[str], layout: RouteLayout) -> list[str]:
+    """The N-route canary-proxy against the one-route one, from the same run: the issue's
+    target is req/s @64 within 10 %. A miss is reported, not an error: the run is valid."""
+    lines = []
+    measures: list[tuple[str, str, int, Callable[[float], str]]] = [
+        ("req/s @64", "rps", 64, lambda v: f"{v:,.0f}"),
+        ("p50 @1", "p50", 1, ms),
+        ("CPU / request", "cpu_per_request", 64, us),
+    ]
+    for body in bodies:
+        figures = []
+        for what, attr, connections, fmt in measures:
+            chosen = [
+                r for r in runs if (r.section, r.body, r.connections) == (section.key, body, connections)
+            ]
+            many = median_of([r for r in chosen if r.target == ROUTES_TARGET], attr)
+            one = median_of([r for r in chosen if r.target == "canary-proxy"], attr)
+            if many is None or not one:
+                continue
+            figure = f"{what} {many / one:.3f}{TIMES} ({fmt(many)} against {fmt(one)})"
+            if attr == "rps":
+                floor = 1 - ROUTES_TARGET_MAX_LOSS
+                good = many >= floor * one
+                figure += " OK" if good else f" MISSED (target {floor:.2f}{TIMES} or more)"
+            figures.append(figure)
+        lines.append(f"- {BODIES[body][1]}: " + "; ".join(figures))
+    head = f"{layout.routes:,} routes / {layout.hosts} hosts against 1 route (same run, same wrk script):"
+    return [head, *lines]
+
+
+def split_lines(section: Section, runs: list[Run], layout: RouteLayout | None) -> tuple[list[str], bool]:
     lines, ok = [], True
     p = CANARY_WEIGHT / 100
-    for target in ("canary-proxy", "nginx"):
+    for target in ("canary-proxy", ROUTES_TARGET, "nginx"):
         chosen = [r for r in runs if r.section == section.key and r.target == target]
         stable = sum(r.stable or 0 for r in chosen)
         canary = sum(r.canary or 0 for r in chosen)
@@ -658,7 +838,7 @@ def split_lines(section: Section, runs: list[Run]) -> tuple[list[str], bool]:
         good = abs(share - p) <= tolerance
         ok &= good
         lines.append(
-            f"- {TARGET_LABELS[target]}: {100 * share:.2f} % to the canary of {n:,} requests the "
+            f"- {target_label(target, layout)}: {100 * share:.2f} % to the canary of {n:,} requests the "
             f"backends counted (wrk completed {sent:,}); configured {CANARY_WEIGHT} %, "
             f"tolerance ±{100 * tolerance:.2f} % (Bernstein, δ = {SPLIT_DELTA:g}): "
             f"{'OK' if good else 'OFF'}"
@@ -739,13 +919,23 @@ def report(
         "(the nginx master and worker; the canary-proxy supervisor and workers), at 64 connections.",
         "",
     ]
+    layout = layout_of(args)
+    if layout is not None:
+        lines += [
+            f"{layout.label()}: every route points at the same backends; wrk sends every target the "
+            f"same requests, round-robin over the {layout.routes:,} routes' Host and path (a Lua "
+            "script); while one target is measured, the other canary-proxy is stopped (SIGSTOP).",
+            "",
+        ]
     ok = errors == 0
     for section in sections:
         chosen = [r for r in runs if r.section == section.key]
         if not chosen:
             continue
-        lines += section_table(section, chosen, bodies)
-        split, good = split_lines(section, chosen)
+        lines += section_table(section, chosen, bodies, layout)
+        if layout is not None:
+            lines += ["", *routes_lines(section, chosen, bodies, layout)]
+        split, good = split_lines(section, chosen, layout)
         ok &= good
         lines += ["", "Observed split (counted by each backend):", *split, ""]
     if errors:
@@ -796,6 +986,16 @@ def main() -> int:
     parser.add_argument("--sections", default="pinned,auto", help="pinned,auto (default both)")
     parser.add_argument("--bodies", default="small,16k,1m", help="small,16k,1m (default all)")
     parser.add_argument("--json", type=Path, help="also write every run as JSON here")
+    parser.add_argument(
+        "--routes", type=int, default=0, help="also measure a canary-proxy serving N routes (default: off)"
+    )
+    parser.add_argument("--hosts", type=int, default=200, help="with --routes: over H hosts (default 200)")
+    parser.add_argument(
+        "--routes-from",
+        choices=("dir", "file"),
+        default="dir",
+        help="with --routes: a --config-dir of N files (default), or one file of N documents",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
     args = parser.parse_args()
     if args.quick:
@@ -803,6 +1003,8 @@ def main() -> int:
     for body in args.bodies.split(","):
         if body not in BODIES:
             parser.error(f"unknown body {body!r}: expected small, 16k or 1m")
+    if args.routes < 0 or (args.routes and not 1 <= args.hosts <= args.routes):
+        parser.error("--routes N needs 1 <= --hosts <= N")
     for tool in ("nginx", "wrk", "taskset"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is not installed (Debian packages nginx, wrk, util-linux)")
@@ -814,11 +1016,16 @@ def main() -> int:
     runs: list[Run] = []
     try:
         sections = list(sections_for(args.sections.split(",")))
-        cells = len(sections) * len(args.bodies.split(",")) * len(CONNECTIONS) * len(TARGETS)
+        cells = (
+            len(sections)
+            * len(args.bodies.split(","))
+            * len(CONNECTIONS)
+            * len(target_names(layout_of(args)))
+        )
         minutes = cells * (args.repeats * args.duration + args.warmup / len(CONNECTIONS)) / 60
         plan = f"{cells} cells x {args.repeats} runs of {args.duration}s"
         print(f"bench: {plan}: about {minutes:.0f} min", file=sys.stderr)
-        backends = start_backends(procs, workdir)
+        backends = start_backends(procs, workdir, route_prefixes=bool(args.routes))
         for section in sections:
             print(f"== {section.key}", file=sys.stderr)
             runs += run_section(procs, section, workdir, backends, args)
