@@ -82,6 +82,7 @@ async def _stats(request: web.Request) -> web.Response:
     ``?route=NAME``, else the lone route or the first. The rollout is shown for a lone route
     only: it is the one a ``--config FILE`` or ConfigMap rollout records."""
     sampler, served = request.app[STATS], request.app[ADMIN_STATE].served()
+    sampler.watched()
     routes = offered_routes(sampler.history.latest, [r.name for r in served])
     route = request.query.get("route") or (routes[0] if routes else DEFAULT_ROUTE)
     if "route" in request.query and route not in routes:

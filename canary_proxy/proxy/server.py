@@ -70,6 +70,7 @@ class ProxyServer:
         self.tick = _tick_for(self.limits, None)
         self.table: RouteTable[Runtime] | None = None  # swapped whole by apply_routes
         self.fallback: Runtime | None = None  # --default-backend
+        self._series: set[str] = set()  # routes whose metric series were created at zero
         self.pools: dict[str, UpstreamPool] = {}  # by URL (and CA bundle, for https)
         self._ca: dict[str, ssl.SSLContext] = {}  # upstream-ca contexts by content digest
         self.connections: set[ClientConnection] = set()
@@ -198,7 +199,9 @@ class ProxyServer:
             runtime = self._runtime(route.name, route.config, previous.get(route.name))
             if runtime is not None:
                 items.append((route, runtime))
-                self.metrics.init_data_plane(route.name)
+                if route.name not in self._series:  # once per route name: not per change
+                    self._series.add(route.name)
+                    self.metrics.init_data_plane(route.name)
         table = RouteTable(items)
         self.fallback = self._runtime("default-backend", fallback, None) if fallback is not None else None
         configs = [runtime.config for _, runtime in table.items]
