@@ -155,6 +155,7 @@ class Metrics:
         self._in_flight_by: dict[tuple[str, str], Gauge] = {}
         self._duration_by: dict[tuple[str, str], Histogram] = {}
         self._decisions_by: dict[tuple[str, str, str], Counter] = {}
+        self._series: dict[str, RouteSeries] = {}
 
     def init_data_plane(self, route: str | None = DEFAULT_ROUTE) -> None:
         """Create a route's per-version series at zero so rate() works from the first scrape
@@ -174,6 +175,13 @@ class Metrics:
     def init_control_plane(self) -> None:
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
+
+    def series(self, route: str) -> RouteSeries:
+        """One route's per-request children, built once per route name."""
+        found = self._series.get(route)
+        if found is None:
+            found = self._series[route] = RouteSeries(self, route)
+        return found
 
     def in_flight_of(self, route: str, version: str) -> Gauge:
         key = (route, version)
@@ -210,3 +218,36 @@ class Metrics:
         if child is None:
             child = self._decisions_by[key] = self.decisions.labels(route, version, rule)
         child.inc()
+
+
+class RouteSeries:
+    """One route's series for the per-request path, found without building label tuples:
+    in flight and duration by version, requests by (version, code, method label), decisions
+    by (version, rule). The caches are keyed by label values, so client input cannot grow
+    them."""
+
+    __slots__ = ("_decisions", "_metrics", "_requests", "duration", "in_flight", "route")
+
+    def __init__(self, metrics: Metrics, route: str) -> None:
+        self._metrics = metrics
+        self.route = route
+        self.in_flight = {v: metrics.in_flight.labels(route, v) for v in VERSIONS}
+        self.duration = {v: metrics.duration.labels(route, v) for v in VERSIONS}
+        self._requests: dict[tuple[str, int, str], Counter] = {}
+        self._decisions: dict[tuple[str, str], Counter] = {}
+
+    def count(self, version: str, code: int, method: str, rule: str, seconds: float) -> None:
+        key = (version, code, method if method in KNOWN_METHODS else "OTHER")
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = self._metrics.requests.labels(
+                self.route, version, str(code), key[2]
+            )
+        child.inc()
+        self.duration[version].observe(seconds)
+        decided = self._decisions.get((version, rule))
+        if decided is None:
+            decided = self._decisions[(version, rule)] = self._metrics.decisions.labels(
+                self.route, version, rule
+            )
+        decided.inc()

@@ -19,10 +19,9 @@ from typing import Protocol
 
 import httptools
 
-from ..router import UNROUTED
 from .cycle import Cycle, Proxy
-from .exchange import Exchange
-from .headers import SINGLE, Peer, invalid_head, is_websocket, new_request_id, simple_response
+from .exchange import Exchange, unrouted
+from .headers import SINGLE, Peer, invalid_head, is_websocket, simple_response
 from .limits import Limits
 from .request import Request
 from .upstream import UpstreamConnection, write_parts
@@ -334,18 +333,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _account_rejected(self, status: int) -> None:
         """Counted (``version="none"``) and logged like any request: bad input is visible."""
-        request = self.request
-        ex = Exchange(
-            start=time.monotonic(),
-            method=request.method if request is not None else "",
-            path=request.url.decode("latin-1") if request is not None else "",
-            client=self.peer.client,
-            version=UNROUTED,
-            rule="rejected",
-            request_id=new_request_id(),
-            status=status,
-        )
-        self.server.reject(ex)
+        self.server.reject(unrouted(self.request, self.peer.client, status=status, rule="rejected"))
 
     def pause_reading(self, reason: str) -> None:
         if not self._paused and self.transport is not None:

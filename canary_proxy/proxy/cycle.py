@@ -21,8 +21,9 @@ from dataclasses import replace
 from typing import Final, Protocol
 
 from ..metrics import Metrics
-from ..router import CANARY, STABLE, UNROUTED, mirrored
+from ..router import CANARY, STABLE, mirrored
 from ..routes import RouteTable
+from .body import BodyRelay
 from .exchange import (
     Client,
     Exchange,
@@ -32,6 +33,7 @@ from .exchange import (
     decision_for,
     own_headers,
     pick,
+    unrouted,
 )
 from .headers import (
     CHUNKED_BODY,
@@ -43,14 +45,13 @@ from .headers import (
     upstream_head,
     valid_request_id,
 )
-from .mirror import Copy, Mirrors
+from .mirror import Mirrors
 from .request import Request
 from .upstream import CHUNKED, IDEMPOTENT, ConnectFailed, UpstreamConnection, UpstreamPool
 
 log = logging.getLogger(__name__)
 
 _WRITE_NOW = 64 << 10  # a response body read this large is written at once, not batched
-_REPLAY_LIMIT = 64 << 10  # request body kept for a retry after a stale pooled connection
 _BODY_ERRORS: Final = {400: "malformed request body", 413: "request body too large"}
 
 
@@ -115,13 +116,9 @@ class Cycle:
         self.body_framing = NO_BODY  # of the response to the client (headers.client_head)
         self.close_after = False
         self.websocket = False
-        self.forwarded = 0  # request body bytes written upstream
-        # The body sent on a pooled connection, kept (up to _REPLAY_LIMIT) so that a retry on
-        # a fresh connection can resend it whole; None once it grew past the limit.
-        self.replay: list[bytes] | None = []
-        self.bytes_in = 0  # request body bytes received from the client
+        # The request body's trip upstream; most requests have none, and pay nothing for it.
+        self.body = BodyRelay(request, self) if request.has_body else None
         self.bad_status = 0  # set when the request's own body is malformed
-        self.mirror: Copy | None = None  # collecting the body of a copy for the canary
 
     # -- begin, settle, finish ------------------------------------------------------------
 
@@ -170,17 +167,7 @@ class Cycle:
         self.close_after = request.has_body and not request.body_done
         host = (request.lookup.get(b"host") or b"").decode("latin-1")
         body = f"404: no route for host {host or '(none)'} path {request.url.decode('latin-1')}\n"
-        ex = Exchange(
-            start=time.monotonic(),
-            method=request.method,
-            path=request.url.decode("latin-1"),
-            client=self.client.peer.client,
-            version=UNROUTED,
-            rule="no-route",
-            request_id=new_request_id(),
-            status=404,
-        )
-        self.server.reject(ex)
+        self.server.reject(unrouted(request, self.client.peer.client, status=404, rule="no-route"))
         close = self.close_after or self.client.draining or not request.keep_alive
         response = simple_response(404, body.encode(), close=close, head=request.method == "HEAD")
         self.client.send_now(response)
@@ -203,6 +190,7 @@ class Cycle:
             rule=decision.rule,
             request_id=rid.decode("ascii") if rid is not None and valid_request_id(rid) else new_request_id(),
             route=runtime.name,
+            series=runtime.series,
         )
         server.enter(ex)
         self.route = Routed(runtime, decision, ex, runtime.pool(ex.version))
@@ -238,7 +226,8 @@ class Cycle:
         upstream = self.tried
         if upstream is not None and self._retryable(error, upstream):
             self.retried = True
-            self.request.relay = None  # body that arrives meanwhile is buffered for the new attempt
+            if self.body is not None:
+                self.body.detach()  # what arrives meanwhile is buffered for the new attempt
             log.info(
                 "stale pooled connection to %s; retrying once on a fresh one", upstream.pool.upstream.url
             )
@@ -285,16 +274,18 @@ class Cycle:
         ex = self.route.ex
         self.server.websocket_closed(self)
         self.route.pool.leave()
-        ex.bytes_in = self.bytes_in
+        ex.bytes_in = self.body.bytes_in if self.body is not None else 0
         self.server.leave(ex)
 
     def _start_mirror(self, runtime: Runtime) -> None:
         request = self.request
         head = self._upstream_head(runtime.canary, framing=False)
-        self.mirror = self.server.mirrors.begin(
+        copy = self.server.mirrors.begin(
             runtime.canary, runtime.config, runtime.name, request.method, head,
             length=request.content_length, chunked=request.chunked,
         )  # fmt: skip
+        if self.body is not None:  # else the copy went at once (begin returned None)
+            self.body.mirror = copy
 
     def _body_failure(self) -> UpstreamFailure:
         return UpstreamFailure(
@@ -318,15 +309,18 @@ class Cycle:
         self.server.hold_upstream(upstream, self._upstream_head(upstream.pool, framing=True))
         if self.expect_continue and request.version == "1.1" and not request.body_done:
             self.client.send_now(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self._attach_body(upstream)
+        if self.body is not None:
+            self.body.attach(upstream, reused=reused, retried=self.retried)
+            self.client.resume_reading("body")
         self._arm_timer(route.runtime.config.upstream_timeout)
 
     def _retryable(self, failure: UpstreamFailure, upstream: UpstreamConnection) -> bool:
         """A pooled connection the upstream had closed: retry once, when it is safe to:
         idempotent methods, and requests none of whose body has been sent yet; and only if
-        the body can be sent again in full (none sent yet, or all of it kept in ``replay``)."""
-        safe = self.request.method in IDEMPOTENT or self.forwarded == 0
-        whole = self.forwarded == 0 or self.replay is not None
+        the body can be sent again in full (none sent yet, or all of it kept for a replay)."""
+        body = self.body
+        safe = self.request.method in IDEMPOTENT or body is None or body.forwarded == 0
+        whole = body is None or body.whole
         stale = failure.reason == "reset" and self.reused and not self.retried and not upstream.got_bytes
         return stale and safe and whole
 
@@ -399,51 +393,6 @@ class Cycle:
             if framing
             else None,
         )
-
-    def _attach_body(self, upstream: UpstreamConnection) -> None:
-        """Send what the client sent so far; then relay each new piece as it is parsed
-        (``request_body``). On a retry, what the first attempt sent goes first
-        (``_retryable`` made sure it is whole)."""
-        request = self.request
-        if not request.has_body:
-            return
-        sent = (self.replay or []) if self.retried else []
-        self.replay = [] if self.reused else None  # only a pooled connection can turn out stale
-        self.forwarded = 0
-        for data in sent:
-            self._forward(upstream, data)
-        buffered, request.buffer = request.buffer, []
-        request.buffered = 0
-        request.relay = self
-        for data in buffered:
-            self.request_body(data)
-        if request.body_done:
-            self.request_body(b"")
-        self.client.resume_reading("body")
-
-    def request_body(self, data: bytes) -> None:
-        """A piece of the request body as the client's parser reads it; ``b""`` ends it."""
-        mirror = self.mirror
-        if mirror is not None:
-            mirror.feed(data)
-        upstream = self.upstream
-        if not data:
-            if upstream is not None:
-                upstream.end_body()
-            return
-        self.bytes_in += len(data)
-        if upstream is not None:  # else answered already: the rest is read, not relayed
-            self._forward(upstream, data)
-
-    def _forward(self, upstream: UpstreamConnection, data: bytes) -> None:
-        self.forwarded += len(data)
-        replay = self.replay
-        if replay is not None:
-            if self.forwarded <= _REPLAY_LIMIT:
-                replay.append(data)  # a reference, not a copy: bytes are immutable
-            else:
-                self.replay = None
-        upstream.write_body(data)
 
     # -- upstream callbacks (ResponseSink) ------------------------------------------------
 

@@ -4,14 +4,16 @@ proxy adds to its response. No I/O here."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..config import Config
+from ..metrics import RouteSeries
 from ..router import CANARY, DEFAULT_ROUTE, UNROUTED, Decision, decide
 from ..routes import RouteTable, request_host, request_path
-from .headers import Peer, cookie_value, request_target
+from .headers import Peer, cookie_value, new_request_id, request_target
 from .outlier import OutlierDetector
 from .request import Request
 from .upstream import UpstreamConnection, UpstreamPool
@@ -36,6 +38,7 @@ class Runtime:
     stable: UpstreamPool
     canary: UpstreamPool
     name: str = DEFAULT_ROUTE  # the route's, and its metrics' ``route`` label
+    series: RouteSeries | None = None  # its metrics' children (ProxyServer sets them)
     outlier: OutlierDetector = field(default_factory=OutlierDetector)  # the canary's connect failures
 
     def pool(self, version: str) -> UpstreamPool:
@@ -54,6 +57,7 @@ class Exchange:
     rule: str
     request_id: str
     route: str = UNROUTED
+    series: RouteSeries | None = None  # the route's metric children; None: answered unrouted
     status: int = 0
     upstream_seconds: float | None = None
     bytes_in: int = 0
@@ -87,6 +91,21 @@ class Client(Protocol):
     def cycle_done(self, *, close: bool) -> None: ...
     def pause_reading(self, reason: str) -> None: ...
     def resume_reading(self, reason: str) -> None: ...
+
+
+def unrouted(request: Request | None, client: str, *, status: int, rule: str) -> Exchange:
+    """A request the proxy answered itself, before any route took it (malformed, no route):
+    counted with ``version="none"`` and logged like any other."""
+    return Exchange(
+        start=time.monotonic(),
+        method=request.method if request is not None else "",
+        path=request.url.decode("latin-1") if request is not None else "",
+        client=client,
+        version=UNROUTED,
+        rule=rule,
+        request_id=new_request_id(),
+        status=status,
+    )
 
 
 def pick(request: Request, table: RouteTable[Runtime], fallback: Runtime | None) -> Runtime | None:

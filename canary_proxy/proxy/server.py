@@ -225,7 +225,8 @@ class ProxyServer:
         outlier = previous.outlier if previous is not None else OutlierDetector()
         if previous is None or previous.config.canary != config.canary or not config.canary_outlier_failures:
             outlier.reset()  # a new canary (or protection turned off) starts with a clean slate
-        return Runtime(config, self._pool(config.stable, ca), self._pool(config.canary, ca), name, outlier)
+        stable, canary = self._pool(config.stable, ca), self._pool(config.canary, ca)
+        return Runtime(config, stable, canary, name, series=self.metrics.series(name), outlier=outlier)
 
     def _upstream_ca(self, config: Config) -> tuple[str, ssl.SSLContext] | None:
         """The client context for https upstreams, built once per distinct CA bundle content."""
@@ -279,12 +280,14 @@ class ProxyServer:
 
     def enter(self, ex: Exchange) -> None:
         self.in_flight += 1
-        self.metrics.in_flight_of(ex.route, ex.version).inc()
+        assert ex.series is not None  # a routed exchange
+        ex.series.in_flight[ex.version].inc()
 
     def move(self, ex: Exchange, version: str, rule: str) -> None:
-        self.metrics.in_flight_of(ex.route, ex.version).dec()
+        assert ex.series is not None
+        ex.series.in_flight[ex.version].dec()
         ex.version, ex.rule = version, rule
-        self.metrics.in_flight_of(ex.route, version).inc()
+        ex.series.in_flight[version].inc()
 
     def reject(self, ex: Exchange) -> None:
         self.metrics.count_rejected(ex.status, ex.method)
@@ -293,10 +296,10 @@ class ProxyServer:
 
     def leave(self, ex: Exchange) -> None:
         seconds = time.monotonic() - ex.start
-        m = self.metrics
-        m.in_flight_of(ex.route, ex.version).dec()
-        m.count_request(ex.route, ex.version, ex.status, ex.method, seconds)
-        m.count_decision(ex.route, ex.version, ex.rule)
+        series = ex.series
+        assert series is not None
+        series.in_flight[ex.version].dec()
+        series.count(ex.version, ex.status, ex.method, ex.rule, seconds)
         if self.access_log is not None:
             self.access_log.write(ex, seconds)
         self.in_flight -= 1
