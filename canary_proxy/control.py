@@ -41,28 +41,19 @@ def load_route(
 def load(raw: RawConfig, *, origin: str = "config") -> Routes:
     """Every route in ``raw``, fully validated; ConfigError lists every problem of every route
     (``check`` and ``serve``'s start, where nothing good came before to keep)."""
-    if raw.routes is None:
-        return Routes.of(
-            [load_route(raw.data, raw.error, name=route_name(origin), order=())], [raw.data or {}]
-        )
-    routes, datas, errors = [], [], []
-    for item in raw.routes:
-        try:
-            routes.append(load_route(item.data, item.error, name=item.name, order=item.order))
-            datas.append(item.data or {})
-        except ConfigError as exc:
-            errors += [f"{item.name}: {line}" for line in exc.errors]
-    if errors:
-        raise ConfigError(errors)
-    return Routes.of(routes, datas)
+    routes = load_each(raw, origin=origin)
+    if routes.rejected:
+        raise ConfigError([f"{r.name}: {line}" for r in routes.rejected for line in r.errors])
+    return routes
 
 
 def load_each(raw: RawConfig, *, origin: str = "config") -> Routes:
     """Every route in ``raw`` that is valid, and the others as ``rejected`` (``routes``: one
-    bad ConfigMap must not hide the rest of a cluster's routes). ConfigError only if the
-    source itself could not be read."""
+    bad ConfigMap must not hide the rest of a cluster's routes). ConfigError if the source
+    itself could not be read, or if its one route is invalid."""
     if raw.routes is None:
-        return load(raw, origin=origin)
+        route = load_route(raw.data, raw.error, name=route_name(origin), order=())
+        return Routes.of([route], [raw.data or {}])
     routes, datas, rejected = [], [], []
     for item in raw.routes:
         try:
