@@ -149,12 +149,8 @@ class Metrics:
             namespace=NAMESPACE,
             registry=registry,
         )
-        # labels() takes a lock and builds a tuple each call; the per-request path reuses
-        # children, keyed by label values (so client input cannot grow these caches).
-        self._request_children: dict[tuple[str, str, int, str], Counter] = {}
-        self._in_flight_by: dict[tuple[str, str], Gauge] = {}
-        self._duration_by: dict[tuple[str, str], Histogram] = {}
-        self._decisions_by: dict[tuple[str, str, str], Counter] = {}
+        # labels() takes a lock and builds a tuple each call: the per-request path finds a
+        # route's children once (RouteSeries), keyed by label values (no client input).
         self._series: dict[str, RouteSeries] = {}
 
     def init_data_plane(self, route: str | None = DEFAULT_ROUTE) -> None:
@@ -183,25 +179,11 @@ class Metrics:
             found = self._series[route] = RouteSeries(self, route)
         return found
 
-    def in_flight_of(self, route: str, version: str) -> Gauge:
-        key = (route, version)
-        child = self._in_flight_by.get(key)
-        if child is None:
-            child = self._in_flight_by[key] = self.in_flight.labels(route, version)
-        return child
-
     def count_request(self, route: str, version: str, code: int, method: str, seconds: float) -> None:
-        # Keyed by the *label* so that random client methods cannot grow this cache.
-        key = (route, version, code, method_label(method))
-        child = self._request_children.get(key)
-        if child is None:
-            child = self.requests.labels(route, version, str(code), key[3])
-            self._request_children[key] = child
-        child.inc()
-        timer = self._duration_by.get((route, version))
-        if timer is None:
-            timer = self._duration_by[(route, version)] = self.duration.labels(route, version)
-        timer.observe(seconds)
+        self.series(route).request(version, code, method, seconds)
+
+    def count_decision(self, route: str, version: str, rule: str) -> None:
+        self.series(route).decision(version, rule)
 
     def count_rejected(self, code: int, method: str) -> None:
         """A request answered before a route took it (malformed, too large, no route):
@@ -211,13 +193,6 @@ class Metrics:
     def count_mirror(self, route: str, code: str, seconds: float) -> None:
         self.mirror_requests.labels(route, code).inc()
         self.mirror_duration.labels(route).observe(seconds)
-
-    def count_decision(self, route: str, version: str, rule: str) -> None:
-        key = (route, version, rule)
-        child = self._decisions_by.get(key)
-        if child is None:
-            child = self._decisions_by[key] = self.decisions.labels(route, version, rule)
-        child.inc()
 
 
 class RouteSeries:
@@ -236,7 +211,7 @@ class RouteSeries:
         self._requests: dict[tuple[str, int, str], Counter] = {}
         self._decisions: dict[tuple[str, str], Counter] = {}
 
-    def count(self, version: str, code: int, method: str, rule: str, seconds: float) -> None:
+    def request(self, version: str, code: int, method: str, seconds: float) -> None:
         key = (version, code, method if method in KNOWN_METHODS else "OTHER")
         child = self._requests.get(key)
         if child is None:
@@ -245,6 +220,8 @@ class RouteSeries:
             )
         child.inc()
         self.duration[version].observe(seconds)
+
+    def decision(self, version: str, rule: str) -> None:
         decided = self._decisions.get((version, rule))
         if decided is None:
             decided = self._decisions[(version, rule)] = self._metrics.decisions.labels(

@@ -299,7 +299,8 @@ class ProxyServer:
         series = ex.series
         assert series is not None
         series.in_flight[ex.version].dec()
-        series.count(ex.version, ex.status, ex.method, ex.rule, seconds)
+        series.request(ex.version, ex.status, ex.method, seconds)
+        series.decision(ex.version, ex.rule)
         if self.access_log is not None:
             self.access_log.write(ex, seconds)
         self.in_flight -= 1
