@@ -180,11 +180,6 @@ class ProxyServer:
             address = address.ipv4_mapped
         return any(address in network for network in self._trusted)
 
-    @property
-    def runtime(self) -> Runtime | None:
-        """The lone catch-all route's, when that is all there is (the single-pair proxy)."""
-        return self.table.only if self.table is not None else None
-
     def apply(self, config: Config) -> None:
         """One config, one catch-all route: the single-pair proxy."""
         self.apply_routes([Route.default(config)])
