@@ -159,6 +159,15 @@ async def backends() -> AsyncIterator[tuple[Backend, Backend]]:
     await canary.stop()
 
 
+@pytest.fixture
+async def four() -> AsyncIterator[list[Backend]]:
+    """Two services, each a stable and a canary backend."""
+    backends = [await start_backend(name) for name in ("shop-v1", "shop-v2", "blog-v1", "blog-v2")]
+    yield backends
+    for backend in backends:
+        await backend.stop()
+
+
 # -- the proxy process -----------------------------------------------------------------------
 
 

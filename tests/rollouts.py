@@ -16,6 +16,8 @@ from typing import Any
 
 import aiohttp
 import yaml
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
 
 from .conftest import Backend, ProxyFactory, ProxyProcess, base_config
 
@@ -206,3 +208,23 @@ def rollout_args(proxy: ProxyProcess, steps: str, *extra: str) -> list[str]:
         *FAST,
         *extra,
     ]  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def metrics_page(registry: CollectorRegistry, before: Callable[[], None]) -> AsyncIterator[int]:
+    """A /metrics page on a free loopback port (yielded) from ``registry``, calling ``before``
+    at each scrape: a proxy's real exposition that grows as a scraper watches it."""
+
+    async def page(request: web.Request) -> web.Response:
+        before()
+        return web.Response(body=generate_latest(registry), content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/metrics", page)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()

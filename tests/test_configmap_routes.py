@@ -4,28 +4,18 @@ proxy process and the real Kubernetes client, against the fake API server."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
-from .conftest import Backend, ProxyProcess, start_backend, start_proxy, stop_proxy
+from .conftest import Backend, ProxyProcess, start_proxy, stop_proxy
 from .fakekube import FakeKube
 from .scrape import scrape
 from .test_configmap import cli
 
 LABELS = {"app.kubernetes.io/part-of": "canary-proxy"}
 SELECTOR = "app.kubernetes.io/part-of=canary-proxy"
-
-
-@pytest.fixture
-async def four() -> AsyncIterator[list[Backend]]:
-    backends = [await start_backend(name) for name in ("shop-v1", "shop-v2", "blog-v1", "blog-v2")]
-    yield backends
-    for backend in backends:
-        await backend.stop()
 
 
 def data(stable: Backend, canary: Backend, **keys: Any) -> dict[str, str]:

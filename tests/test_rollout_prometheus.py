@@ -13,15 +13,14 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from canary_proxy.metrics import Metrics
 from canary_proxy.rollout.analysis import Window
 from canary_proxy.rollout.sources import PrometheusSource
 
 from .conftest import Backend, ProxyFactory, ProxyProcess, base_config
-from .rollouts import FAST, LATENCY, file_state, rollout, traffic
+from .rollouts import FAST, LATENCY, file_state, metrics_page, rollout, traffic
 
 
 def free_port() -> int:
@@ -168,7 +167,7 @@ async def two_routes() -> AsyncIterator[str]:
     for route in (OURS, THEIRS):
         metrics.init_data_plane(route)
 
-    async def page(request: web.Request) -> web.Response:
+    def grow() -> None:
         for _ in range(20):
             metrics.count_request(OURS, "stable", 200, "GET", 0.02)
             metrics.count_request(OURS, "canary", 200, "GET", 0.02)
@@ -176,17 +175,9 @@ async def two_routes() -> AsyncIterator[str]:
             metrics.count_request(THEIRS, "canary", 503, "GET", 5.0)
             metrics.count_mirror(THEIRS, "timeout", 5.0)
             metrics.count_rejected(404, "GET")
-        return web.Response(body=generate_latest(registry), content_type="text/plain")
 
-    app = web.Application()
-    app.router.add_get("/metrics", page)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with metrics_page(registry, grow) as port:
+        yield f"127.0.0.1:{port}"
 
 
 async def sample_when_counted(source: PrometheusSource, timeout: float = 15) -> Window:

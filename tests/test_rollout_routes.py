@@ -9,14 +9,13 @@ from typing import Any
 
 import pytest
 import yaml
-from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from canary_proxy.cli.rollout import analysed_route
 from canary_proxy.metrics import Metrics
 from canary_proxy.rollout.store import Invalid
 
-from .rollouts import FAST, cli, file_state, rollout
+from .rollouts import FAST, cli, file_state, metrics_page, rollout
 
 PAIR = {"stable-url": "http://127.0.0.1:1", "canary-url": "http://127.0.0.1:2"}
 HOST = {**PAIR, "host": "shop.example.com"}
@@ -64,23 +63,15 @@ async def metrics_url() -> AsyncIterator[str]:
     metrics.init_data_plane(OURS)
     metrics.init_data_plane()
 
-    async def page(request: web.Request) -> web.Response:
+    def grow() -> None:
         for _ in range(20):
             metrics.count_request(OURS, "stable", 200, "GET", 0.02)
             metrics.count_request(OURS, "canary", 200, "GET", 0.02)
             metrics.count_request("default", "stable", 200, "GET", 0.02)
             metrics.count_request("default", "canary", 503, "GET", 5.0)
-        return web.Response(body=generate_latest(registry), content_type="text/plain")
 
-    app = web.Application()
-    app.router.add_get("/metrics", page)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/metrics"
-    finally:
-        await runner.cleanup()
+    async with metrics_page(registry, grow) as port:
+        yield f"http://127.0.0.1:{port}/metrics"
 
 
 @pytest.fixture

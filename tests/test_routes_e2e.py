@@ -4,25 +4,14 @@ documents and from a directory, changed live one route at a time."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 import yaml
 
-from .conftest import Backend, ProxyFactory, port_of, raw_request, start_backend
+from .conftest import Backend, ProxyFactory, port_of, raw_request
 from .scrape import scrape, wait_metric
-
-
-@pytest.fixture
-async def four() -> AsyncIterator[list[Backend]]:
-    """Two services, each a stable and a canary backend."""
-    backends = [await start_backend(name) for name in ("shop-v1", "shop-v2", "blog-v1", "blog-v2")]
-    yield backends
-    for backend in backends:
-        await backend.stop()
 
 
 def route(stable: Backend, canary: Backend, **keys: Any) -> dict[str, Any]:
