@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import ConfigError
+from ..routes import Origin
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,7 @@ class RawRoute:
     data: Mapping[str, Any] | None
     error: ConfigError | None = None
     annotations: Mapping[str, str] | None = None  # a ConfigMap's canary-proxy.io/* (rollout state)
+    origin: Origin | None = None  # the Ingress it was read from, in Ingress mode
 
 
 @dataclass(frozen=True, slots=True)
