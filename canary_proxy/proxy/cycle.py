@@ -31,6 +31,7 @@ from .exchange import (
     Runtime,
     UpstreamFailure,
     decision_for,
+    https_location,
     own_headers,
     pick,
     unrouted,
@@ -149,6 +150,8 @@ class Cycle:
             if runtime is None:
                 self._no_route()
                 return
+        if runtime.https_redirect and not self.client.peer.secure and self._to_https():
+            return
         self._route(runtime)
         if self.bad_status:  # malformed before we even started
             self._fail(self._body_failure())
@@ -172,6 +175,23 @@ class Cycle:
         response = simple_response(404, body.encode(), close=close, head=request.method == "HEAD")
         self.client.send_now(response)
         self._finish()
+
+    def _to_https(self) -> bool:
+        """A plain-HTTP request to a TLS host: 308 to https, counted unrouted. False: none due."""
+        request = self.request
+        location = https_location(request, self.client.peer)
+        if location is None:
+            return False
+        self.close_after = request.has_body and not request.body_done
+        self.server.reject(unrouted(request, self.client.peer.client, status=308, rule="https-redirect"))
+        close = self.close_after or self.client.draining or not request.keep_alive
+        extra = b"Location: %s\r\n" % location
+        body = b"308: %s\n" % location
+        self.client.send_now(
+            simple_response(308, body, extra=extra, close=close, head=request.method == "HEAD")
+        )
+        self._finish()
+        return True
 
     def _route(self, runtime: Runtime) -> None:
         request, server = self.request, self.server

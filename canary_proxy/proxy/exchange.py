@@ -38,6 +38,7 @@ class Runtime:
     stable: UpstreamPool
     canary: UpstreamPool
     name: str = DEFAULT_ROUTE  # the route's, and its metrics' ``route`` label
+    https_redirect: bool = False  # its Ingress host has TLS: plain HTTP gets a 308 (https_location)
     series: RouteSeries | None = None  # its metrics' children (ProxyServer sets them)
     outlier: OutlierDetector = field(default_factory=OutlierDetector)  # the canary's connect failures
 
@@ -114,6 +115,25 @@ def pick(request: Request, table: RouteTable[Runtime], fallback: Runtime | None)
     host = request_host(request.lookup.get(b"host"))
     found = table.lookup(host, request_path(request_target(request.url)))
     return found[1] if found is not None else fallback
+
+
+def https_location(request: Request, peer: Peer) -> bytes | None:
+    """Where a plain-HTTP request to a route with ``https_redirect`` goes: ``https://HOST``
+    (the Host without its port: the public HTTPS port is 443) and the original path and
+    query, as ingress-nginx's ssl-redirect. None: no redirect, for a request without Host,
+    or one a trusted proxy (--trust-forwarded-from) says came over https already."""
+    lookup = request.lookup
+    if peer.trusted and (lookup.get(b"x-forwarded-proto") or b"").strip().lower() == b"https":
+        return None
+    host = lookup.get(b"host") or b""
+    if host.startswith(b"["):  # an IPv6 literal: [::1]:8080
+        host = host[: host.find(b"]") + 1]
+    else:
+        host = host.partition(b":")[0]
+    target = request_target(request.url)
+    if not host or target == b"*":
+        return None
+    return b"https://" + host + target
 
 
 def decision_for(request: Request, config: Config, draw: Callable[[], int]) -> Decision:

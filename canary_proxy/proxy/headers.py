@@ -39,7 +39,8 @@ _VALID_HOST: Final = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+
 _good_hosts: dict[bytes, bool] = {}
 _GOOD_HOSTS_KEPT = 1024
 _MAX_REQUEST_ID = 200
-STATUS_TEXT: Final = {400: b"Bad Request", 405: b"Method Not Allowed", 413: b"Content Too Large",
+STATUS_TEXT: Final = {308: b"Permanent Redirect",
+                      400: b"Bad Request", 405: b"Method Not Allowed", 413: b"Content Too Large",
                       417: b"Expectation Failed",
                       431: b"Request Header Fields Too Large", 499: b"Client Closed Request",
                       500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",

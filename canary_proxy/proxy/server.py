@@ -11,6 +11,7 @@ import os
 import ssl
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from ..config import Config, Upstream, format_duration
 from ..metrics import Metrics
@@ -147,11 +148,16 @@ class ProxyServer:
             self._batch_due = False
 
     def protocol(self) -> ClientConnection:
+        """For the public port: a TLS one when ``tls`` is set (--tls-cert), else plain."""
+        return self.tls_protocol() if self.tls is not None else ClientConnection(self)
+
+    def tls_protocol(self) -> ClientConnection:
+        """For a TLS listener; called at accept, before the handshake, which counts as a
+        connection from now on."""
         connection = ClientConnection(self)
-        if self.tls is not None:  # called at accept, before the handshake
-            now = time.monotonic()
-            self._handshakes(now)
-            self.handshaking[connection] = now
+        now = time.monotonic()
+        self._handshakes(now)
+        self.handshaking[connection] = now
         return connection
 
     def handshake_timeout(self) -> float:
@@ -192,6 +198,8 @@ class ProxyServer:
         items = []
         for route in routes:
             runtime = self._runtime(route.name, route.config, previous.get(route.name))
+            if runtime is not None and route.origin is not None and route.origin.ssl_redirect:
+                runtime = replace(runtime, https_redirect=True)
             if runtime is not None:
                 items.append((route, runtime))
                 if route.name not in self._series:  # once per route name: not per change
