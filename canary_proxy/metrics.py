@@ -126,6 +126,16 @@ class Metrics:
             namespace=NAMESPACE,
             registry=registry,
         )
+        self.tls_secret_problems = Gauge(
+            "tls_secret_problem",
+            "1 while a TLS Secret an Ingress names gives no usable certificate, by reason "
+            "(missing-key, bad-base64, invalid, key-mismatch, not-found, deleted); its hosts "
+            "keep their last good certificate, or get the default one. 0 once it is fixed.",
+            ["secret", "reason"],
+            namespace=NAMESPACE,
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
         self.mirror_requests = Counter(
             "mirror_requests",
             "Mirror copies sent to the canary, by the canary's status, or error or timeout. "

@@ -13,11 +13,14 @@ match it), so a bad update is logged and the old certificate keeps serving.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 import ssl
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
+from .certs import Certificates, host_lookup
 from .config import ConfigError
 from .sources.file import POLL_INTERVAL, changes
 
@@ -30,12 +33,47 @@ class TlsError(Exception):
 
 def server_context(cert: str, key: str) -> ssl.SSLContext:
     """The public port's context: TLS 1.2+, HTTP/1.1 only (ALPN). Raises TlsError."""
+    ctx = bare_server_context()
+    _load_pair(ctx, cert, key)
+    return ctx
+
+
+def bare_server_context() -> ssl.SSLContext:
+    """A server context with the public port's settings and no certificate yet."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # no client certificates, so no CA store
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_RENEGOTIATION  # client-initiated renegotiation is a cheap DoS
     ctx.set_alpn_protocols(["http/1.1"])
-    _load_pair(ctx, cert, key)
     return ctx
+
+
+def pem_context(cert: bytes, key: bytes, *, origin: str) -> ssl.SSLContext:
+    """A server context (as ``server_context``) for a PEM chain and key held in memory, as a
+    Secret gives them. Raises TlsError naming ``origin``.
+
+    ``load_cert_chain`` reads only files: the pair goes through anonymous in-memory files
+    (memfd), so a private key never touches a disk.
+    """
+    ctx = bare_server_context()
+    with _memory_file(cert) as cert_path, _memory_file(key) as key_path:
+        try:
+            ctx.load_cert_chain(cert_path, key_path, password=_no_password)
+        except (OSError, ValueError, TlsError) as exc:
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise TlsError(f"{origin}: {detail}") from None
+    return ctx
+
+
+@contextlib.contextmanager
+def _memory_file(data: bytes) -> Iterator[str]:
+    fd = os.memfd_create("canary-proxy-tls", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 def _load_pair(ctx: ssl.SSLContext, cert: str, key: str) -> None:
@@ -115,3 +153,53 @@ async def watch_certificate(
             continue
         loaded, rejected = digest, None
         log.info("TLS certificate reloaded from %s", cert, extra={"tls_cert": cert})
+
+
+class SniContexts:
+    """The HTTPS port of Ingress mode: a certificate per host, chosen by SNI, swapped whole.
+
+    The port listens with ``listener``; its ``sni_callback`` runs in each handshake (also
+    when the client sends no SNI) and hands the connection the context of its host's pair
+    (``certs.host_lookup``: the name, then its wildcard), else the default one. ``apply``
+    builds a context per new pair (pairs are shared by digest) and swaps the lookup in one
+    assignment: new handshakes get the new certificates, open connections keep theirs.
+    """
+
+    def __init__(self, certificates: Certificates) -> None:
+        self._contexts: dict[str, ssl.SSLContext] = {}  # by pair digest
+        self._state: tuple[dict[str, ssl.SSLContext], ssl.SSLContext | None] = ({}, None)
+        self.apply(certificates)
+        # Its own certificate is the first default: what a client gets if OpenSSL skipped us.
+        first = certificates.pairs[certificates.default]
+        self.listener = pem_context(first.cert, first.key, origin="the default certificate")
+        self.listener.sni_callback = self._choose
+
+    def apply(self, certificates: Certificates) -> None:
+        contexts: dict[str, ssl.SSLContext] = {}
+        for digest, pair in certificates.pairs.items():
+            ctx = self._contexts.get(digest)
+            if ctx is None:
+                try:
+                    ctx = pem_context(pair.cert, pair.key, origin=f"certificate {digest[:12]}")
+                except TlsError as exc:  # validated before it was offered: only a bug gets here
+                    log.error("%s; its hosts get the default certificate", exc)
+                    continue
+            contexts[digest] = ctx
+        default = contexts.get(certificates.default, self._state[1])
+        if default is None:
+            raise TlsError("the default certificate cannot be loaded")
+        hosts = {host: contexts.get(digest, default) for host, digest in certificates.hosts.items()}
+        self._contexts = contexts
+        self._state = (hosts, default)
+
+    def _choose(self, connection: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
+        hosts, default = self._state
+        chosen = None
+        if server_name:
+            name, wildcard = host_lookup(server_name)
+            chosen = hosts.get(name)
+            if chosen is None and wildcard is not None:
+                chosen = hosts.get(wildcard)
+        chosen = chosen or default
+        if chosen is not None:  # None only while the first certificates are being loaded
+            connection.context = chosen

@@ -350,7 +350,9 @@ class FakeKube:
         for key in list(new):
             if key not in ("metadata", "kind", "apiVersion"):
                 del new[key]
-        new.update({k: copy.deepcopy(v) for k, v in obj.items() if k not in ("metadata", "kind", "apiVersion")})
+        new.update(
+            {k: copy.deepcopy(v) for k, v in obj.items() if k not in ("metadata", "kind", "apiVersion")}
+        )
         if status is not None and "status" not in obj:
             new["status"] = status
         for key in ("labels", "annotations", "ownerReferences"):
@@ -811,7 +813,7 @@ def _parse_field_selector(selector: str) -> dict[str, str]:
     fields: dict[str, str] = {}
     for term in filter(None, selector.split(",")):
         key, _, value = term.partition("==") if "==" in term else term.partition("=")
-        if key not in ("metadata.name", "metadata.namespace") or "!" in key:
+        if key not in ("metadata.name", "metadata.namespace", "type") or "!" in key:
             raise ApiError(400, f'field label not supported: "{key}"')
         fields[key] = value
     return fields
@@ -853,7 +855,10 @@ def _requirement(term: str) -> Requirement:
 
 def _fields_match(obj: Obj, fields: dict[str, str]) -> bool:
     meta = obj["metadata"]
-    return all(meta[key.removeprefix("metadata.")] == value for key, value in fields.items())
+    return all(
+        (obj.get("type") if key == "type" else meta[key.removeprefix("metadata.")]) == value
+        for key, value in fields.items()
+    )
 
 
 async def _json_body(request: web.Request, *, expect: type = dict) -> Any:

@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import ssl
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,10 +26,12 @@ class Public:
     server: asyncio.Server
     address: Address
     tls: ssl.SSLContext | None = None
+    protocol: Callable[[], asyncio.Protocol] | None = None  # None: the proxy's own
 
 
-def public_socket(address: Address, *, reuse_port: bool) -> socket.socket:
-    """The bound public socket (not listening yet). ListenError if it cannot be bound."""
+def public_socket(address: Address, *, reuse_port: bool, flag: str = "--listen") -> socket.socket:
+    """The bound public socket (not listening yet). ListenError (naming ``flag``) if it
+    cannot be bound."""
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -38,7 +41,7 @@ def public_socket(address: Address, *, reuse_port: bool) -> socket.socket:
         sock.bind((address.host, address.port))
     except OSError as exc:
         sock.close()
-        raise ListenError("--listen", address, exc) from None
+        raise ListenError(flag, address, exc) from None
     sock.setblocking(False)
     return sock
 
@@ -58,6 +61,20 @@ async def serve_public(
     bound = bound_address(server)
     log.info("proxy listening on %s%s", bound, " (TLS)" if tls else "", extra={"public": str(bound)})
     return Public(server, bound, tls)
+
+
+async def serve_https(
+    proxy: ProxyServer, address: Address, tls: ssl.SSLContext, *, reuse_port: bool = False
+) -> Public:
+    """Ingress mode's HTTPS port (--tls-listen), beside the plain public port: the same
+    proxy, over TLS with ``tls`` (``SniContexts.listener``: a certificate per host)."""
+    sock = public_socket(address, reuse_port=reuse_port, flag="--tls-listen")
+    server = await asyncio.get_running_loop().create_server(
+        proxy.tls_protocol, sock=sock, backlog=1024, ssl=tls, ssl_handshake_timeout=proxy.handshake_timeout()
+    )
+    bound = bound_address(server)
+    log.info("proxy listening on %s (TLS)", bound, extra={"https": str(bound)})
+    return Public(server, bound, tls, proxy.tls_protocol)
 
 
 def _tls_options(proxy: ProxyServer, tls: ssl.SSLContext | None) -> dict[str, Any]:
@@ -83,7 +100,9 @@ def access_log_for(settings: Settings) -> AccessLog | None:
     return AccessLog() if settings.access_log else None
 
 
-async def drain(public: Public, proxy: ProxyServer, settings: Settings, life: Lifecycle) -> None:
+async def drain(
+    public: Public | Sequence[Public], proxy: ProxyServer, settings: Settings, life: Lifecycle
+) -> None:
     """The pod-termination sequence after /readyz has turned 503 (done by the caller).
 
     Keep serving for ``drain_delay`` so endpoint controllers take us out of rotation (telling
@@ -96,15 +115,18 @@ async def drain(public: Public, proxy: ProxyServer, settings: Settings, life: Li
     await life.unless_hurried(asyncio.sleep(settings.drain_delay))
     # Closing a listener resets the connections the kernel queued that we have not accepted
     # yet, though their clients may have sent a request already: accept them first.
-    queued = _accept_queued(public.server)
-    public.server.close()
     loop = asyncio.get_running_loop()
-    options = _tls_options(proxy, public.tls)
+    accepting = []
+    for listener in [public] if isinstance(public, Public) else public:
+        queued = _accept_queued(listener.server)
+        listener.server.close()
+        options = _tls_options(proxy, listener.tls)
+        factory = listener.protocol or proxy.protocol
+        accepting += [loop.connect_accepted_socket(factory, conn, **options) for conn in queued]
     await life.unless_hurried(
-        asyncio.gather(  # at once: a TLS handshake that stalls must not hold up the others
-            *(loop.connect_accepted_socket(proxy.protocol, conn, **options) for conn in queued),
-            return_exceptions=True,
-        )
+        asyncio.gather(
+            *accepting, return_exceptions=True
+        )  # at once: a stalled TLS handshake holds up no other
     )
     deadline = loop.time() + settings.shutdown_timeout
     await life.unless_hurried(proxy.wait_http_idle(deadline))

@@ -31,6 +31,9 @@ class Settings:
     tls_cert: str | None = None  # with tls_key: the public port speaks TLS; reloaded on change
     tls_key: str | None = None
     default_backend: str | None = None  # --default-backend URL: takes what no route matches
+    # Ingress mode's HTTPS port, a certificate per host from the Ingresses' TLS Secrets; None: none.
+    tls_listen: Address | None = None
+    default_tls_secret: str | None = None  # NAMESPACE/NAME: the certificate for every other host
 
     def default_backend_config(self) -> Config | None:
         """The default backend as a config of its own: both versions at that URL, weight 0."""
@@ -58,6 +61,7 @@ class Settings:
                 **raw,
                 "listen": Address(**raw["listen"]),
                 "admin_listen": Address(**raw["admin_listen"]),
+                "tls_listen": Address(**raw["tls_listen"]) if raw.get("tls_listen") else None,
                 "limits": Limits(**limits),
             }
         )
