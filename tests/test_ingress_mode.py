@@ -370,3 +370,27 @@ async def test_usage_errors(tmp_path: Path) -> None:
         )  # fmt: skip
         _, err = await process.communicate()
         assert process.returncode == 2 and message in err.decode(), (args, err)
+
+
+async def test_workers_serve_ingress_routes_with_their_origin(
+    fake_kube: FakeKube, backends: tuple[Backend, Backend], tmp_path: Path
+) -> None:
+    stable, canary = backends
+    fake_kube.put_object("services", service("app", stable))
+    fake_kube.put_object("services", service("app-canary", canary))
+    fake_kube.put_object("ingresses", ingress("app", "app.example.com", "app", stable.port))
+    proxy = await serve_ingresses(fake_kube, tmp_path, "--workers", "2")
+    try:
+        await answered(proxy.url, "app.example.com", stable.name, timeout=5)
+        weighted = {P + "canary": "true", P + "canary-weight": "100"}
+        fake_kube.put_object(
+            "ingresses",
+            ingress("app-canary", "app.example.com", "app-canary", canary.port, annotations=weighted),
+        )
+        await weight_applied(proxy, "default/app", 100)  # every worker applied it
+        for _ in range(10):  # whichever worker takes the connection
+            assert await ask(proxy.url, "app.example.com") == (200, canary.name)
+        [route] = (await proxy.admin_json("/config"))["routes"]
+        assert route["ingress"]["canary"] == f"default-app-canary-{canary.port}", route
+    finally:
+        await stop_proxy(proxy)
