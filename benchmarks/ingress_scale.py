@@ -79,7 +79,7 @@ async def start(fake: FakeKube, tmp: Path) -> tuple[ProxyProcess, float]:
     started = time.perf_counter()
     proxy = await start_proxy(
         None, tmp, "--ingress-class", "--kubeconfig", str(fake.kubeconfig), "--access-log", "off",
-        use_config=False,
+        "--tls-listen", "127.0.0.1:0", use_config=False,
     )  # fmt: skip
     return proxy, time.perf_counter() - started
 

@@ -37,7 +37,8 @@ async def serve_ingresses(
 ) -> ProxyProcess:
     assert fake.kubeconfig is not None
     return await start_proxy(
-        None, tmp_path, "--ingress-class", "--kubeconfig", str(fake.kubeconfig), "--access-log", "off", *args,
+        None, tmp_path, "--ingress-class", "--kubeconfig", str(fake.kubeconfig), "--access-log", "off",
+        "--tls-listen", "127.0.0.1:0", *args,
         use_config=False, wait_ready=wait_ready,
     )  # fmt: skip
 

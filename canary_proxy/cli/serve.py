@@ -26,9 +26,13 @@ from .args import (
 )
 
 if TYPE_CHECKING:
+    from ..serve.settings import Settings
     from ..sources.raw import RawConfig
+    from ..tls_store import TlsStore
 
 Source = tuple["RawConfig | None", Callable[[], AsyncIterator["RawConfig"]], str]
+
+DEFAULT_TLS_LISTEN = "0.0.0.0:8443"  # Ingress mode's HTTPS port, as ingress-nginx's 443 behind a Service
 
 SERVE_DESCRIPTION = """\
 Run the proxy: send each request to stable or canary (by header, cookie, then the weight),
@@ -184,6 +188,20 @@ def add_commands(sub: Any) -> None:
         help="PEM certificate chain: TLS on the public port (reloaded on change)",
     )
     env_flag(serve, "--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
+    env_flag(
+        serve,
+        "--tls-listen",
+        metavar="HOST:PORT|off",
+        help="with --ingress-class: the HTTPS port, a certificate per host from the Ingresses' "
+        "TLS Secrets (default 0.0.0.0:8443; off: none)",
+    )
+    env_flag(
+        serve,
+        "--default-tls-secret",
+        metavar="NAMESPACE/NAME",
+        help="with --ingress-class: the kubernetes.io/tls Secret for clients without SNI and hosts "
+        "without a certificate (default: a self-signed placeholder made at start)",
+    )
     logging_flags(serve)
 
     check = sub.add_parser(
@@ -243,9 +261,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..serve.settings import Settings
     from ..tls import TlsError
 
-    tls = {"tls_cert": args.tls_cert or None, "tls_key": args.tls_key or None}
+    tls = {"tls_cert": args.tls_cert or None, "tls_key": args.tls_key or None, **_ingress_tls(args)}
     settings = Settings.from_options({**vars(args), **tls, "config_path": args.config})
     _check_tls(settings.tls_cert, settings.tls_key)
+    store = None  # Ingress mode's certificates, with its HTTPS port
     if args.config:
         initial, updates, origin = _file_source(args.config)
     elif args.config_dir:
@@ -253,7 +272,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     elif args.configmap:
         initial, updates, origin = _configmap_source(args)
     elif args.ingress_class:
-        initial, updates, origin = _ingress_source(args)
+        initial, updates, origin, store = _ingress_source(args, settings)
     else:
         initial, updates, origin = _selector_source(args)
     tune_malloc()  # before the data path allocates: see memory.py
@@ -262,11 +281,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         from ..serve.single import run_single as run
     try:
-        return run_async(run(settings, initial=initial, updates=updates, origin=origin))
+        return run_async(run(settings, initial=initial, updates=updates, origin=origin, tls=store))
     except ListenError as exc:  # a port in use, or an address this host does not have
         raise Fatal(Exit.USAGE, str(exc)) from None
     except TlsError as exc:  # the pair changed since _check_tls read it
         raise Fatal(Exit.USAGE, f"--tls-cert/--tls-key: {exc}") from None
+
+
+def _ingress_tls(args: argparse.Namespace) -> dict[str, Any]:
+    """--tls-listen and --default-tls-secret as settings: Ingress mode's HTTPS port (on
+    0.0.0.0:8443 unless said, or ``off``), and no other mode's."""
+    listen, secret = args.tls_listen, args.default_tls_secret or None
+    if not args.ingress_class:
+        if listen or secret:
+            raise Fatal(Exit.USAGE, "--tls-listen and --default-tls-secret go with --ingress-class")
+        return {"tls_listen": None, "default_tls_secret": None}
+    if args.tls_cert or args.tls_key:
+        raise Fatal(
+            Exit.USAGE,
+            "--tls-cert/--tls-key make --listen TLS, outside Ingress mode; with --ingress-class "
+            "certificates come from the Ingresses' Secrets (--default-tls-secret for the rest)",
+        )
+    from ..address import parse_address
+    from ..certs import parse_secret_ref
+
+    if listen == "off":
+        if secret:
+            raise Fatal(Exit.USAGE, "--default-tls-secret needs the HTTPS port (--tls-listen is off)")
+        return {"tls_listen": None, "default_tls_secret": None}
+    try:
+        address = parse_address(listen or DEFAULT_TLS_LISTEN)
+    except ValueError as exc:
+        raise Fatal(Exit.USAGE, f"--tls-listen: invalid value {listen!r}; expected {exc} or off") from None
+    if secret:
+        try:
+            secret = "/".join(parse_secret_ref(secret, default_namespace=args.namespace or "default"))
+        except ValueError as exc:
+            raise Fatal(
+                Exit.USAGE, f"--default-tls-secret: invalid value {secret!r}; expected {exc}"
+            ) from None
+    return {"tls_listen": address, "default_tls_secret": secret}
 
 
 def _check_tls(cert: str | None, key: str | None) -> None:
@@ -349,7 +403,7 @@ def _selector_source(args: argparse.Namespace) -> Source:
     return None, updates, origin
 
 
-def _ingress_source(args: argparse.Namespace) -> Source:
+def _ingress_source(args: argparse.Namespace, settings: Settings) -> tuple[*Source, TlsStore | None]:
     """Ingress mode: the Ingresses of the class and their Services, followed from the start
     in every namespace (or ``--namespace``); until both are listed, /readyz says 503. Only a
     kubeconfig that cannot be loaded is fatal: an API that is down is waited for."""
@@ -369,7 +423,13 @@ def _ingress_source(args: argparse.Namespace) -> Source:
         ingress_class=args.ingress_class,
         annotation_prefix=prefix,
     )
-    return None, source.follow, source.describe()
+    store = None
+    if settings.tls_listen is not None:
+        from ..serve.https import follow_certificates, tls_store
+
+        store = tls_store(settings, metrics=None)  # its metrics: the process's, once made
+        follow_certificates(store, source, namespace=args.namespace or None)
+    return None, source.follow, source.describe(), store
 
 
 def _configmap_source(args: argparse.Namespace) -> Source:

@@ -13,6 +13,8 @@ from ..metrics import Metrics
 from ..proxy.server import ProxyServer
 from ..runner import Exit
 from ..sources.raw import RawConfig
+from ..tls_store import TlsStore
+from .https import open_https
 from .lifecycle import Lifecycle
 from .public import access_log_for, drain, public_tls, serve_public, watch_tls
 from .settings import Settings
@@ -26,10 +28,13 @@ async def run_single(
     initial: RawConfig | None,
     updates: Callable[[], AsyncIterator[RawConfig]],
     origin: str,
+    tls: TlsStore | None = None,
 ) -> int:
     """Serve until SIGTERM or SIGINT, then drain. ``initial`` (validated by the caller) is
     None when the source has nothing yet (a ConfigMap behind an API that is down): the ports
     open at once, /readyz says 503 and requests get 503 until it loads.
+
+    ``tls``: Ingress mode's certificates, served on --tls-listen beside the public port.
 
     Raises ListenError (a port) or TlsError (the certificate pair) before serving.
     """
@@ -42,9 +47,14 @@ async def run_single(
     control = ConfigControl(metrics, [lambda routes: proxy.apply_routes(routes.routes, fallback=fallback)])
     if initial is not None:
         control.offer(initial, origin=origin)
-    tls = public_tls(settings)
     async with Lifecycle() as life:
-        public = await serve_public(proxy, settings.listen, tls=tls)
+        public = await serve_public(proxy, settings.listen, tls=public_tls(settings))
+        listeners = [public]
+        if tls is not None:
+            tls.metrics = metrics
+            https, sni = await open_https(proxy, settings, tls.current)
+            tls.on_change.append(sni.apply)
+            listeners.append(https)
         state = AdminState(
             control,
             registry,
@@ -54,16 +64,18 @@ async def run_single(
         admin, admin_address = await start_admin(state, settings.admin_listen)
         try:
             ports = {"public": str(public.address), "admin": str(admin_address)}
+            if len(listeners) > 1:
+                ports["https"] = str(listeners[1].address)
             if control.routes is not None:
                 log.info("ready", extra=ports)
             else:
                 log.warning("waiting for a valid config from %s; /readyz is 503 until then", origin)
                 control.on_change.append(_once(lambda: log.info("ready", extra=ports)))
             life.start(control.follow(updates(), origin=origin))
-            watch_tls(life, settings, tls)
+            watch_tls(life, settings, public.tls)
             await life.stop.wait()
             log.info("%s: /readyz is now 503", life.signal_name)
-            await drain(public, proxy, settings, life)
+            await drain(listeners, proxy, settings, life)
         finally:
             await admin.cleanup()
     return Exit.INTERRUPTED if life.hurry.is_set() else Exit.OK

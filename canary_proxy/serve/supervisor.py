@@ -28,10 +28,12 @@ from prometheus_client import CollectorRegistry, multiprocess
 
 from ..address import Address
 from ..admin.app import AdminState, start_admin
+from ..certs import Certificates
 from ..control import ConfigControl, Routes
 from ..metrics import Metrics
 from ..runner import Exit
 from ..sources.raw import RawConfig
+from ..tls_store import TlsStore
 from .lifecycle import HURRY_SIGNAL, Lifecycle
 from .public import public_socket
 from .settings import Settings
@@ -52,10 +54,12 @@ class Worker:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, metrics: Metrics, port: int) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, port: int, tls_port: int | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
         self.port = port
+        self.tls_port = tls_port  # Ingress mode's HTTPS port, resolved once like ``port``
+        self.tls_wire: dict[str, Any] | None = None  # the certificates last sent (Ingress mode)
         self.workers: dict[int, Worker] = {}
         self.generation = 0  # of the last config sent
         self.wire: list[dict[str, Any]] | None = None  # the routes last sent, as workers read them
@@ -83,6 +87,18 @@ class Supervisor:
         for worker in self.workers.values():
             self._send(worker)
 
+    def broadcast_tls(self, certificates: Certificates) -> None:
+        """Ingress mode: every worker serves the same certificates, sent as routes are (the
+        PEM of each pair, once per change; a worker builds a context per new pair)."""
+        self.tls_wire = certificates.to_wire()
+        for worker in self.workers.values():
+            self._send_tls(worker)
+
+    def _send_tls(self, worker: Worker) -> None:
+        stdin = worker.process.stdin
+        if stdin is not None and not stdin.is_closing():
+            stdin.write(json.dumps({"tls": self.tls_wire}, separators=(",", ":")).encode() + b"\n")
+
     def _send(self, worker: Worker) -> None:
         stdin = worker.process.stdin
         if stdin is not None and not stdin.is_closing():
@@ -99,7 +115,10 @@ class Supervisor:
     async def spawn(self, slot: int) -> Worker:
         read_fd, write_fd = os.pipe()
         listen = Address(self.settings.listen.host, self.port)  # port 0 resolved once, for all
-        env = {**os.environ, SETTINGS_ENV: replace(self.settings, listen=listen).to_json()}
+        settings = replace(self.settings, listen=listen)
+        if self.settings.tls_listen is not None and self.tls_port is not None:
+            settings = replace(settings, tls_listen=Address(self.settings.tls_listen.host, self.tls_port))
+        env = {**os.environ, SETTINGS_ENV: settings.to_json()}
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -114,6 +133,8 @@ class Supervisor:
             os.close(write_fd)
         worker = Worker(slot, process)
         self.workers[slot] = worker
+        if self.tls_wire is not None:  # before its first routes: it opens the HTTPS port with them
+            self._send_tls(worker)
         if self.wire is not None:  # else it gets the first config when the source has one
             self._send(worker)
         task = asyncio.create_task(self._watch(worker, read_fd))
@@ -179,8 +200,10 @@ class Supervisor:
 async def _announce_ready(supervisor: Supervisor, settings: Settings, port: int, admin: object) -> None:
     while not supervisor.ready():
         await asyncio.gather(*(w.ready.wait() for w in list(supervisor.workers.values())))
-    public = f"{settings.listen.host}:{port}"
-    log.info("ready", extra={"public": public, "admin": str(admin), "workers": settings.workers})
+    ports = {"public": f"{settings.listen.host}:{port}", "admin": str(admin), "workers": settings.workers}
+    if supervisor.tls_port is not None and settings.tls_listen is not None:
+        ports["https"] = f"{settings.tls_listen.host}:{supervisor.tls_port}"
+    log.info("ready", extra=ports)
 
 
 async def run_supervisor(
@@ -189,11 +212,12 @@ async def run_supervisor(
     initial: RawConfig | None,
     updates: Callable[[], AsyncIterator[RawConfig]],
     origin: str,
+    tls: TlsStore | None = None,
 ) -> int:
     """As ``single.run_single``, over ``settings.workers`` worker processes."""
     directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     try:
-        return await _supervise(settings, initial=initial, updates=updates, origin=origin)
+        return await _supervise(settings, initial=initial, updates=updates, origin=origin, tls=tls)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -204,6 +228,7 @@ async def _supervise(
     initial: RawConfig | None,
     updates: Callable[[], AsyncIterator[RawConfig]],
     origin: str,
+    tls: TlsStore | None,
 ) -> int:
     metrics = Metrics(CollectorRegistry())  # written to the multiprocess directory
     metrics.init_control_plane()
@@ -211,7 +236,20 @@ async def _supervise(
     # resolves once and every worker joins the same SO_REUSEPORT group.
     reservation = public_socket(settings.listen, reuse_port=True)
     port = reservation.getsockname()[1]
-    supervisor = Supervisor(settings, metrics, port)
+    reservations = [reservation]
+    tls_port = None
+    if tls is not None and settings.tls_listen is not None:
+        try:
+            reservations.append(public_socket(settings.tls_listen, reuse_port=True, flag="--tls-listen"))
+        except BaseException:
+            reservation.close()
+            raise
+        tls_port = reservations[-1].getsockname()[1]
+    supervisor = Supervisor(settings, metrics, port, tls_port)
+    if tls is not None:
+        tls.metrics = metrics
+        supervisor.broadcast_tls(tls.current)
+        tls.on_change.append(supervisor.broadcast_tls)
     control = ConfigControl(metrics, [supervisor.broadcast])
     if initial is not None:
         control.offer(initial, origin=origin)
@@ -237,5 +275,6 @@ async def _supervise(
             finally:
                 await admin.cleanup()
     finally:
-        reservation.close()
+        for held in reservations:
+            held.close()
     return Exit.INTERRUPTED if life.hurry.is_set() else Exit.OK

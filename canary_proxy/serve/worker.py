@@ -20,6 +20,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from ..certs import Certificates
 from ..config import Config
 from ..control import Routes
 from ..logs import setup_logging
@@ -27,8 +28,9 @@ from ..memory import tune_malloc
 from ..metrics import Metrics
 from ..proxy.server import ProxyServer
 from ..runner import Exit, run_async
+from ..tls import SniContexts
 from .lifecycle import Lifecycle
-from .public import access_log_for, drain, public_tls, serve_public, watch_tls
+from .public import access_log_for, drain, public_tls, serve_https, serve_public, watch_tls
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,14 +38,35 @@ log = logging.getLogger(__name__)
 SETTINGS_ENV = "CANARY_PROXY_WORKER_SETTINGS"  # Settings.to_json(), from the supervisor
 
 
+class _Certificates:
+    """Ingress mode: the certificates the supervisor sent, until the HTTPS port serves them."""
+
+    def __init__(self) -> None:
+        self.latest: Certificates | None = None
+        self.sni: SniContexts | None = None  # once the HTTPS port is open
+
+    def take(self, wire: dict[str, Any]) -> None:
+        self.latest = Certificates.from_wire(wire)
+        if self.sni is not None:
+            self.sni.apply(self.latest)
+
+
 async def _read_configs(
-    proxy: ProxyServer, life: Lifecycle, status_fd: int, first: asyncio.Event, fallback: Config | None
+    proxy: ProxyServer,
+    life: Lifecycle,
+    status_fd: int,
+    first: asyncio.Event,
+    fallback: Config | None,
+    certificates: _Certificates,
 ) -> None:
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=16 * 1024 * 1024)
+    reader = asyncio.StreamReader(limit=64 * 1024 * 1024)  # 200 TLS hosts' PEM fit with room
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     while line := await reader.readline():
         message: dict[str, Any] = json.loads(line)
+        if "tls" in message:  # the supervisor sends these before the first routes
+            certificates.take(message["tls"])
+            continue
         # The supervisor validated these routes already; parsing them again cannot fail.
         proxy.apply_routes(Routes.from_wire(message["routes"]).routes, fallback=fallback)
         os.write(status_fd, f"applied {message['generation']}\n".encode())
@@ -65,15 +88,23 @@ async def run_worker(settings: Settings, status_fd: int) -> int:
     proxy = ProxyServer(metrics=metrics, access_log=access_log_for(settings), limits=settings.limits)
     async with Lifecycle() as life:
         first = asyncio.Event()
-        life.start(_read_configs(proxy, life, status_fd, first, settings.default_backend_config()))
+        certificates = _Certificates()
+        fallback = settings.default_backend_config()
+        life.start(_read_configs(proxy, life, status_fd, first, fallback, certificates))
         await _first_of(first, life.stop)
         if life.stop.is_set():  # stopped before it ever had a config: nothing to drain
             return Exit.OK
         public = await serve_public(proxy, settings.listen, reuse_port=True, tls=tls)
+        listeners = [public]
+        if settings.tls_listen is not None and certificates.latest is not None:
+            certificates.sni = SniContexts(certificates.latest)  # before the await: no update lost
+            listeners.append(
+                await serve_https(proxy, settings.tls_listen, certificates.sni.listener, reuse_port=True)
+            )
         watch_tls(life, settings, tls)
         os.write(status_fd, b"ready\n")
         await life.stop.wait()
-        await drain(public, proxy, settings, life)
+        await drain(listeners, proxy, settings, life)
     return Exit.INTERRUPTED if life.hurry.is_set() else Exit.OK
 
 

@@ -22,33 +22,23 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def secrets_selector(namespace: str | None) -> Any:
-    from ..k8s import Selector
-
-    return Selector(namespace, resource="secrets", field_selector=f"type={TLS_TYPE}")
-
-
 async def follow_secrets(
-    store: TlsStore, client: KubeClient, *, namespace: str | None, backoff: Backoff | None = None
+    store: TlsStore,
+    client: KubeClient,
+    *,
+    namespace: str | None,
+    name: str | None = None,
+    backoff: Backoff | None = None,
 ) -> None:
-    """Feed ``store`` every change to the TLS Secrets in ``namespace`` (None: all), forever."""
-    from ..k8s import DEFAULT_BACKOFF, watch_objects
+    """Feed ``store`` every change to the TLS Secrets in ``namespace`` (None: all), or to
+    the one ``name``d, forever."""
+    from ..k8s import DEFAULT_BACKOFF, Selector, watch_objects
 
-    batches = watch_objects(client, secrets_selector(namespace), backoff=backoff or DEFAULT_BACKOFF)
+    selector = Selector(namespace, name=name, resource="secrets", field_selector=f"type={TLS_TYPE}")
+    batches = watch_objects(client, selector, backoff=backoff or DEFAULT_BACKOFF)
     async with contextlib.aclosing(batches):
         async for batch in batches:
             store.secrets([_slim(event) for event in batch])
-
-
-async def follow_secrets_from(
-    store: TlsStore, *, kubeconfig: str | None, namespace: str | None, backoff: Backoff | None = None
-) -> None:
-    """``follow_secrets`` over a client of its own, from ``kubeconfig``."""
-    from ..k8s import KubeClient, load_config
-
-    config = await load_config(kubeconfig)
-    async with KubeClient(config) as client:
-        await follow_secrets(store, client, namespace=namespace, backoff=backoff)
 
 
 def _slim(event: ObjectEvent) -> tuple[tuple[str, str], Mapping[str, Any] | None]:
