@@ -34,7 +34,16 @@ script; the backends strip the ``/rK`` prefix), to every target alike, so the tw
 canary-proxies differ only in their routes. A request for ``/`` scans all of its host's
 candidates before it matches. nginx keeps its single config, for reference.
 
+*HTTPS* (``--https``): nginx and canary-proxy (``--tls-cert``/``--tls-key``) terminate TLS
+with the same certificate (a self-signed ECDSA P-256 one, made for the run), both with their
+default session settings; the backends stay plain HTTP, as behind an Ingress controller. The
+bodies are then ``small`` (keep-alive requests over TLS) and ``handshake`` (the same request
+with ``Connection: close``: one new TCP connection and TLS handshake per request, so its req/s
+are handshakes per second), and the report gives both ratios to nginx; the target is 0.4x
+nginx or more on keep-alive HTTPS.
+
     .venv/bin/python loadtests/bench.py [--duration 10] [--repeats 3] [--quick] [--routes 1000 --hosts 200]
+    .venv/bin/python loadtests/bench.py --https [--sections pinned]
 
 Needs the Debian packages ``nginx`` and ``wrk``, and 2+ CPUs for the pinned section.
 """
@@ -69,7 +78,13 @@ from canary_checks import bernstein_tolerance  # loadtests/ is not a package
 
 ROOT = Path(__file__).resolve().parent.parent
 CANARY_WEIGHT = 10  # percent
-BODIES = {"small": ("/small", "2 B"), "16k": ("/16k", "16 KiB"), "1m": ("/1m", "1 MiB")}
+BODIES = {
+    "small": ("/small", "2 B"),
+    "16k": ("/16k", "16 KiB"),
+    "1m": ("/1m", "1 MiB"),
+    "handshake": ("/small", "2 B, new TLS connection each"),  # --https: Connection: close
+}
+HTTPS_TARGET = 0.4  # the issue's: keep-alive HTTPS req/s at least 0.4x nginx's
 CONNECTIONS = (64, 1)
 TARGETS = ("direct", "nginx", "canary-proxy")
 TARGET_LABELS = {"direct": "backend direct", "nginx": "nginx", "canary-proxy": "canary-proxy"}
@@ -250,7 +265,7 @@ http {{
     upstream stable {{ server 127.0.0.1:{stable}; keepalive 128; keepalive_requests 1000000; }}
     upstream canary {{ server 127.0.0.1:{canary}; keepalive 128; keepalive_requests 1000000; }}
     server {{
-        listen 127.0.0.1:{port} backlog=4096 reuseport;
+        listen 127.0.0.1:{port} backlog=4096 reuseport{ssl};{tls}
         location / {{
             proxy_pass http://$canary_upstream;
             proxy_http_version 1.1;
@@ -343,8 +358,41 @@ class Target:
     logs: list[Path] = field(default_factory=list)  # access logs, truncated after each run
 
 
+@dataclass(frozen=True)
+class Tls:
+    """--https: the one certificate both proxies serve."""
+
+    cert: Path
+    key: Path
+
+    @classmethod
+    def make(cls, workdir: Path) -> Tls:
+        sys.path.insert(0, str(ROOT))
+        from canary_proxy.selfsigned import fake_certificate  # ECDSA P-256, self-signed
+
+        cert, key = fake_certificate()
+        paths = cls(workdir / "tls.crt", workdir / "tls.key")
+        paths.cert.write_bytes(cert)
+        paths.key.write_bytes(key)
+        for path in (paths.cert, paths.key):
+            path.chmod(0o644)  # nginx reads them as root; canary-proxy as us
+        return paths
+
+    def nginx(self) -> str:
+        return (
+            f"\n        ssl_certificate {self.cert};\n        ssl_certificate_key {self.key};"
+            "\n        ssl_protocols TLSv1.2 TLSv1.3;"
+        )
+
+
 def start_nginx_proxy(
-    procs: Processes, workdir: Path, backends: tuple[Backend, Backend], *, workers: str, cpu: str | None
+    procs: Processes,
+    workdir: Path,
+    backends: tuple[Backend, Backend],
+    *,
+    workers: str,
+    cpu: str | None,
+    tls: Tls | None = None,
 ) -> Target:
     port = free_port()
     directory = workdir / f"nginx-proxy-{workers}"
@@ -355,10 +403,13 @@ def start_nginx_proxy(
         weight=CANARY_WEIGHT,
         stable=backends[0].port,
         canary=backends[1].port,
+        ssl=" ssl" if tls else "",
+        tls=tls.nginx() if tls else "",
     )
     proc = start_nginx(procs, "nginx-proxy", conf, directory, cpu)
     wait_until(lambda: port_open(port), proc, "nginx proxy")
-    return Target("nginx", f"http://127.0.0.1:{port}", proc, [directory / "access.log"])
+    scheme = "https" if tls else "http"
+    return Target("nginx", f"{scheme}://127.0.0.1:{port}", proc, [directory / "access.log"])
 
 
 @dataclass(frozen=True)
@@ -419,6 +470,7 @@ def start_canary_proxy(
     workers: str,
     cpu: str | None,
     layout: RouteLayout | None = None,
+    tls: Tls | None = None,
 ) -> Target:
     """One catch-all route (today's config), or ``layout``'s routes."""
     name = "canary-proxy" if layout is None else ROUTES_TARGET
@@ -443,6 +495,7 @@ def start_canary_proxy(
         *pinned(cpu), sys.executable, "-m", "canary_proxy", "serve", *source,
         "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--workers", workers,
         "--drain-delay", "0", "--shutdown-timeout", "2s",
+        *(["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)] if tls else []),
     ]  # fmt: skip
     # O_APPEND, so truncating the file between runs keeps disk use flat while it stays on.
     with access.open("ab") as out, stderr.open("ab") as err:
@@ -457,7 +510,7 @@ def start_canary_proxy(
         return None
 
     entry = wait_until(ready, proc, name)
-    return Target(name, "http://" + entry["public"], proc, [access])
+    return Target(name, ("https://" if tls else "http://") + entry["public"], proc, [access])
 
 
 # -- wrk -------------------------------------------------------------------------------------
@@ -515,10 +568,14 @@ def run_wrk(
     duration: float,
     cpu: str | None,
     script: Path | None = None,
+    close: bool = False,
 ) -> WrkResult:
+    """``close``: one request per connection (``Connection: close``), so over TLS each
+    request is a new handshake."""
     argv = [
         *pinned(cpu), "wrk", f"-t{min(threads, connections)}", f"-c{connections}",
-        f"-d{duration:g}s", "--latency", *(["-s", str(script)] if script is not None else []), url,
+        f"-d{duration:g}s", "--latency", *(["-s", str(script)] if script is not None else []),
+        *(["-H", "Connection: close"] if close else []), url,
     ]  # fmt: skip
     proc = procs.start("wrk", argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -584,6 +641,7 @@ def measure(
         duration=duration,
         cpu=section.load_cpu,
         script=script,
+        close=body == "handshake",
     )
     after = (cpu_seconds(tree), backends[0].served(), backends[1].served())
     for log in target.logs:
@@ -651,9 +709,10 @@ def run_section(
         set_affinity(backend.proc, section.load_cpu)
     layout = layout_of(args)
     names = target_names(layout)
+    tls = Tls.make(workdir) if args.https else None
     proxies = [
-        start_nginx_proxy(procs, workdir, backends, workers=section.workers, cpu=section.proxy_cpu),
-        start_canary_proxy(procs, workdir, backends, workers=section.workers, cpu=section.proxy_cpu),
+        start_nginx_proxy(procs, workdir, backends, workers=section.workers, cpu=section.proxy_cpu, tls=tls),
+        start_canary_proxy(procs, workdir, backends, workers=section.workers, cpu=section.proxy_cpu, tls=tls),
     ]
     script = None
     if layout is not None:
@@ -690,6 +749,7 @@ def run_section(
                             duration=args.warmup,
                             cpu=section.load_cpu,
                             script=script,
+                            close=body == "handshake",
                         )
         for repeat in range(args.repeats):
             turn = repeat % len(names)
@@ -822,6 +882,24 @@ def routes_lines(section: Section, runs: list[Run], bodies: list[str], layout: R
     return [head, *lines]
 
 
+def https_lines(section: Section, runs: list[Run]) -> list[str]:
+    """--https: canary-proxy's keep-alive req/s and handshakes/s against nginx's, same run."""
+    lines = ["HTTPS, canary-proxy against nginx (same certificate, same run), @64 connections:"]
+    for body, what in (("small", "keep-alive req/s over TLS"), ("handshake", "new TLS handshakes/s")):
+        chosen = [r for r in runs if (r.section, r.body, r.connections) == (section.key, body, 64)]
+        ours = median_of([r for r in chosen if r.target == "canary-proxy"], "rps")
+        theirs = median_of([r for r in chosen if r.target == "nginx"], "rps")
+        if ours is None or not theirs:
+            continue
+        figure = f"- {what}: {ours / theirs:.2f}{TIMES} ({ours:,.0f} against {theirs:,.0f})"
+        if body == "small":
+            good = ours >= HTTPS_TARGET * theirs
+            figure += " OK" if good else " MISSED"
+            figure += f" (target {HTTPS_TARGET}{TIMES} or more)"
+        lines.append(figure)
+    return lines
+
+
 def split_lines(section: Section, runs: list[Run], layout: RouteLayout | None) -> tuple[list[str], bool]:
     lines, ok = [], True
     p = CANARY_WEIGHT / 100
@@ -919,6 +997,15 @@ def report(
         "(the nginx master and worker; the canary-proxy supervisor and workers), at 64 connections.",
         "",
     ]
+    if args.https:
+        lines += [
+            "HTTPS: both proxies terminate TLS with the same self-signed ECDSA P-256 certificate "
+            "(canary-proxy `--tls-cert`/`--tls-key`, nginx `ssl_certificate`), each with its default "
+            "session settings; the backends and `backend direct` are plain HTTP. `2 B, new TLS "
+            "connection each`: wrk sends `Connection: close`, so each request is a new TCP "
+            "connection and TLS handshake and its req/s are handshakes per second.",
+            "",
+        ]
     layout = layout_of(args)
     if layout is not None:
         lines += [
@@ -933,6 +1020,8 @@ def report(
         if not chosen:
             continue
         lines += section_table(section, chosen, bodies, layout)
+        if args.https:
+            lines += ["", *https_lines(section, chosen)]
         if layout is not None:
             lines += ["", *routes_lines(section, chosen, bodies, layout)]
         split, good = split_lines(section, chosen, layout)
@@ -997,12 +1086,23 @@ def main() -> int:
         help="with --routes: a --config-dir of N files (default), or one file of N documents",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
+    parser.add_argument(
+        "--https",
+        action="store_true",
+        help="TLS on both proxies, the same certificate; bodies small and handshake unless --bodies",
+    )
     args = parser.parse_args()
+    if args.https and args.bodies == parser.get_default("bodies"):
+        args.bodies = "small,handshake"
+    if "handshake" in args.bodies.split(",") and not args.https:
+        parser.error("the handshake body goes with --https")
+    if args.https and args.routes:
+        parser.error("--https and --routes are separate runs")
     if args.quick:
         args.duration, args.repeats, args.warmup = 2, 1, 1  # wrk takes whole seconds
     for body in args.bodies.split(","):
         if body not in BODIES:
-            parser.error(f"unknown body {body!r}: expected small, 16k or 1m")
+            parser.error(f"unknown body {body!r}: expected small, 16k, 1m or handshake")
     if args.routes < 0 or (args.routes and not 1 <= args.hosts <= args.routes):
         parser.error("--routes N needs 1 <= --hosts <= N")
     for tool in ("nginx", "wrk", "taskset"):
