@@ -20,6 +20,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "canary_proxy"
 # The pure core: parsing, routing, a rollout's plan, state and analysis, the proxy's head
 # rules. No I/O: they are tested with plain tables of cases.
 PURE = (
+    "canary_proxy.values",
     "canary_proxy.config",
     "canary_proxy.router",
     "canary_proxy.annotations",
