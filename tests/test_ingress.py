@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from canary_proxy.ingress import IngressRoute, IngressRoutes, parse_nginx_size, routes_from_ingresses
+from canary_proxy.ingress import IngressRoute, IngressRoutes, routes_from_ingresses
+from canary_proxy.ingress_annotations import parse_nginx_size
 from canary_proxy.routes import RouteTable
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ingress"

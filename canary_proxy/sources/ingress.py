@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 from ..ingress import (
     DEFAULT_CLASS,
-    DEFAULT_PREFIX,
     IngressRoute,
     IngressRoutes,
     claims,
     routes_from_ingresses,
 )
+from ..ingress_annotations import DEFAULT_PREFIX
 from ..routes import Origin
 from .raw import RawConfig, RawRoute
 
