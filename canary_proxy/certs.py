@@ -8,6 +8,10 @@ Which certificate a host gets, as ingress-nginx decides it (``extractTLSSecretNa
 2. An Ingress gives a host a certificate when the host is one of its own rules' hosts and
    is listed in one of its ``spec.tls`` entries' ``hosts`` (case-insensitive): that entry's
    ``secretName`` in the Ingress's namespace, or the default certificate if it names none.
+   Failing an exact listing, ingress-nginx takes an entry whose certificate covers the host
+   (its SANs); without reading certificates, canary-proxy takes an entry that lists a
+   wildcard covering the host (``*.example.com`` for ``a.example.com``), else an entry that
+   lists no hosts at all.
 3. A host written ``*.example.com`` is a wildcard: at the handshake, the SNI name is looked
    up as is, then with its first label replaced by ``*`` (``a.example.com`` ->
    ``*.example.com``), then the default certificate is served.
@@ -117,15 +121,27 @@ def tls_hosts(ingresses: Iterable[Mapping[str, Any]]) -> dict[str, SecretRef | N
             for rule in spec.get("rules") or []
             if isinstance(rule, Mapping)
         }
+        listed: dict[str, SecretRef | None] = {}  # this Ingress's tls hosts, first entry first
+        unlisted: list[SecretRef | None] = []  # its entries without hosts
         for entry in spec.get("tls") or []:
             if not isinstance(entry, Mapping):
                 continue
             secret = str(entry.get("secretName") or "")
             ref = (namespace, secret) if secret else None
-            for host in entry.get("hosts") or []:
-                name = str(host).lower().rstrip(".")
-                if name and name in rule_hosts and name not in found:
-                    found[name] = ref
+            hosts = [str(h).lower().rstrip(".") for h in entry.get("hosts") or [] if h]
+            for name in hosts:
+                listed.setdefault(name, ref)
+            if not hosts:
+                unlisted.append(ref)
+        if not listed and not unlisted:
+            continue
+        for host in sorted(rule_hosts - {""} - found.keys()):
+            if host in listed:
+                found[host] = listed[host]
+            elif (wildcard := host_lookup(host)[1]) is not None and wildcard in listed:
+                found[host] = listed[wildcard]
+            elif unlisted:
+                found[host] = unlisted[0]
     return found
 
 

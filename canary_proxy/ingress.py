@@ -35,6 +35,11 @@ The rules, in the order they apply:
    Ingress under ``ignored`` with the reason; ``configuration-snippet`` and
    ``server-snippet`` are never executed. These rules and the reasons are in
    ``ingress_annotations``.
+6. **Redirect to https**, as ingress-nginx's ``ssl-redirect`` (default true) and
+   ``force-ssl-redirect`` (default false), read from the main Ingress: a route's plain-HTTP
+   requests get a 308 to https when its host is a TLS host (``certs.tls_hosts``: listed in
+   the ``spec.tls`` of an Ingress that has a rule for it) and ``ssl-redirect`` is not
+   false, or whatever its host when ``force-ssl-redirect`` is true.
 
 Route names are ``NAMESPACE/INGRESS`` for an Ingress with one route and
 ``NAMESPACE/INGRESS#N`` for its Nth of several (paths in order, then the default
@@ -54,6 +59,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final
 
+from .certs import tls_hosts
 from .config import ConfigError
 from .ingress_annotations import DEFAULT_PREFIX, INHERITED, NginxAnnotations, Reading
 from .routes import EXACT, PREFIX, Route, parse_route
@@ -108,6 +114,7 @@ class IngressRoute:
     canary: Backend | None = None
     canary_ingress: str | None = None
     body_limit: int | None = None  # proxy-body-size in bytes; 0 = unlimited; None = not set
+    ssl_redirect: bool = False  # plain HTTP gets a 308 to https (rule 6)
     data: Mapping[str, str] = field(default_factory=dict, compare=False)  # what parse_route validated
 
     @property
@@ -144,7 +151,7 @@ def routes_from_ingresses(
     rules = NginxAnnotations.under(annotation_prefix)
     by_service = {_key(s): s for s in services if isinstance(s, Mapping)}
     claimed = _oldest_first(i for i in ingresses if isinstance(i, Mapping) and claims(i, ingress_class))
-    state = _State(rules, by_service)
+    state = _State(rules, by_service, frozenset(tls_hosts(claimed)))
     mains = [i for i in claimed if not rules.is_canary(_annotations(i))]
     canaries = [i for i in claimed if rules.is_canary(_annotations(i))]
     for rank, ingress in enumerate(mains):
@@ -168,6 +175,7 @@ class _Draft:
     stable: Backend
     main_raw: dict[str, str]  # host/path keys and the main Ingress's carried annotations
     body_limit: int | None
+    redirects: Mapping[str, bool]  # the main Ingress's ssl-redirect and force-ssl-redirect
     canary: Backend | None = None
     canary_ingress: str | None = None
     canary_raw: dict[str, str] = field(default_factory=dict)
@@ -177,6 +185,7 @@ class _Draft:
 class _State:
     rules: NginxAnnotations
     services: dict[tuple[str, str], Mapping[str, Any]]
+    tls_hosts: frozenset[str]  # hosts with a certificate: their plain HTTP is redirected
     drafts: dict[tuple[str, str, str], _Draft] = field(default_factory=dict)
     reported: list[Report] = field(default_factory=list)
     ignored: dict[tuple[str, str], Ignored] = field(default_factory=dict)
@@ -237,7 +246,7 @@ class _State:
                 continue
             self.drafts[key] = _Draft(
                 route_name, (rank, number), namespace, name, host, path, path_type,
-                stable, raw, annotations.body_limit,
+                stable, raw, annotations.body_limit, annotations.redirects,
             )  # fmt: skip
 
     def _route_key(self, raw: dict[str, str], where: str, name: str) -> tuple[str, str, str] | None:
@@ -284,7 +293,7 @@ class _State:
         the stable traffic too."""
         annotations = self.rules.of(_annotations(ingress))
         for annotation in self.rules.differing_inherited(
-            annotations, main=draft.main_raw, body_limit=draft.body_limit
+            annotations, main=draft.main_raw, body_limit=draft.body_limit, redirects=draft.redirects
         ):
             self.ignore(where, annotation, INHERITED)
 
@@ -352,8 +361,9 @@ class _State:
             return None
         return self._route(draft, route, stable_only, canary=False)
 
-    @staticmethod
-    def _route(draft: _Draft, route: Route, data: dict[str, str], *, canary: bool) -> IngressRoute:
+    def _route(self, draft: _Draft, route: Route, data: dict[str, str], *, canary: bool) -> IngressRoute:
+        tls = draft.host.lower().rstrip(".") in self.tls_hosts
+        redirect = draft.redirects["force-ssl-redirect"] or (tls and draft.redirects["ssl-redirect"])
         return IngressRoute(
             route=route,
             namespace=draft.namespace,
@@ -364,6 +374,7 @@ class _State:
             canary=draft.canary if canary else None,
             canary_ingress=draft.canary_ingress if canary else None,
             body_limit=draft.body_limit,
+            ssl_redirect=redirect,
             data=data,
         )
 

@@ -42,8 +42,6 @@ _REASONS: Final = {
     "session-cookie-name": "canary-proxy keeps users sticky with its own bucket cookie (sticky-cookie)",
     "session-cookie-max-age": "the sticky bucket cookie lasts sticky-max-age",
     "session-cookie-expires": "the sticky bucket cookie lasts sticky-max-age",
-    "ssl-redirect": "canary-proxy does not redirect to HTTPS yet",
-    "force-ssl-redirect": "canary-proxy does not redirect to HTTPS yet",
     "backend-protocol": "Service backends are reached over plain HTTP",
     "rewrite-target": "canary-proxy forwards the path unchanged",
     "use-regex": "paths are matched as Prefix or Exact, never as regular expressions",
@@ -66,6 +64,10 @@ _ON_MAIN_ONLY = "only a canary Ingress's canary rules apply"
 INHERITED: Final = "on a canary Ingress it is inherited from the main Ingress, as in ingress-nginx"
 
 _PARSE_BOOL_TRUE: Final = frozenset({"1", "t", "true"})  # Go's strconv.ParseBool, lower-cased
+_PARSE_BOOL: Final = {"1": True, "t": True, "true": True, "0": False, "f": False, "false": False}
+# Read from the main Ingress: whether a plain-HTTP request is redirected to https (308).
+# ssl-redirect (default true) applies to TLS hosts; force-ssl-redirect to every host.
+REDIRECTS: Final = {"ssl-redirect": True, "force-ssl-redirect": False}
 _SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)\s*$")
 _SIZE_UNITS: Final = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 _KEYS: Final = {k.name: k for k in DECLARATIONS}
@@ -77,6 +79,7 @@ class Reading:
 
     carried: dict[str, str] = field(default_factory=dict)  # config key -> value
     body_limit: int | None = None  # proxy-body-size in bytes; 0 = unlimited; None = not set
+    redirects: dict[str, bool] = field(default_factory=lambda: dict(REDIRECTS))  # ssl-redirect, force-
     invalid: list[str] = field(default_factory=list)  # one message per carried one not applied
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (annotation, reason)
 
@@ -118,6 +121,14 @@ class NginxAnnotations:
                     reading.body_limit = parse_nginx_size(value)
                 except ValueError as exc:
                     reading.invalid.append(f"{self.prefix}{BODY_SIZE}: {exc}; not applied")
+            elif annotation in REDIRECTS:
+                flag = _PARSE_BOOL.get(value.strip().lower())
+                if flag is None:  # ingress-nginx falls back to the default, as here
+                    reading.invalid.append(
+                        f"{self.prefix}{annotation}: {value!r} is not true or false; not applied"
+                    )
+                else:
+                    reading.redirects[annotation] = flag
             elif annotation in CANARY_KEYS:
                 reading.ignored.append((self.prefix + annotation, _ON_MAIN_ONLY))
             else:
@@ -133,19 +144,30 @@ class NginxAnnotations:
                 continue
             if annotation in CANARY_KEYS:
                 reading.carried[annotation] = value
-            elif annotation not in TIMEOUT_KEYS and annotation != BODY_SIZE:
+            elif annotation not in TIMEOUT_KEYS and annotation != BODY_SIZE and annotation not in REDIRECTS:
                 reading.ignored.append((self.prefix + annotation, reason(annotation)))
         return reading
 
     def differing_inherited(
-        self, annotations: Mapping[str, str], *, main: Mapping[str, str], body_limit: int | None
+        self,
+        annotations: Mapping[str, str],
+        *,
+        main: Mapping[str, str],
+        body_limit: int | None,
+        redirects: Mapping[str, bool] = REDIRECTS,
     ) -> list[str]:
-        """The canary's timeouts and body size that differ from its main's (Flagger copies
-        them over): ``main`` is what the main Ingress carried, ``body_limit`` its body size."""
+        """The canary's timeouts, body size and redirects that differ from its main's
+        (Flagger copies them over): ``main`` is what the main Ingress carried, ``body_limit``
+        its body size, ``redirects`` its ssl-redirect and force-ssl-redirect."""
         differ = [
             self.prefix + annotation
             for annotation, key in TIMEOUT_KEYS.items()
             if annotation in annotations and annotations[annotation] != main.get(key)
+        ]
+        differ += [
+            self.prefix + annotation
+            for annotation, flag in redirects.items()
+            if annotation in annotations and _PARSE_BOOL.get(annotations[annotation].strip().lower()) != flag
         ]
         if BODY_SIZE in annotations:
             try:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .ingress import IngressRoutes, routes_from_ingresses
-from .ingress_annotations import BODY_SIZE, DEFAULT_PREFIX
+from .ingress_annotations import BODY_SIZE, DEFAULT_PREFIX, REDIRECTS
 
 PREFIX = DEFAULT_PREFIX + "/"
 LABEL = "canary-proxy.io/import"  # every ConfigMap of one import: --configmap-selector LABEL=NAME
@@ -70,7 +70,7 @@ def convert(
         raise ImportError_(errors)
     if not result.routes:
         raise ImportError_(["the main Ingress has no backend"])
-    return Result(namespace, [dict(r.data) for r in result.routes], _warnings(result))
+    return Result(namespace, [dict(r.data) for r in result.routes], _warnings(result, [main, canary]))
 
 
 def _is_canary(ingress: Mapping[str, Any]) -> bool:
@@ -153,9 +153,22 @@ def _service_refs(ingress: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return [b["service"] for b in backends if isinstance(b.get("service"), Mapping)]
 
 
-def _warnings(result: IngressRoutes) -> list[str]:
+def _warnings(result: IngressRoutes, ingresses: Iterable[Mapping[str, Any]]) -> list[str]:
     warnings = [r.message for r in result.reported]
     warnings += [f"annotation {i.annotation}: not carried over: {i.reason}" for i in result.ignored]
+    redirects = sorted(
+        {
+            str(key)
+            for ingress in ingresses
+            for key in (ingress.get("metadata") or {}).get("annotations") or {}
+            if str(key).removeprefix(PREFIX) in REDIRECTS and str(key).startswith(PREFIX)
+        }
+    )
+    for annotation in redirects:
+        warnings.append(
+            f"annotation {annotation}: not carried over: a ConfigMap route never redirects to https "
+            "(serve --ingress-class does, for the hosts in the Ingresses' spec.tls)"
+        )
     if any(r.body_limit is not None for r in result.routes):
         warnings.append(
             f"annotation {PREFIX}{BODY_SIZE}: not carried over: a route has no body limit of its own "

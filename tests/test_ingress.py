@@ -328,7 +328,7 @@ def test_nginx_sizes(text: str, size: int) -> None:
 
 def test_other_annotations_and_snippets_are_listed_once_with_a_reason() -> None:
     noisy = {"configuration-snippet": "more_set_headers 'X: y';", "server-snippet": "location /x {}",
-             "ssl-redirect": "false", "enable-cors": "true"}  # fmt: skip
+             "limit-rps": "10", "enable-cors": "true"}  # fmt: skip
     main = ingress("shop", paths=[("/", "Prefix"), ("/a", "Prefix")], annotations=noisy)
     can = canary("c", "web-canary", canary_weight="5", **{"configuration-snippet": "return 500;"})
     result = routes_from_ingresses([main, can], SERVICES)
@@ -413,3 +413,55 @@ def test_the_routes_fit_one_route_table_in_their_order() -> None:
     assert table.conflicts == () and [r.ingress for r in result.routes] == ["a", "b"]
     found = table.lookup(b"b.example.com", b"/x")
     assert found is not None and found[1].ingress == "b"
+
+
+def tls(ingress_: dict[str, Any], *hosts: str, secret: str | None = "shop-tls") -> dict[str, Any]:
+    entry: dict[str, Any] = {"hosts": list(hosts)}
+    if secret is not None:
+        entry["secretName"] = secret
+    ingress_["spec"].setdefault("tls", []).append(entry)
+    return ingress_
+
+
+@pytest.mark.parametrize(
+    ("annotations", "has_tls", "redirect"),
+    [
+        ({}, True, True),  # ingress-nginx's default: TLS hosts redirect
+        ({}, False, False),
+        ({"ssl-redirect": "false"}, True, False),
+        ({"ssl-redirect": "False"}, True, False),  # Go's ParseBool
+        ({"force-ssl-redirect": "true"}, False, True),  # behind a TLS-terminating balancer
+        ({"ssl-redirect": "false", "force-ssl-redirect": "true"}, True, True),  # force wins
+        ({"ssl-redirect": "maybe"}, True, True),  # invalid: reported, the default applies
+    ],
+)
+def test_tls_hosts_redirect_plain_http_as_ingress_nginx_does(
+    annotations: dict[str, str], has_tls: bool, redirect: bool
+) -> None:
+    main = ingress("shop", annotations=annotations)
+    if has_tls:
+        tls(main, "Shop.Example.com")
+    result = routes_from_ingresses([main], SERVICES)
+    assert only(result).ssl_redirect is redirect
+    assert result.ignored == ()
+    assert [r.kind for r in result.reported] == (["invalid"] if "maybe" in annotations.values() else [])
+
+
+def test_a_canary_inherits_the_redirect_and_a_differing_one_is_listed() -> None:
+    main = tls(ingress("shop"), "shop.example.com")
+    same = tls(canary("c", "web-canary", canary_weight="5", **{"ssl-redirect": "true"}), "shop.example.com")
+    result = routes_from_ingresses([main, same], SERVICES)
+    assert only(result).ssl_redirect and result.ignored == ()
+    off = canary("c", "web-canary", canary_weight="5", **{"ssl-redirect": "false"})
+    result = routes_from_ingresses([main, off], SERVICES)
+    assert only(result).ssl_redirect  # the main's rules
+    assert [(i.ingress, i.annotation) for i in result.ignored] == [("shop/c", P + "ssl-redirect")]
+
+
+def test_another_ingress_tls_for_the_host_counts_only_with_a_rule_of_its_own() -> None:
+    other_host = tls(ingress("blog", host="blog.example.com"), "shop.example.com")  # no rule for shop
+    result = routes_from_ingresses([ingress("shop"), other_host], SERVICES)
+    assert not next(r for r in result.routes if r.ingress == "shop").ssl_redirect
+    second = tls(ingress("shop-api", paths=[("/api", "Prefix")]), "shop.example.com")
+    result = routes_from_ingresses([ingress("shop"), second], SERVICES)
+    assert all(r.ssl_redirect for r in result.routes)  # the host has TLS, from either Ingress

@@ -10,6 +10,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,8 +43,9 @@ from canary_proxy.sources.secrets import follow_secrets
 from canary_proxy.tls import pem_context
 from canary_proxy.tls_store import TlsStore
 
-from .conftest import Backend, raw_request
+from .conftest import Backend, port_of, raw_request, stop_proxy
 from .fakekube import FakeKube
+from .test_ingress_mode import P, serve_ingresses, service
 from .test_k8s import FAST
 from .test_tls import chain_of
 
@@ -75,15 +77,16 @@ def ingress(
     tls: list[dict[str, Any]],
     *,
     created: str = "2026-01-01T00:00:00Z",
-    **annotations: str,
+    port: int = 80,
+    annotations: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    backend = {"service": {"name": "web", "port": {"number": 80}}}
+    backend = {"service": {"name": "web", "port": {"number": port}}}
     return {
         "metadata": {
             "name": name,
             "namespace": "default",
             "creationTimestamp": created,
-            "annotations": annotations,
+            "annotations": annotations or {},
         },
         "spec": {
             "ingressClassName": "canary-proxy",
@@ -97,20 +100,23 @@ def ingress(
 
 
 def test_tls_hosts_follow_ingress_nginx() -> None:
-    old = ingress("old", ["a.example", "B.example", "*.wild.example"], [
+    old = ingress("old", ["a.example", "B.example", "*.wild.example", "x.star.example"], [
         {"hosts": ["a.example", "b.example"], "secretName": "ab"},
-        {"hosts": ["*.wild.example"], "secretName": "wild"},
+        {"hosts": ["*.wild.example", "*.star.example"], "secretName": "wild"},  # covers x.star too
         {"hosts": ["not-a-rule.example"], "secretName": "x"},  # no rule of its own: not a TLS host
     ])  # fmt: skip
     new = ingress("new", ["a.example", "c.example"], [
         {"hosts": ["a.example"], "secretName": "late"},  # a.example is old's already
         {"hosts": ["c.example"]},  # no secretName: the default certificate
     ], created="2026-02-01T00:00:00Z")  # fmt: skip
-    assert tls_hosts([new, old]) == {
+    bare = ingress("bare", ["d.example"], [{"secretName": "any"}])  # no hosts: every rule host
+    assert tls_hosts([new, bare, old]) == {
         "a.example": ("default", "ab"),
         "b.example": ("default", "ab"),
         "*.wild.example": ("default", "wild"),
+        "x.star.example": ("default", "wild"),
         "c.example": None,
+        "d.example": ("default", "any"),
     }
 
 
@@ -358,3 +364,56 @@ async def test_plain_http_to_a_tls_host_is_redirected_and_https_is_proxied(
     assert (await reader.readline()).startswith(b"HTTP/1.1 200")
     writer.close()
     assert stable.requests[-1]["path"] == "/cart"
+
+
+# -- serve --ingress-class, the real process --------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_serve_ingress_class_serves_each_host_s_secret_rotates_and_redirects(
+    fake_kube: FakeKube, backends: tuple[Backend, Backend], tmp_path: Path, workers: int
+) -> None:
+    stable, _ = backends
+    ca, new_ca = trustme.CA(), trustme.CA()
+    a, b = pair_of(ca.issue_cert("a.example")), pair_of(ca.issue_cert("b.example"))
+    fake_kube.put_object("services", service("web", stable))
+    fake_kube.put_object("secrets", secret("a", a))
+    fake_kube.put_object("secrets", secret("b", b))
+    tls = [{"hosts": ["a.example"], "secretName": "a"}, {"hosts": ["b.example"], "secretName": "b"}]
+    off = {P + "ssl-redirect": "false"}
+    fake_kube.put_object("ingresses", ingress("shop", ["a.example"], tls, port=stable.port))
+    fake_kube.put_object("ingresses", ingress("blog", ["b.example"], tls, port=stable.port, annotations=off))
+    proxy = await serve_ingresses(fake_kube, tmp_path, "--workers", str(workers))
+    try:
+        ready = next(e for e in proxy.logs if e.get("msg") == "ready")
+        port = int(ready["https"].rpartition(":")[2])
+        ctx = trusting(ca, new_ca)
+
+        async def served(name: str) -> bytes:
+            _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=name)
+            der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+            writer.close()
+            return bytes(der)
+
+        async def every_worker_serves(name: str, expected: bytes) -> bool:
+            return all([await served(name) == expected for _ in range(4 * workers)])
+
+        await until(lambda: every_worker_serves("a.example", der(a)))
+        assert await every_worker_serves("b.example", der(b))
+        rotated = pair_of(new_ca.issue_cert("a.example"))
+        fake_kube.put_object("secrets", secret("a", rotated))
+        await until(lambda: every_worker_serves("a.example", der(rotated)))
+
+        plain = port_of(proxy.url)
+        answer = await raw_request(plain, b"GET /x?y=1 HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 308 ") and b"\r\nLocation: https://a.example/x?y=1\r\n" in answer
+        answer = await raw_request(plain, b"GET / HTTP/1.1\r\nHost: b.example\r\n\r\n")  # ssl-redirect off
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=ctx, server_hostname="a.example"
+        )
+        writer.write(b"GET /x HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n")
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200 ")
+        writer.close()
+    finally:
+        await stop_proxy(proxy)

@@ -54,6 +54,7 @@ def origin_of(found: IngressRoute) -> Origin:
         path=found.path,
         canary=found.canary_label,
         body_limit=found.body_limit,
+        ssl_redirect=found.ssl_redirect,
     )
 
 
