@@ -39,6 +39,8 @@ def validate(pair: Pair, *, origin: str) -> None:
 
 
 class TlsStore:
+    """``ingresses`` and ``secrets`` in; ``current`` out, and to ``on_change`` when it changes."""
+
     def __init__(
         self,
         *,
@@ -52,6 +54,9 @@ class TlsStore:
         self.metrics = metrics
         self.on_change = list(on_change)
         self.hosts: dict[str, SecretRef | None] = {}
+        # The Secrets were listed once: only then is a Secret not found a problem (and the
+        # certificates ready: /readyz waits for it, so no client meets a placeholder).
+        self.listed = False
         self.problems: dict[SecretRef, SecretProblem] = {}
         self._secrets: dict[SecretRef, Mapping[str, Any]] = {}  # the latest of each TLS Secret
         self._checked: dict[SecretRef, str] = {}  # the resourceVersion last validated
@@ -67,6 +72,7 @@ class TlsStore:
 
     def secrets(self, events: Iterable[tuple[SecretRef, Mapping[str, Any] | None]]) -> None:
         """Secrets as the watch saw them: the object, or None once deleted."""
+        self.listed = True
         for ref, obj in events:
             if obj is None:
                 self._secrets.pop(ref, None)
@@ -112,6 +118,8 @@ class TlsStore:
         name = "/".join(ref)
         if obj is None:
             self._checked.pop(ref, None)
+            if not self.listed:
+                return  # not yet known to be missing
             if ref in self._good:
                 self._problem(ref, SecretProblem("deleted", f"Secret {name} was deleted"))
             else:

@@ -45,6 +45,7 @@ from canary_proxy.tls_store import TlsStore
 
 from .conftest import Backend, port_of, raw_request, stop_proxy
 from .fakekube import FakeKube
+from .test_cli import cli
 from .test_ingress_mode import P, serve_ingresses, service
 from .test_k8s import FAST
 from .test_tls import chain_of
@@ -152,6 +153,8 @@ def test_the_store_keeps_the_last_good_pair_and_reports_each_problem_once(
         {("default", "i"): ingress("i", ["a.example"], [{"hosts": ["a.example"], "secretName": "a"}])}
     )
     assert store.current.hosts == {"a.example": fake.digest}  # not found yet: the default
+    assert not store.problems and not store.listed  # the Secrets are not listed yet: no news
+    store.secrets([])  # listed: it is not there
     assert store.problems[("default", "a")].reason == "not-found"
 
     def problem(reason: str) -> float | None:
@@ -417,3 +420,19 @@ async def test_serve_ingress_class_serves_each_host_s_secret_rotates_and_redirec
         writer.close()
     finally:
         await stop_proxy(proxy)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--config", "x.yaml", "--tls-listen", "127.0.0.1:0"], "go with --ingress-class"),
+        (["--config", "x.yaml", "--default-tls-secret", "a/b"], "go with --ingress-class"),
+        (["--ingress-class", "--tls-cert", "c", "--tls-key", "k"], "certificates come from the Ingresses"),
+        (["--ingress-class", "--tls-listen", "nowhere"], "--tls-listen: invalid value"),
+        (["--ingress-class", "--default-tls-secret", "a/b/c"], "--default-tls-secret: invalid value"),
+        (["--ingress-class", "--tls-listen", "off", "--default-tls-secret", "a/b"], "needs the HTTPS port"),
+    ],
+)
+def test_tls_flags_are_checked_at_start(args: list[str], message: str) -> None:
+    result = cli("serve", *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr

@@ -58,7 +58,7 @@ async def run_single(
         state = AdminState(
             control,
             registry,
-            lambda: not life.stop.is_set() and control.routes is not None,
+            lambda: not life.stop.is_set() and control.routes is not None and (tls is None or tls.listed),
             config_path=settings.config_path,
         )
         admin, admin_address = await start_admin(state, settings.admin_listen)

@@ -256,7 +256,11 @@ async def _supervise(
     scrape = CollectorRegistry()
     multiprocess.MultiProcessCollector(scrape)  # type: ignore[no-untyped-call]
     state = AdminState(
-        control, scrape, supervisor.ready, config_path=settings.config_path, serving=supervisor.serving
+        control,
+        scrape,
+        lambda: supervisor.ready() and (tls is None or tls.listed),  # Ingress mode: Secrets listed too
+        config_path=settings.config_path,
+        serving=supervisor.serving,
     )
     try:
         async with Lifecycle() as life:
