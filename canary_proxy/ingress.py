@@ -57,7 +57,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from .certs import tls_hosts
 from .config import ConfigError
@@ -140,18 +140,51 @@ class IngressRoutes:
     ignored: tuple[Ignored, ...] = ()
 
 
+class Parse(Protocol):
+    def __call__(self, raw: Mapping[str, Any], *, name: str, order: tuple[Any, ...] = ()) -> Route: ...
+
+
+class RouteMemo:
+    """``parse_route``, remembered between translations: when one Ingress of many changes,
+    only its routes are parsed again (parsing is most of a rebuild's cost). Each ``sweep``
+    forgets what the translation before it did not use, so the memo never outgrows the
+    routes."""
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple[Any, ...], Route | list[str]] = {}
+        self._used: dict[tuple[Any, ...], Route | list[str]] = {}
+
+    def __call__(self, raw: Mapping[str, Any], *, name: str, order: tuple[Any, ...] = ()) -> Route:
+        key = (tuple(sorted(raw.items())), name, order)
+        found = self._used.get(key) or self._kept.get(key)
+        if found is None:
+            try:
+                found = parse_route(raw, name=name, order=order)
+            except ConfigError as exc:
+                found = list(exc.errors)
+        self._used[key] = found
+        if isinstance(found, list):
+            raise ConfigError(list(found))
+        return found
+
+    def sweep(self) -> None:
+        self._kept, self._used = self._used, {}
+
+
 def routes_from_ingresses(
     ingresses: Iterable[Mapping[str, Any]],
     services: Iterable[Mapping[str, Any]],
     *,
     ingress_class: str = DEFAULT_CLASS,
     annotation_prefix: str = DEFAULT_PREFIX,
+    parse: Parse = parse_route,
 ) -> IngressRoutes:
-    """The routes the claimed Ingresses describe (see the module docstring for the rules)."""
+    """The routes the claimed Ingresses describe (see the module docstring for the rules).
+    ``parse`` validates each route's config: ``parse_route``, or a ``RouteMemo`` of it."""
     rules = NginxAnnotations.under(annotation_prefix)
     by_service = {_key(s): s for s in services if isinstance(s, Mapping)}
     claimed = _oldest_first(i for i in ingresses if isinstance(i, Mapping) and claims(i, ingress_class))
-    state = _State(rules, by_service, frozenset(tls_hosts(claimed)))
+    state = _State(rules, by_service, parse, frozenset(tls_hosts(claimed)))
     mains = [i for i in claimed if not rules.is_canary(_annotations(i))]
     canaries = [i for i in claimed if rules.is_canary(_annotations(i))]
     for rank, ingress in enumerate(mains):
@@ -185,6 +218,7 @@ class _Draft:
 class _State:
     rules: NginxAnnotations
     services: dict[tuple[str, str], Mapping[str, Any]]
+    parse: Parse
     tls_hosts: frozenset[str]  # hosts with a certificate: their plain HTTP is redirected
     drafts: dict[tuple[str, str, str], _Draft] = field(default_factory=dict)
     reported: list[Report] = field(default_factory=list)
@@ -252,7 +286,7 @@ class _State:
     def _route_key(self, raw: dict[str, str], where: str, name: str) -> tuple[str, str, str] | None:
         """The normalised host, path and type: the key canaries and conflicts match on."""
         try:
-            return parse_route({**raw, **_PLACEHOLDER}, name=name).key
+            return self.parse({**raw, **_PLACEHOLDER}, name=name).key
         except ConfigError as exc:
             self.report("invalid", where, f"route {name}: {'; '.join(exc.errors)}")
             return None
@@ -300,7 +334,7 @@ class _State:
     def _match_key(self, host: str, path: str, path_type: str) -> tuple[str, str, str] | None:
         try:
             raw = {"host": host, "path": path, "path-type": path_type, **_PLACEHOLDER}
-            return parse_route(raw, name="canary").key
+            return self.parse(raw, name="canary").key
         except ConfigError:
             return None
 
@@ -344,7 +378,7 @@ class _State:
         if draft.canary is not None:
             data = {**stable_only, **draft.canary_raw, "canary-url": draft.canary.url}
             try:
-                route = parse_route(data, name=draft.name, order=draft.order)
+                route = self.parse(data, name=draft.name, order=draft.order)
             except ConfigError as exc:
                 where = f"{draft.namespace}/{draft.canary_ingress}"
                 errors = "; ".join(exc.errors)
@@ -354,7 +388,7 @@ class _State:
             else:
                 return self._route(draft, route, data, canary=True)
         try:
-            route = parse_route(stable_only, name=draft.name, order=draft.order)
+            route = self.parse(stable_only, name=draft.name, order=draft.order)
         except ConfigError as exc:  # e.g. an ExternalName that is no host name
             where = f"{draft.namespace}/{draft.ingress}"
             self.report("invalid", where, f"route {draft.name}: {'; '.join(exc.errors)}")

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from canary_proxy.ingress import IngressRoute, IngressRoutes, routes_from_ingresses
+from canary_proxy.ingress import IngressRoute, IngressRoutes, RouteMemo, routes_from_ingresses
 from canary_proxy.ingress_annotations import parse_nginx_size
 from canary_proxy.routes import RouteTable
 
@@ -465,3 +465,20 @@ def test_another_ingress_tls_for_the_host_counts_only_with_a_rule_of_its_own() -
     second = tls(ingress("shop-api", paths=[("/api", "Prefix")]), "shop.example.com")
     result = routes_from_ingresses([ingress("shop"), second], SERVICES)
     assert all(r.ssl_redirect for r in result.routes)  # the host has TLS, from either Ingress
+
+
+def test_a_route_memo_gives_the_same_routes_and_forgets_what_is_gone() -> None:
+    """Ingress mode rebuilds the routes after every change through a RouteMemo: its result
+    must be exactly the plain translation's, step after step, and it must not grow."""
+    memo = RouteMemo()
+    fixture = json.loads((FIXTURES / "flagger.json").read_text())
+    store: dict[tuple[str, str], dict[str, Any]] = {}
+    for step in fixture["steps"]:
+        meta = step["object"]["metadata"]
+        store[(meta["namespace"], meta["name"])] = copy.deepcopy(step["object"])
+        plain = routes_from_ingresses(list(store.values()), fixture["services"])
+        memoised = routes_from_ingresses(list(store.values()), fixture["services"], parse=memo)
+        memo.sweep()
+        assert memoised == plain, step["note"]
+        assert [r.route for r in memoised.routes] == [r.route for r in plain.routes], step["note"]
+    assert len(memo._kept) <= 4, "only the last translation's parses are kept"

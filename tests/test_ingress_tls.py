@@ -360,8 +360,9 @@ async def test_plain_http_to_a_tls_host_is_redirected_and_https_is_proxied(
     answer = await raw_request(port, b"GET / HTTP/1.1\r\nHost: plain.example\r\n\r\n")  # ssl-redirect off
     assert answer.startswith(b"HTTP/1.1 200")
     ca = trustme.CA()
-    fake_kube.put_object("secrets", secret("a", pair_of(ca.issue_cert("a.example"))))
-    await until(lambda: ("default", "a") not in edge.store.problems)
+    a = pair_of(ca.issue_cert("a.example"))
+    fake_kube.put_object("secrets", secret("a", a))
+    await until(lambda: edge.store.current.hosts.get("a.example") == a.digest)
     reader, writer = await edge.connect("a.example", trusting(ca))
     writer.write(b"GET /cart HTTP/1.1\r\nHost: a.example\r\n\r\n")
     assert (await reader.readline()).startswith(b"HTTP/1.1 200")

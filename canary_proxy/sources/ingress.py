@@ -28,6 +28,7 @@ from ..ingress import (
     DEFAULT_CLASS,
     IngressRoute,
     IngressRoutes,
+    RouteMemo,
     claims,
     routes_from_ingresses,
 )
@@ -129,6 +130,7 @@ class IngressSource:
         self.tasks: list[Callable[[KubeClient], Coroutine[Any, Any, None]]] = []
         self.objects: dict[str, dict[Key, Obj]] = {resource: {} for resource in WATCHED}
         self._claimed: dict[Key, Obj] = {}
+        self._memo = RouteMemo()  # a rebuild after one change parses only what changed
         self._logged: set[tuple[str, ...]] = set()  # what was logged already
 
     def describe(self) -> str:
@@ -224,7 +226,9 @@ class IngressSource:
             self.objects["services"].values(),
             ingress_class=self.ingress_class,
             annotation_prefix=self.annotation_prefix,
+            parse=self._memo,
         )
+        self._memo.sweep()
         self._log_news(result)
         return raw_from_ingress_routes(result, ingress_class=self.ingress_class)
 
