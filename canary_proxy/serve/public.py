@@ -123,11 +123,8 @@ async def drain(
         options = _tls_options(proxy, listener.tls)
         factory = listener.protocol or proxy.protocol
         accepting += [loop.connect_accepted_socket(factory, conn, **options) for conn in queued]
-    await life.unless_hurried(
-        asyncio.gather(
-            *accepting, return_exceptions=True
-        )  # at once: a stalled TLS handshake holds up no other
-    )
+    # All at once: a TLS handshake that stalls must not hold up the others.
+    await life.unless_hurried(asyncio.gather(*accepting, return_exceptions=True))
     deadline = loop.time() + settings.shutdown_timeout
     await life.unless_hurried(proxy.wait_http_idle(deadline))
     await proxy.close_websockets()
