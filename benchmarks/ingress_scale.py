@@ -1,24 +1,29 @@
 """Ingress mode at scale: start to ready, RSS, and a canary weight patch to its effect.
 
 Runs the real proxy (``serve --ingress-class``) against the tests' fake API server on
-loopback, with N Ingresses of two paths each (2N routes) over H hosts, and one canary
+loopback, with N Ingresses of two paths each (2N routes) over H hosts, the first T of them
+TLS hosts, each with a certificate of its own in a Secret (the issue's 200), and one canary
 Ingress (Argo Rollouts' shape) on the first route. It reports:
 
 - start -> ready: from spawning the process to its "ready" log line (the first lists of
   Ingresses and Services read, every route built and swapped in);
 - RSS once ready, and of a proxy serving one Ingress, for the difference;
 - canary-weight merge patch -> in effect: from the PATCH (through the real Kubernetes
-  client) to the log line saying the route changed (written right after the swap).
+  client) to the log line saying the route changed (written right after the swap);
+- a Secret's rotation -> in effect: from the write to the log line saying the certificates
+  changed (written right after the HTTPS port's contexts are swapped).
 
 Usage:
 
-    .venv/bin/python benchmarks/ingress_scale.py [--ingresses 500] [--hosts 200] [--patches 30]
+    .venv/bin/python benchmarks/ingress_scale.py [--ingresses 500] [--hosts 200] [--tls-hosts 200] \\
+        [--patches 30]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import datetime
 import statistics
 import sys
@@ -26,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import trustme
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -54,22 +61,41 @@ def service(name: str, port: int) -> dict[str, Any]:
     return {"metadata": {"name": name, "namespace": NS}, "spec": spec}
 
 
-def ingress(name: str, host: str, svc: str, paths: list[str], annotations: dict[str, str]) -> dict[str, Any]:
+def ingress(
+    name: str, host: str, svc: str, paths: list[str], annotations: dict[str, str], *, tls: bool = False
+) -> dict[str, Any]:
     backend = {"service": {"name": svc, "port": {"name": "http"}}}
     http = {"paths": [{"path": p, "pathType": "Prefix", "backend": backend} for p in paths]}
+    spec: dict[str, Any] = {"ingressClassName": "canary-proxy", "rules": [{"host": host, "http": http}]}
+    if tls:
+        spec["tls"] = [{"hosts": [host], "secretName": host.replace(".", "-")}]
+    return {"metadata": {"name": name, "namespace": NS, "annotations": annotations}, "spec": spec}
+
+
+def tls_secret(host: str, ca: trustme.CA) -> dict[str, Any]:
+    """A kubernetes.io/tls Secret with a certificate of its own for ``host``."""
+    leaf = ca.issue_cert(host)
+    chain = b"".join(blob.bytes() for blob in leaf.cert_chain_pems)
+    data = {"tls.crt": chain, "tls.key": leaf.private_key_pem.bytes()}
     return {
-        "metadata": {"name": name, "namespace": NS, "annotations": annotations},
-        "spec": {"ingressClassName": "canary-proxy", "rules": [{"host": host, "http": http}]},
+        "metadata": {"name": host.replace(".", "-"), "namespace": NS},
+        "type": "kubernetes.io/tls",
+        "data": {k: base64.b64encode(v).decode() for k, v in data.items()},
     }
 
 
-def populate(fake: FakeKube, ingresses: int, hosts: int, stable_port: int, canary_port: int) -> None:
+def populate(
+    fake: FakeKube, ingresses: int, hosts: int, stable_port: int, canary_port: int, tls_hosts: int = 0
+) -> None:
     fake.put_object("services", service("stable", stable_port))
     fake.put_object("services", service("canary", canary_port))
+    ca = trustme.CA()
+    for h in range(min(tls_hosts, hosts)):
+        fake.put_object("secrets", tls_secret(f"h{h}.bench.test", ca))
     for i in range(ingresses):
         host = f"h{i % hosts}.bench.test"
         paths = [f"/a{i // hosts}", f"/b{i // hosts}"]
-        fake.put_object("ingresses", ingress(f"app{i}", host, "stable", paths, {}))
+        fake.put_object("ingresses", ingress(f"app{i}", host, "stable", paths, {}, tls=i % hosts < tls_hosts))
     canary = ingress("app0-canary", "h0.bench.test", "canary", ["/a0", "/b0"], {P + "canary": "true"})
     fake.put_object("ingresses", canary)
 
@@ -111,7 +137,29 @@ async def patch_latencies(fake: FakeKube, proxy: ProxyProcess, patches: int) -> 
     return latencies
 
 
-async def main(ingresses: int, hosts: int, patches: int) -> None:
+async def rotation_latencies(fake: FakeKube, proxy: ProxyProcess, rotations: int) -> list[float]:
+    """Replace h0's Secret with a new certificate, ``rotations`` times; each until in effect."""
+    ca = trustme.CA()
+    latencies: list[float] = []
+    for _ in range(rotations):
+        secret = tls_secret("h0.bench.test", ca)
+        mark = len(proxy.logs)
+        started = time.time()
+        fake.put_object("secrets", secret)
+        entry = await proxy.wait_log(
+            lambda e: str(e.get("msg", "")).startswith("TLS certificates updated"), since=mark
+        )
+        latencies.append(log_time(entry) - started)
+    return latencies
+
+
+def percentiles(latencies: list[float]) -> str:
+    ms = sorted(x * 1000 for x in latencies)
+    p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
+    return f"p50 {statistics.median(ms):.0f} ms, p99 {p99:.0f} ms, max {ms[-1]:.0f} ms"
+
+
+async def main(ingresses: int, hosts: int, patches: int, tls_hosts: int) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ingress-scale-"))
     stable, canary = await start_backend("stable"), await start_backend("canary")
     try:
@@ -123,24 +171,27 @@ async def main(ingresses: int, hosts: int, patches: int) -> None:
             await stop_proxy(one)
         async with run_fake_kube(bookmark_interval=5) as fake:
             fake.write_kubeconfig(tmp / "kubeconfig")
-            populate(fake, ingresses, hosts, stable.port, canary.port)
+            populate(fake, ingresses, hosts, stable.port, canary.port, tls_hosts)
             proxy, ready = await start(fake, tmp)
             try:
                 rss = rss_mib(proxy.pid)
                 latencies = await patch_latencies(fake, proxy, patches)
+                rotations = await rotation_latencies(fake, proxy, patches) if tls_hosts else []
             finally:
                 await stop_proxy(proxy)
     finally:
         await stable.stop()
         await canary.stop()
-    ms = sorted(x * 1000 for x in latencies)
-    p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
     routes = 2 * ingresses + 2
-    print(f"{ingresses + 1} Ingresses, {routes} routes over {hosts} hosts:")
+    print(
+        f"{ingresses + 1} Ingresses, {routes} routes over {hosts} hosts, {min(tls_hosts, hosts)} of them TLS:"
+    )
     print(f"  start -> ready   {ready:.2f} s   (one Ingress: {one_ready:.2f} s)")
     print(f"  RSS when ready   {rss:.1f} MiB (one Ingress: {one_rss:.1f} MiB; +{rss - one_rss:.1f} MiB)")
-    print(f"  weight patch -> in effect over {len(ms)} patches: p50 {statistics.median(ms):.0f} ms, "
-          f"p99 {p99:.0f} ms, max {ms[-1]:.0f} ms (log timestamps: 1 ms resolution)")  # fmt: skip
+    print(f"  weight patch -> in effect over {len(latencies)} patches: {percentiles(latencies)} "
+          "(log timestamps: 1 ms resolution)")  # fmt: skip
+    if rotations:
+        print(f"  Secret rotation -> in effect over {len(rotations)} rotations: {percentiles(rotations)}")
 
 
 if __name__ == "__main__":
@@ -148,5 +199,6 @@ if __name__ == "__main__":
     parser.add_argument("--ingresses", type=int, default=500)
     parser.add_argument("--hosts", type=int, default=200)
     parser.add_argument("--patches", type=int, default=30)
+    parser.add_argument("--tls-hosts", type=int, default=200, help="hosts with a certificate of their own")
     args = parser.parse_args()
-    asyncio.run(main(args.ingresses, args.hosts, args.patches))
+    asyncio.run(main(args.ingresses, args.hosts, args.patches, args.tls_hosts))
