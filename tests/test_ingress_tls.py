@@ -437,3 +437,17 @@ async def test_serve_ingress_class_serves_each_host_s_secret_rotates_and_redirec
 def test_tls_flags_are_checked_at_start(args: list[str], message: str) -> None:
     result = cli("serve", *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_the_default_secret_serves_the_rest_and_the_placeholder_stands_in_until_it_loads() -> None:
+    ca = trustme.CA()
+    fake, default = Pair(*fake_certificate()), pair_of(ca.issue_cert("anything.example"))
+    store = TlsStore(fallback=fake, default_secret=("ingress", "default-cert"))
+    store.ingresses({("shop", "i"): ingress("i", ["a.example"], [{"hosts": ["a.example"]}])})  # no secretName
+    assert store.current.default == fake.digest
+    store.secrets([(("ingress", "default-cert"), secret("default-cert", Pair(default.cert, fake.key)))])
+    assert store.current.default == fake.digest  # a mismatched pair: never served
+    assert store.problems[("ingress", "default-cert")].reason == "key-mismatch"
+    store.secrets([(("ingress", "default-cert"), secret("default-cert", default))])
+    assert store.current.default == default.digest and store.current.hosts == {"a.example": default.digest}
+    assert not store.problems
