@@ -31,6 +31,7 @@ LABELS: dict[str, frozenset[str]] = {
     "canary_proxy_mirror_requests": frozenset({"route", "code"}),
     "canary_proxy_mirror_request_duration_seconds": frozenset({"route"}),
     "canary_proxy_mirror_skipped": frozenset({"reason"}),
+    "canary_proxy_tls_secret_problem": frozenset({"secret", "reason"}),
 }
 TYPES: dict[str, str] = {
     "canary_proxy_requests": "counter",
@@ -47,6 +48,7 @@ TYPES: dict[str, str] = {
     "canary_proxy_mirror_requests": "counter",
     "canary_proxy_mirror_request_duration_seconds": "histogram",
     "canary_proxy_mirror_skipped": "counter",
+    "canary_proxy_tls_secret_problem": "gauge",
 }
 
 Key = tuple[str, frozenset[tuple[str, str]]]
