@@ -9,11 +9,15 @@ the number of routes and nothing else (docs/metrics.md gives the count per route
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
-from .router import DEFAULT_ROUTE, UNROUTED, VERSIONS
+from .router import CANARY, DEFAULT_ROUTE, UNROUTED, VERSIONS
+from .routes import Origin
 
 NAMESPACE: Final = "canary_proxy"
 
@@ -44,7 +48,10 @@ class Metrics:
     the workers' values combine, always without a ``pid`` label.
     """
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, *, nginx: bool = False) -> None:
+        # Ingress mode's ingress-nginx-compatible families (``serve --nginx-metrics``), for
+        # the routes that come from an Ingress; None: not exported at all.
+        self.nginx = NginxMetrics(registry) if nginx else None
         self.requests = Counter(
             "requests",
             "Requests answered, by the version that served (or was tried), status and method.",
@@ -172,8 +179,11 @@ class Metrics:
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
 
-    def series(self, route: str) -> RouteSeries:
-        """One route's per-request children, built once per route name."""
+    def series(self, route: str, origin: Origin | None = None) -> RouteSeries:
+        """One route's per-request children, built once per route name; a route read from an
+        Ingress (``origin``) also counts in the ingress-nginx families when they are on."""
+        if origin is not None and self.nginx is not None:
+            return self.nginx.series(self, route, origin)
         found = self._series.get(route)
         if found is None:
             found = self._series[route] = RouteSeries(self, route)
@@ -228,3 +238,139 @@ class RouteSeries:
                 self.route, version, rule
             )
         decided.inc()
+
+
+# -- ingress-nginx-compatible metrics (Ingress mode) -----------------------------------------
+
+NGINX_NAMESPACE: Final = "nginx_ingress_controller"
+# ingress-nginx's per-request labels (its socket collector's, with ``host`` as its default
+# --metrics-per-host adds), in its order; the summary has only the four of the upstream.
+NGINX_LABELS: Final = ("status", "method", "path", "namespace", "ingress", "service", "canary", "host")
+NGINX_LATENCY_LABELS: Final = ("ingress", "namespace", "service", "canary")
+# ingress-nginx's --time-buckets default: client_golang's DefBuckets.
+NGINX_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Counters whose samples keep the bare name client_golang gives them (no ``_total``):
+# Flagger's query names ``nginx_ingress_controller_requests``. See ``exposition``.
+BARE_COUNTERS: Final = frozenset({f"{NGINX_NAMESPACE}_requests"})
+
+
+class NginxMetrics:
+    """ingress-nginx's request families, labelled from a route's Ingress origin, so that
+    Flagger's built-in nginx checks and dashboards written for ingress-nginx read canary-proxy
+    unchanged. docs/metrics.md says where each value comes from and where it differs."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "requests",
+            "Requests answered on routes read from an Ingress (ingress-nginx's counter).",
+            NGINX_LABELS,
+            namespace=NGINX_NAMESPACE,
+            registry=registry,
+        )
+        self.response_duration = Histogram(
+            "response_duration_seconds",
+            "Time from request received to last response byte sent, on routes read from an "
+            "Ingress (ingress-nginx's upstream response time histogram).",
+            NGINX_LABELS,
+            namespace=NGINX_NAMESPACE,
+            buckets=NGINX_BUCKETS,
+            registry=registry,
+        )
+        self.upstream_latency = Summary(
+            "ingress_upstream_latency_seconds",
+            "DEPRECATED, for Flagger before 1.38: the same duration as response_duration_seconds, "
+            "as a summary (sum and count, no quantiles).",
+            NGINX_LATENCY_LABELS,
+            namespace=NGINX_NAMESPACE,
+            registry=registry,
+        )
+        self._series: dict[str, NginxRouteSeries] = {}
+
+    def series(self, metrics: Metrics, route: str, origin: Origin) -> NginxRouteSeries:
+        """The route's children, rebuilt only when its labels change (a canary Ingress came
+        or went, a backend Service changed): not on every weight patch."""
+        found = self._series.get(route)
+        if found is None or found.origin_labels != _origin_labels(origin):
+            found = self._series[route] = NginxRouteSeries(metrics, route, self, origin)
+        return found
+
+
+def _origin_labels(origin: Origin) -> tuple[str, ...]:
+    return (origin.namespace, origin.ingress, origin.service, origin.host, origin.path, origin.canary)
+
+
+class NginxRouteSeries(RouteSeries):
+    """A route read from an Ingress: its canary-proxy series, and its ingress-nginx ones.
+
+    As ingress-nginx labels a request: ``ingress``, ``service``, ``host`` and ``path`` are the
+    main Ingress's rule (a canary request too: ingress-nginx serves it from the main
+    Ingress's location), and ``canary`` is "" for stable and the canary upstream's
+    ``NAMESPACE-SERVICE-PORT`` for the canary. ``status`` is the status sent to the client.
+    """
+
+    __slots__ = ("_canary", "_latency", "_nginx", "_nginx_children", "origin_labels")
+
+    def __init__(self, metrics: Metrics, route: str, nginx: NginxMetrics, origin: Origin) -> None:
+        super().__init__(metrics, route)
+        self._nginx = nginx
+        self.origin_labels = _origin_labels(origin)
+        namespace, ingress, service, _, _, canary = self.origin_labels
+        # ingress-nginx's ``canary``: the alternative upstream's name, "" for the main one.
+        self._canary = {version: canary if version == CANARY else "" for version in VERSIONS}
+        self._latency = {
+            version: nginx.upstream_latency.labels(ingress, namespace, service, self._canary[version])
+            for version in VERSIONS
+        }
+        self._nginx_children: dict[tuple[str, int, str], tuple[Counter, Histogram]] = {}
+
+    def request(self, version: str, code: int, method: str, seconds: float) -> None:
+        RouteSeries.request(self, version, code, method, seconds)
+        key = (version, code, method if method in KNOWN_METHODS else "OTHER")
+        children = self._nginx_children.get(key)
+        if children is None:
+            children = self._nginx_children[key] = self._children(key)
+        children[0].inc()
+        children[1].observe(seconds)
+        self._latency[version].observe(seconds)
+
+    def _children(self, key: tuple[str, int, str]) -> tuple[Counter, Histogram]:
+        version, code, method = key
+        namespace, ingress, service, host, path, _ = self.origin_labels
+        values = (str(code), method, path, namespace, ingress, service, self._canary[version], host)
+        return self._nginx.requests.labels(*values), self._nginx.response_duration.labels(*values)
+
+
+def exposition(registry: Collector) -> bytes:
+    """The /metrics page: prometheus_client's text format, except that the counters in
+    ``BARE_COUNTERS`` are written under their bare name, as client_golang writes them.
+
+    prometheus_client calls every counter's samples ``NAME_total`` (and adds ``NAME_created``);
+    ingress-nginx's request counter is ``nginx_ingress_controller_requests``, and that is the
+    name Flagger's built-in query asks for. One collect() serves both parts: with several
+    workers it reads every worker's files."""
+    rest: list[Metric] = []
+    bare: list[Metric] = []
+    for metric in registry.collect():
+        (bare if metric.name in BARE_COUNTERS and metric.type == "counter" else rest).append(metric)
+    page = generate_latest(_Collected(rest))
+    for metric in bare:
+        page += _bare_counter(metric)
+    return page
+
+
+def _bare_counter(metric: Metric) -> bytes:
+    renamed = Metric(metric.name, metric.documentation, "counter")
+    total = metric.name + "_total"
+    renamed.samples = [s._replace(name=metric.name) for s in metric.samples if s.name == total]
+    # generate_latest names the family NAME_total in its HELP and TYPE lines, the first two.
+    return generate_latest(_Collected([renamed])).replace(f"{total} ".encode(), f"{metric.name} ".encode(), 2)
+
+
+class _Collected:
+    """Metrics already collected, as a Collector for generate_latest."""
+
+    def __init__(self, metrics: Iterable[Metric]) -> None:
+        self._metrics = list(metrics)
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._metrics)
