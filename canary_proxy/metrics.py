@@ -308,20 +308,17 @@ class NginxRouteSeries(RouteSeries):
     ``NAMESPACE-SERVICE-PORT`` for the canary. ``status`` is the status sent to the client.
     """
 
-    __slots__ = ("_canary", "_latency", "_nginx", "_nginx_children", "origin_labels")
+    __slots__ = ("_canary", "_nginx", "_nginx_children", "origin_labels")
 
     def __init__(self, metrics: Metrics, route: str, nginx: NginxMetrics, origin: Origin) -> None:
         super().__init__(metrics, route)
         self._nginx = nginx
         self.origin_labels = _origin_labels(origin)
-        namespace, ingress, service, _, _, canary = self.origin_labels
+        canary = origin.canary
         # ingress-nginx's ``canary``: the alternative upstream's name, "" for the main one.
         self._canary = {version: canary if version == CANARY else "" for version in VERSIONS}
-        self._latency = {
-            version: nginx.upstream_latency.labels(ingress, namespace, service, self._canary[version])
-            for version in VERSIONS
-        }
-        self._nginx_children: dict[tuple[str, int, str], tuple[Counter, Histogram]] = {}
+        # None at zero: ingress-nginx has no series before a request (Flagger: "no values").
+        self._nginx_children: dict[tuple[str, int, str], tuple[Counter, Histogram, Summary]] = {}
 
     def request(self, version: str, code: int, method: str, seconds: float) -> None:
         RouteSeries.request(self, version, code, method, seconds)
@@ -331,13 +328,19 @@ class NginxRouteSeries(RouteSeries):
             children = self._nginx_children[key] = self._children(key)
         children[0].inc()
         children[1].observe(seconds)
-        self._latency[version].observe(seconds)
+        children[2].observe(seconds)
 
-    def _children(self, key: tuple[str, int, str]) -> tuple[Counter, Histogram]:
+    def _children(self, key: tuple[str, int, str]) -> tuple[Counter, Histogram, Summary]:
         version, code, method = key
         namespace, ingress, service, host, path, _ = self.origin_labels
-        values = (str(code), method, path, namespace, ingress, service, self._canary[version], host)
-        return self._nginx.requests.labels(*values), self._nginx.response_duration.labels(*values)
+        canary = self._canary[version]
+        nginx = self._nginx
+        values = (str(code), method, path, namespace, ingress, service, canary, host)
+        return (
+            nginx.requests.labels(*values),
+            nginx.response_duration.labels(*values),
+            nginx.upstream_latency.labels(ingress, namespace, service, canary),
+        )
 
 
 def exposition(registry: Collector) -> bytes:
