@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
+import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, multiprocess
 
 from canary_proxy.address import Address
 from canary_proxy.metrics import NGINX_BUCKETS, Metrics, exposition
@@ -345,3 +347,48 @@ async def test_flaggers_nginx_checks_read_a_canary_that_fails_10_percent(tmp_pat
     assert duration == pytest.approx(mean_ms, rel=1e-9)
     assert old_duration == pytest.approx(mean_ms, rel=1e-9)
     assert 100 <= duration < 250, "the canary answers after 100 ms; the proxy adds little"
+
+
+# -- several workers ------------------------------------------------------------------------------
+
+WORKER = """
+import sys
+from prometheus_client import CollectorRegistry
+from canary_proxy.metrics import Metrics
+from canary_proxy.routes import Origin
+
+origin = Origin(*sys.argv[2:7], canary=sys.argv[7])
+series = Metrics(CollectorRegistry(), nginx=True).series("shop/web", origin)
+for _ in range(int(sys.argv[1])):
+    series.request("canary", 200, "GET", 0.1)
+series.request("canary", 503, "GET", 0.3)
+series.request("stable", 200, "GET", 0.1)
+"""
+
+
+async def test_workers_families_are_summed_without_a_pid(tmp_path: Path) -> None:
+    """With ``--workers N`` each worker writes prometheus_client's multiprocess files and the
+    supervisor's /metrics sums them: the nginx families the same way as canary-proxy's."""
+    origin = [ORIGIN.namespace, ORIGIN.ingress, ORIGIN.service, ORIGIN.host, ORIGIN.path, ORIGIN.canary]
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    for count in (3, 4):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", WORKER, str(count), *origin, env=env
+        )
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(tmp_path))  # type: ignore[no-untyped-call]
+    text = exposition(registry).decode()
+
+    assert "# TYPE nginx_ingress_controller_requests counter" in text and "pid=" not in text
+    common = f'host="{HOST}",ingress="web",method="GET",namespace="shop",path="/",service="web"'
+    assert sorted(page_lines(text, "nginx_ingress_controller_requests")) == [
+        f'nginx_ingress_controller_requests{{canary="",{common},status="200"}} 2.0',
+        f'nginx_ingress_controller_requests{{canary="{CANARY_UPSTREAM}",{common},status="200"}} 7.0',
+        f'nginx_ingress_controller_requests{{canary="{CANARY_UPSTREAM}",{common},status="503"}} 2.0',
+    ]
+    canary = f'{{canary="{CANARY_UPSTREAM}",ingress="web",namespace="shop",service="web"}}'
+    assert f"nginx_ingress_controller_ingress_upstream_latency_seconds_count{canary} 9.0" in text
+    slow = f'{{canary="{CANARY_UPSTREAM}",{common},status="503"}}'
+    assert f"nginx_ingress_controller_response_duration_seconds_count{slow} 2.0" in text
+    assert f"nginx_ingress_controller_response_duration_seconds_sum{slow} 0.6" in text
