@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
@@ -243,30 +243,28 @@ class RouteSeries:
 # -- ingress-nginx-compatible metrics (Ingress mode) -----------------------------------------
 
 NGINX_NAMESPACE: Final = "nginx_ingress_controller"
+NGINX_DURATION: Final = f"{NGINX_NAMESPACE}_response_duration_seconds"
+NGINX_REQUESTS: Final = f"{NGINX_NAMESPACE}_requests"
+NGINX_LATENCY: Final = f"{NGINX_NAMESPACE}_ingress_upstream_latency_seconds"
 # ingress-nginx's per-request labels (its socket collector's, with ``host`` as its default
 # --metrics-per-host adds), in its order; the summary has only the four of the upstream.
 NGINX_LABELS: Final = ("status", "method", "path", "namespace", "ingress", "service", "canary", "host")
 NGINX_LATENCY_LABELS: Final = ("ingress", "namespace", "service", "canary")
 # ingress-nginx's --time-buckets default: client_golang's DefBuckets.
 NGINX_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# Counters whose samples keep the bare name client_golang gives them (no ``_total``):
-# Flagger's query names ``nginx_ingress_controller_requests``. See ``exposition``.
-BARE_COUNTERS: Final = frozenset({f"{NGINX_NAMESPACE}_requests"})
 
 
 class NginxMetrics:
     """ingress-nginx's request families, labelled from a route's Ingress origin, so that
     Flagger's built-in nginx checks and dashboards written for ingress-nginx read canary-proxy
-    unchanged. docs/metrics.md says where each value comes from and where it differs."""
+    unchanged. docs/metrics.md says where each value comes from and where it differs.
+
+    A request is observed once, in the response-duration histogram: ingress-nginx's request
+    counter is that histogram's count, and its upstream-latency summary the histogram's sums
+    and counts regrouped by its four labels, so ``exposition`` writes both from it at scrape
+    time instead of making three observations per request."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter(
-            "requests",
-            "Requests answered on routes read from an Ingress (ingress-nginx's counter).",
-            NGINX_LABELS,
-            namespace=NGINX_NAMESPACE,
-            registry=registry,
-        )
         self.response_duration = Histogram(
             "response_duration_seconds",
             "Time from request received to last response byte sent, on routes read from an "
@@ -274,14 +272,6 @@ class NginxMetrics:
             NGINX_LABELS,
             namespace=NGINX_NAMESPACE,
             buckets=NGINX_BUCKETS,
-            registry=registry,
-        )
-        self.upstream_latency = Summary(
-            "ingress_upstream_latency_seconds",
-            "DEPRECATED, for Flagger before 1.38: the same duration as response_duration_seconds, "
-            "as a summary (sum and count, no quantiles).",
-            NGINX_LATENCY_LABELS,
-            namespace=NGINX_NAMESPACE,
             registry=registry,
         )
         self._series: dict[str, NginxRouteSeries] = {}
@@ -314,59 +304,62 @@ class NginxRouteSeries(RouteSeries):
         super().__init__(metrics, route)
         self._nginx = nginx
         self.origin_labels = _origin_labels(origin)
-        canary = origin.canary
         # ingress-nginx's ``canary``: the alternative upstream's name, "" for the main one.
-        self._canary = {version: canary if version == CANARY else "" for version in VERSIONS}
+        self._canary = {version: origin.canary if version == CANARY else "" for version in VERSIONS}
         # None at zero: ingress-nginx has no series before a request (Flagger: "no values").
-        self._nginx_children: dict[tuple[str, int, str], tuple[Counter, Histogram, Summary]] = {}
+        self._nginx_children: dict[tuple[str, int, str], Histogram] = {}
 
     def request(self, version: str, code: int, method: str, seconds: float) -> None:
         RouteSeries.request(self, version, code, method, seconds)
         key = (version, code, method if method in KNOWN_METHODS else "OTHER")
-        children = self._nginx_children.get(key)
-        if children is None:
-            children = self._nginx_children[key] = self._children(key)
-        children[0].inc()
-        children[1].observe(seconds)
-        children[2].observe(seconds)
-
-    def _children(self, key: tuple[str, int, str]) -> tuple[Counter, Histogram, Summary]:
-        version, code, method = key
-        namespace, ingress, service, host, path, _ = self.origin_labels
-        canary = self._canary[version]
-        nginx = self._nginx
-        values = (str(code), method, path, namespace, ingress, service, canary, host)
-        return (
-            nginx.requests.labels(*values),
-            nginx.response_duration.labels(*values),
-            nginx.upstream_latency.labels(ingress, namespace, service, canary),
-        )
+        child = self._nginx_children.get(key)
+        if child is None:
+            namespace, ingress, service, host, path, _ = self.origin_labels
+            values = (str(code), key[2], path, namespace, ingress, service, self._canary[version], host)
+            child = self._nginx_children[key] = self._nginx.response_duration.labels(*values)
+        child.observe(seconds)
 
 
 def exposition(registry: Collector) -> bytes:
-    """The /metrics page: prometheus_client's text format, except that the counters in
-    ``BARE_COUNTERS`` are written under their bare name, as client_golang writes them.
-
-    prometheus_client calls every counter's samples ``NAME_total`` (and adds ``NAME_created``);
-    ingress-nginx's request counter is ``nginx_ingress_controller_requests``, and that is the
-    name Flagger's built-in query asks for. One collect() serves both parts: with several
-    workers it reads every worker's files."""
-    rest: list[Metric] = []
-    bare: list[Metric] = []
-    for metric in registry.collect():
-        (bare if metric.name in BARE_COUNTERS and metric.type == "counter" else rest).append(metric)
-    page = generate_latest(_Collected(rest))
-    for metric in bare:
-        page += _bare_counter(metric)
+    """The /metrics page: prometheus_client's text format, plus ingress-nginx's request
+    counter and upstream-latency summary, derived from the response-duration histogram
+    (see NginxMetrics). One collect() serves both: with several workers it reads every
+    worker's files."""
+    collected = list(registry.collect())
+    page = generate_latest(_Collected(collected))
+    for metric in collected:
+        if metric.name == NGINX_DURATION and metric.samples:
+            page += _nginx_derived(metric)
     return page
 
 
-def _bare_counter(metric: Metric) -> bytes:
-    renamed = Metric(metric.name, metric.documentation, "counter")
-    total = metric.name + "_total"
-    renamed.samples = [s._replace(name=metric.name) for s in metric.samples if s.name == total]
-    # generate_latest names the family NAME_total in its HELP and TYPE lines, the first two.
-    return generate_latest(_Collected([renamed])).replace(f"{total} ".encode(), f"{metric.name} ".encode(), 2)
+def _nginx_derived(histogram: Metric) -> bytes:
+    requests = Metric(NGINX_REQUESTS, "Requests answered on routes read from an Ingress.", "counter")
+    latency = Metric(
+        NGINX_LATENCY,
+        "DEPRECATED, for Flagger before 1.38: the duration of response_duration_seconds, "
+        "as a summary (sum and count, no quantiles).",
+        "summary",
+    )
+    totals: dict[tuple[str, ...], list[float]] = {}
+    for sample in histogram.samples:
+        part = sample.name.removeprefix(NGINX_DURATION)
+        if part not in ("_count", "_sum"):
+            continue
+        if part == "_count":  # the bare name client_golang gives a counter: see below
+            requests.add_sample(NGINX_REQUESTS, sample.labels, sample.value)
+        key = tuple(sample.labels[name] for name in NGINX_LATENCY_LABELS)
+        totals.setdefault(key, [0.0, 0.0])[part == "_count"] += sample.value
+    for key, (seconds, count) in totals.items():
+        labels = dict(zip(NGINX_LATENCY_LABELS, key, strict=True))
+        latency.add_sample(NGINX_LATENCY + "_sum", labels, seconds)
+        latency.add_sample(NGINX_LATENCY + "_count", labels, count)
+    # Flagger's query names the counter ``nginx_ingress_controller_requests``, as ingress-nginx
+    # exports it; generate_latest names a counter family NAME_total in its HELP and TYPE
+    # lines (the first two), so they are renamed to match the samples.
+    counter = generate_latest(_Collected([requests]))
+    counter = counter.replace(f"{NGINX_REQUESTS}_total ".encode(), f"{NGINX_REQUESTS} ".encode(), 2)
+    return counter + generate_latest(_Collected([latency]))
 
 
 class _Collected:
