@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -185,6 +186,21 @@ def page_lines(text: str, family: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith(family)]
 
 
+async def promtool_complaints(text: str) -> list[str]:
+    """``promtool check metrics`` on a page: it must parse it (exit 0, or 3 for lint
+    complaints only); the complaints, one per line."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool not found on PATH: install Debian's 'prometheus' package (scripts/bootstrap)")
+    proc = await asyncio.create_subprocess_exec(
+        promtool, "check", "metrics",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(text.encode()), 30)
+    assert proc.returncode in (0, 3), out.decode()
+    return out.decode().splitlines()
+
+
 # -- the families, as ingress-nginx writes them --------------------------------------------------
 
 
@@ -213,6 +229,9 @@ async def test_labels_types_and_buckets_are_ingress_nginxs() -> None:
         if m.group(1) != "+Inf"
     ]
     assert tuple(bounds) == NGINX_BUCKETS == (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+    assert await promtool_complaints(text) == [
+        'nginx_ingress_controller_requests counter metrics should have "_total" suffix'  # as ingress-nginx's
+    ]
     latency = page_lines(text, "nginx_ingress_controller_ingress_upstream_latency_seconds_count")
     assert sorted(latency) == [
         'nginx_ingress_controller_ingress_upstream_latency_seconds_count{canary="",ingress="web",'
