@@ -380,10 +380,13 @@ class KubeClient:
             from kubernetes.aio import client
 
             api = self._apis[api_name] = getattr(client, api_name)(self._api)
+        response: aiohttp.ClientResponse
         if selector.namespace is None:
             response = await getattr(api, all_namespaces + "_without_preload_content")(**params)
         else:
-            response = await getattr(api, namespaced + "_without_preload_content")(selector.namespace, **params)
+            response = await getattr(api, namespaced + "_without_preload_content")(
+                selector.namespace, **params
+            )
         if response.status == 200:
             return response
         try:
