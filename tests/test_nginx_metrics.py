@@ -10,8 +10,9 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,10 @@ from canary_proxy.proxy.server import ProxyServer
 from canary_proxy.routes import PREFIX, Origin, Route, parse_route
 from canary_proxy.serve.public import serve_public
 
+from .conftest import stop_proxy
+from .fakekube import FakeKube
+from .scrape import wait_metric
+from .test_ingress_mode import P, ingress, route_weight, serve_ingresses, service
 from .test_rollout_prometheus import run_prometheus
 
 HOST = "shop.example.com"
@@ -99,6 +104,7 @@ class Flaky:
     every: int = 0  # 0: never fails
     hits: int = 0
     url: str = ""
+    port: int = 0
     runner: web.AppRunner | None = field(default=None, repr=False)
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -116,7 +122,8 @@ async def flaky(delay: float, every: int = 0) -> AsyncIterator[Flaky]:
     backend.runner = web.AppRunner(app, access_log=None)
     await backend.runner.setup()
     await web.TCPSite(backend.runner, "127.0.0.1", 0).start()
-    backend.url = f"http://127.0.0.1:{backend.runner.addresses[0][1]}"
+    backend.port = backend.runner.addresses[0][1]
+    backend.url = f"http://127.0.0.1:{backend.port}"
     try:
         yield backend
     finally:
@@ -315,57 +322,148 @@ async def counted(registry: CollectorRegistry, total: int, timeout: float = 5) -
         await asyncio.sleep(0.01)
 
 
+OTHER_HOST = "other.example.com"
+
+
+@dataclass
+class Readings:
+    """Flagger's three checks at the end of the batch, and canary-proxy's own count and mean
+    of the canary's requests over the same two scrapes."""
+
+    interval: str
+    success: float
+    duration: float
+    old_duration: float
+    canary_requests: float
+    mean_ms: float
+
+    def assert_exact(self) -> None:
+        """The canary failed 20 of its 200 requests and answered each after 100 ms."""
+        assert self.canary_requests == 200
+        assert self.success == pytest.approx(90.0, rel=1e-12), self
+        assert self.duration == pytest.approx(self.mean_ms, rel=1e-9), self
+        assert self.old_duration == pytest.approx(self.mean_ms, rel=1e-9), self
+        assert 100 <= self.duration < 250, f"the canary answers after 100 ms; the proxy adds little: {self}"
+
+
+async def flagger_reads(
+    prom: Prom, url: str, accounted: Callable[[int], Awaitable[None]], *, namespace: str, route: str
+) -> Readings:
+    """Send a warm-up, then a fixed batch, each followed by a scrape; evaluate Flagger's
+    checks for Ingress ``web`` at the second scrape over an interval reaching back exactly to
+    the first (a duration such as ``2345ms``, as Flagger fills ``{{ interval }}`` from the
+    Canary's metric).
+
+    Exact, not sampled: every series the checks read exists after the warm-up, so each has
+    its first sample in the window at the window's start and its last at its end: ``rate()``
+    extrapolates none of them and the ratios are the batch's. Stable's requests and another
+    Ingress's failing canary must not count."""
+
+    async def batch(canaries: int, stables: int, others: int, total: int) -> float:
+        await asyncio.gather(
+            send(url, canaries, version="canary"),
+            send(url, stables, version="stable"),
+            send(url, others, version="canary", host=OTHER_HOST),
+        )
+        await accounted(total)
+        return await prom.scrape_after(time.time())
+
+    start = await batch(10, 10, 5, total=25)  # one of any 10 canary requests fails: both series
+    end = await batch(200, 100, 20, total=345)  # 20 of any 200 fail
+    interval = f"{round((end - start) * 1000)}ms"
+    flagger = {"namespace": namespace, "ingress": "web", "interval": interval}
+    own = f'canary_proxy_request_duration_seconds_{{}}{{{{route="{route}",version="canary"}}}}'
+    sums = [await prom.scalar(own.format("sum"), at) for at in (start, end)]
+    counts = [await prom.scalar(own.format("count"), at) for at in (start, end)]
+    return Readings(
+        interval,
+        success=await prom.scalar(render(SUCCESS_RATE, **flagger), end),
+        duration=await prom.scalar(render(DURATION, **flagger), end),
+        old_duration=await prom.scalar(render(OLD_DURATION, **flagger), end),
+        canary_requests=counts[1] - counts[0],
+        mean_ms=(sums[1] - sums[0]) / (counts[1] - counts[0]) * 1000,
+    )
+
+
 async def test_flaggers_nginx_checks_read_a_canary_that_fails_10_percent(tmp_path: Path) -> None:
     """The canary answers every 10th request with 503 and takes 100 ms; stable never fails
     and takes 10 ms; another Ingress's canary fails every request. Flagger's checks for
-    Ingress ``web`` must read a success rate of exactly 90 and the canary's own mean latency.
-
-    Exactly, not sampled: after a warm-up that creates every series, a fixed batch is sent
-    between two scrapes, and the checks are evaluated at the second scrape over an interval
-    reaching back exactly to the first (as Flagger fills ``{{ interval }}``: a duration such
-    as ``2345ms``). Every series then has its first sample at the window's start and its last
-    at its end, so ``rate()`` extrapolates none of them and the ratios are the batch's."""
+    Ingress ``web`` must read exactly 90 % and the canary's own mean latency."""
     async with flaky(0.01) as stable, flaky(0.1, every=10) as canary, flaky(0.0, every=1) as broken:
-        other = Origin("shop", "other", "other", "other.example.com", "/", canary="shop-broken-80")
+        other = Origin("shop", "other", "other", OTHER_HOST, "/", canary="shop-broken-80")
         routes = [
             ingress_route("shop/web", stable.url, canary.url, ORIGIN),
-            ingress_route("shop/other", stable.url, broken.url, other, host="other.example.com"),
+            ingress_route("shop/other", stable.url, broken.url, other, host=OTHER_HOST),
         ]
         async with (
             serving(routes) as proxy,
             run_prometheus(proxy.target, tmp_path) as url,
             aiohttp.ClientSession() as session,
         ):
-            prom = Prom(url, session)
+            readings = await flagger_reads(
+                Prom(url, session),
+                proxy.url,
+                partial(counted, proxy.registry),
+                namespace="shop",
+                route="shop/web",
+            )
+    readings.assert_exact()
 
-            async def batch(canaries: int, stables: int, others: int, total: int) -> float:
-                await asyncio.gather(
-                    send(proxy.url, canaries, version="canary"),
-                    send(proxy.url, stables, version="stable"),
-                    send(proxy.url, others, version="canary", host="other.example.com"),
+
+async def test_flaggers_checks_read_serve_ingress_class_with_workers(
+    fake_kube: FakeKube, tmp_path: Path
+) -> None:
+    """The same through the real ``serve --ingress-class --workers 2`` (nginx metrics on by
+    default in Ingress mode), fed by the fake API server: Flagger's Ingress ``web`` and its
+    A/B canary Ingress ``web-canary`` (``canary-by-header``) in namespace ``shop``, and an
+    Ingress ``other`` whose canary fails every request. Both workers' requests are summed."""
+    async with flaky(0.01) as stable, flaky(0.1, every=10) as canary, flaky(0.0, every=1) as broken:
+        by_header = {P + "canary": "true", P + "canary-by-header": "X-Canary"}
+        for name, backend in (("web", stable), ("web-canary", canary), ("other", stable), ("broken", broken)):
+            fake_kube.put_object("services", service(name, backend, namespace="shop"))  # type: ignore[arg-type]
+        for name, host, svc, backend, annotations in (
+            ("web", HOST, "web", stable, {}),
+            ("web-canary", HOST, "web-canary", canary, by_header),
+            ("other", OTHER_HOST, "other", stable, {}),
+            ("other-canary", OTHER_HOST, "broken", broken, by_header),
+        ):
+            obj = ingress(name, host, svc, backend.port, namespace="shop", annotations=annotations)
+            fake_kube.put_object("ingresses", obj)
+        proxy = await serve_ingresses(fake_kube, tmp_path, "--workers", "2")
+        try:
+            async with asyncio.timeout(10):  # every worker serves both canaries
+                while True:
+                    if None not in [await route_weight(proxy, name) for name in ("shop/web", "shop/other")]:
+                        break
+                    await asyncio.sleep(0.05)
+
+            async def accounted(total: int) -> None:
+                await wait_metric(
+                    proxy,
+                    lambda m: sum(m.series("canary_proxy_requests_total").values()) == total,
+                    what=f"{total} requests accounted",
                 )
-                await counted(proxy.registry, total)
-                return await prom.scrape_after(time.time())
 
-            start = await batch(10, 10, 5, total=25)  # the 10th canary request fails: both series exist
-            end = await batch(200, 100, 20, total=345)  # 20 of the 200 fail
-            interval = f"{round((end - start) * 1000)}ms"
-            flagger = {"namespace": "shop", "ingress": "web", "interval": interval}
-            success = await prom.scalar(render(SUCCESS_RATE, **flagger), end)
-            duration = await prom.scalar(render(DURATION, **flagger), end)
-            old_duration = await prom.scalar(render(OLD_DURATION, **flagger), end)
-
-            # The canary's mean over the batch from canary-proxy's own histogram, same scrapes.
-            own = 'canary_proxy_request_duration_seconds_{}{{route="shop/web",version="canary"}}'
-            sums = [await prom.scalar(own.format("sum"), at) for at in (start, end)]
-            counts = [await prom.scalar(own.format("count"), at) for at in (start, end)]
-
-    assert success == pytest.approx(90.0, rel=1e-12), interval
-    assert counts[1] - counts[0] == 200
-    mean_ms = (sums[1] - sums[0]) / (counts[1] - counts[0]) * 1000
-    assert duration == pytest.approx(mean_ms, rel=1e-9)
-    assert old_duration == pytest.approx(mean_ms, rel=1e-9)
-    assert 100 <= duration < 250, "the canary answers after 100 ms; the proxy adds little"
+            target = proxy.admin_url.removeprefix("http://")
+            async with run_prometheus(target, tmp_path) as url, aiohttp.ClientSession() as session:
+                readings = await flagger_reads(
+                    Prom(url, session), proxy.url, accounted, namespace="shop", route="shop/web"
+                )
+            text = await proxy.metrics_text()
+        finally:
+            await stop_proxy(proxy)
+    readings.assert_exact()
+    upstream = f"shop-web-canary-{canary.port}"  # NAMESPACE-SERVICE-PORT
+    common = f'host="{HOST}",ingress="web",method="GET",namespace="shop",path="/",service="web"'
+    assert sorted(page_lines(text, "nginx_ingress_controller_requests{canary=")) == sorted(
+        [
+            f'nginx_ingress_controller_requests{{canary="",{common},status="200"}} 110.0',
+            f'nginx_ingress_controller_requests{{canary="{upstream}",{common},status="200"}} 189.0',
+            f'nginx_ingress_controller_requests{{canary="{upstream}",{common},status="503"}} 21.0',
+            f'nginx_ingress_controller_requests{{canary="shop-broken-{broken.port}",host="{OTHER_HOST}",ingress="other",'
+            f'method="GET",namespace="shop",path="/",service="other",status="503"}} 25.0',
+        ]
+    )
 
 
 # -- several workers ------------------------------------------------------------------------------

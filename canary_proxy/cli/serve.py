@@ -252,7 +252,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..tls import TlsError
 
     tls = {"tls_cert": args.tls_cert or None, "tls_key": args.tls_key or None}
-    nginx = {"nginx_metrics": _nginx_metrics(args, ingress_mode=False)}
+    nginx = {"nginx_metrics": _nginx_metrics(args)}
     settings = Settings.from_options({**vars(args), **tls, **nginx, "config_path": args.config})
     _check_tls(settings.tls_cert, settings.tls_key)
     if args.config:
@@ -278,11 +278,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise Fatal(Exit.USAGE, f"--tls-cert/--tls-key: {exc}") from None
 
 
-def _nginx_metrics(args: argparse.Namespace, *, ingress_mode: bool) -> bool:
-    """--nginx-metrics as given, else on in Ingress mode: only Ingress routes have the
-    labels, and only there would ingress-nginx have been the proxy before."""
+def _nginx_metrics(args: argparse.Namespace) -> bool:
+    """--nginx-metrics as given, else on in Ingress mode: only routes read from an Ingress
+    have the labels, and only there was ingress-nginx the proxy before."""
     given: bool | None = args.nginx_metrics
-    return ingress_mode if given is None else given
+    return bool(args.ingress_class) if given is None else given
 
 
 def _check_tls(cert: str | None, key: str | None) -> None:
