@@ -1,10 +1,11 @@
 """Every Prometheus collector canary-proxy exports, built in one place on a registry passed in.
 
 Label values come only from fixed sets (versions, rules, reasons, a method allow-list and
-HTTP status codes) and from the config (route names), so no client input can create a new
-series. Every per-version series carries the ``route`` it served (``default`` for a lone
-catch-all route, ``none`` for a request no route matched): the number of series grows with
-the number of routes and nothing else (docs/metrics.md gives the count per route).
+HTTP status codes) and from the config (route names; in Ingress mode, the Ingress's names,
+hosts and paths), so no client input can create a new series. Every per-version series
+carries the ``route`` it served (``default`` for a lone catch-all route, ``none`` for a
+request no route matched): the number of series grows with the number of routes and nothing
+else (docs/metrics.md gives the count per route).
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ async def _config(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     registry = request.app[ADMIN_STATE].registry
-    body = await asyncio.to_thread(exposition, registry)  # generate_latest, and nginx's bare counter
+    body = await asyncio.to_thread(exposition, registry)  # generate_latest, plus nginx's derived families
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
