@@ -466,6 +466,26 @@ async def test_flaggers_checks_read_serve_ingress_class_with_workers(
     )
 
 
+async def test_nginx_metrics_off_in_ingress_mode(fake_kube: FakeKube, tmp_path: Path) -> None:
+    async with flaky(0.0) as stable:
+        fake_kube.put_object("services", service("web", stable, namespace="shop"))  # type: ignore[arg-type]
+        fake_kube.put_object("ingresses", ingress("web", HOST, "web", stable.port, namespace="shop"))
+        proxy = await serve_ingresses(fake_kube, tmp_path, "--nginx-metrics", "off")
+        try:
+            async with asyncio.timeout(10):
+                while True:
+                    if await send(proxy.url, 1, version="stable", concurrency=1) == [200]:
+                        break
+                    await asyncio.sleep(0.05)
+            text = await proxy.metrics_text()
+        finally:
+            await stop_proxy(proxy)
+    assert "nginx_ingress_controller" not in text
+    assert (
+        'canary_proxy_requests_total{code="200",method="GET",route="shop/web",version="stable"} 1.0' in text
+    )
+
+
 # -- several workers ------------------------------------------------------------------------------
 
 WORKER = """
