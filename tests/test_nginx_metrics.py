@@ -38,8 +38,9 @@ CANARY_UPSTREAM = "shop-web-canary-80"  # NAMESPACE-SERVICE-PORT, as ingress-ngi
 ORIGIN = Origin("shop", "web", "web", HOST, "/", canary=CANARY_UPSTREAM)
 
 # Flagger's built-in nginx checks (pkg/metrics/observers/nginx.go), verbatim: since 1.38 the
-# latency is the response-duration histogram's mean; from 1.15 to 1.37 it was the
-# upstream-latency summary's. Both count only the canary (``canary!=""``, since 1.15).
+# latency is the response-duration histogram's mean (fluxcd/flagger#1686); from 1.15 to 1.37
+# it was the upstream-latency summary's. Both count only the canary (``canary!=""``, since
+# 1.15: fluxcd/flagger#1023). Whitespace is the observer's; PromQL ignores it anyway.
 SUCCESS_RATE = """
 	sum(
 		rate(
