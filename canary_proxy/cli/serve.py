@@ -202,6 +202,14 @@ def add_commands(sub: Any) -> None:
         help="with --ingress-class: the kubernetes.io/tls Secret for clients without SNI and hosts "
         "without a certificate (default: a self-signed placeholder made at start)",
     )
+    env_flag(
+        serve,
+        "--nginx-metrics",
+        type=on_off,
+        shown="on with --ingress-class, else off",
+        help="export ingress-nginx's request metrics (nginx_ingress_controller_*) for routes "
+        "read from Ingresses, as Flagger's nginx checks query them",
+    )
     logging_flags(serve)
 
     check = sub.add_parser(
@@ -262,7 +270,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..tls import TlsError
 
     tls = {"tls_cert": args.tls_cert or None, "tls_key": args.tls_key or None, **_ingress_tls(args)}
-    settings = Settings.from_options({**vars(args), **tls, "config_path": args.config})
+    nginx = {"nginx_metrics": _nginx_metrics(args)}
+    settings = Settings.from_options({**vars(args), **tls, **nginx, "config_path": args.config})
     _check_tls(settings.tls_cert, settings.tls_key)
     store = None  # Ingress mode's certificates, with its HTTPS port
     if args.config:
@@ -321,6 +330,13 @@ def _ingress_tls(args: argparse.Namespace) -> dict[str, Any]:
                 Exit.USAGE, f"--default-tls-secret: invalid value {secret!r}; expected {exc}"
             ) from None
     return {"tls_listen": address, "default_tls_secret": secret}
+
+
+def _nginx_metrics(args: argparse.Namespace) -> bool:
+    """--nginx-metrics as given, else on in Ingress mode: only routes read from an Ingress
+    have the labels, and only there was ingress-nginx the proxy before."""
+    given: bool | None = args.nginx_metrics
+    return bool(args.ingress_class) if given is None else given
 
 
 def _check_tls(cert: str | None, key: str | None) -> None:

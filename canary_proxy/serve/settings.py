@@ -34,6 +34,7 @@ class Settings:
     # Ingress mode's HTTPS port, a certificate per host from the Ingresses' TLS Secrets; None: none.
     tls_listen: Address | None = None
     default_tls_secret: str | None = None  # NAMESPACE/NAME: the certificate for every other host
+    nginx_metrics: bool = False  # --nginx-metrics: ingress-nginx's families for Ingress routes
 
     def default_backend_config(self) -> Config | None:
         """The default backend as a config of its own: both versions at that URL, weight 0."""
