@@ -53,6 +53,7 @@ class TlsStore:
         self.default_secret = default_secret
         self.metrics = metrics
         self.on_change = list(on_change)
+        self.on_listed: list[Callable[[], None]] = []  # called once, when the Secrets are first listed
         self.hosts: dict[str, SecretRef | None] = {}
         # The Secrets were listed once: only then is a Secret not found a problem (and the
         # certificates ready: /readyz waits for it, so no client meets a placeholder).
@@ -72,13 +73,16 @@ class TlsStore:
 
     def secrets(self, events: Iterable[tuple[SecretRef, Mapping[str, Any] | None]]) -> None:
         """Secrets as the watch saw them: the object, or None once deleted."""
-        self.listed = True
+        first, self.listed = not self.listed, True
         for ref, obj in events:
             if obj is None:
                 self._secrets.pop(ref, None)
             else:
                 self._secrets[ref] = obj
         self._update()
+        if first:
+            for callback in self.on_listed:
+                callback()
 
     # -- the one recomputation ---------------------------------------------------------------
 

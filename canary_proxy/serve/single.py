@@ -66,11 +66,18 @@ async def run_single(
             ports = {"public": str(public.address), "admin": str(admin_address)}
             if len(listeners) > 1:
                 ports["https"] = str(listeners[1].address)
-            if control.routes is not None:
-                log.info("ready", extra=ports)
-            else:
+            announce = _once(lambda: log.info("ready", extra=ports))
+
+            def ready(*_: object) -> None:  # a config, and in Ingress mode the Secrets listed
+                if control.routes is not None and (tls is None or tls.listed):
+                    announce()
+
+            ready()
+            if control.routes is None:
                 log.warning("waiting for a valid config from %s; /readyz is 503 until then", origin)
-                control.on_change.append(_once(lambda: log.info("ready", extra=ports)))
+            control.on_change.append(ready)
+            if tls is not None:
+                tls.on_listed.append(ready)
             life.start(control.follow(updates(), origin=origin))
             watch_tls(life, settings, public.tls)
             await life.stop.wait()

@@ -197,7 +197,13 @@ class Supervisor:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-async def _announce_ready(supervisor: Supervisor, settings: Settings, port: int, admin: object) -> None:
+async def _announce_ready(
+    supervisor: Supervisor, settings: Settings, port: int, admin: object, tls: TlsStore | None
+) -> None:
+    if tls is not None and not tls.listed:  # Ingress mode: the certificates loaded first
+        listed = asyncio.Event()
+        tls.on_listed.append(listed.set)
+        await listed.wait()
     while not supervisor.ready():
         await asyncio.gather(*(w.ready.wait() for w in list(supervisor.workers.values())))
     ports = {"public": f"{settings.listen.host}:{port}", "admin": str(admin), "workers": settings.workers}
@@ -272,7 +278,7 @@ async def _supervise(
                 if control.routes is None:
                     log.warning("waiting for a valid config from %s; /readyz is 503 until then", origin)
                 # Workers listen only once they hold a config; announce when every one does.
-                life.start(_announce_ready(supervisor, settings, port, admin_address))
+                life.start(_announce_ready(supervisor, settings, port, admin_address, tls))
                 await life.stop.wait()
                 log.info("%s: /readyz is now 503; draining %d workers", life.signal_name, settings.workers)
                 await supervisor.stop(life)
