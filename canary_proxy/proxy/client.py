@@ -181,13 +181,7 @@ class ClientConnection(asyncio.Protocol):
         request.method = parser.get_method().decode("ascii", "replace")
         request.version = parser.get_http_version()
         request.keep_alive = parser.should_keep_alive()
-        status = invalid_head(
-            version=request.version,
-            method=request.method,
-            url=request.url,
-            lookup=request.lookup,
-            repeated=request.repeated,
-        )
+        status = invalid_head(request.version, request.method, request.url, request.lookup, request.repeated)
         if status:
             self.fail(status)
             raise RuntimeError("invalid request head")
@@ -229,11 +223,10 @@ class ClientConnection(asyncio.Protocol):
             self.pause_reading("body")
 
     def on_message_complete(self) -> None:
-        if self._raw_left:  # httptools skipped this upgrade request's body: _raw_body relays it
+        """The request ended: from llhttp, or from ``_raw_body`` for an upgrade request's
+        body, which llhttp skipped (and reports complete before that body came)."""
+        if self._raw_left:
             return
-        self._message_done()
-
-    def _message_done(self) -> None:
         request = self.request
         assert request is not None
         request.body_done = True
@@ -285,7 +278,7 @@ class ClientConnection(asyncio.Protocol):
             self._discard = True
             return b""
         if not self._raw_left:
-            self._message_done()
+            self.on_message_complete()
         return data[take:]
 
     def _start_next(self) -> None:
@@ -295,10 +288,13 @@ class ClientConnection(asyncio.Protocol):
         self.cycle = cycle = Cycle(self, self.server, request)
         self.server.schedule(cycle)
 
-    def cycle_done(self, *, close: bool) -> None:
+    def cycle_done(self, close: bool) -> None:
+        """The request in flight is answered; ``close``: this connection ends with it (so it
+        does too while draining)."""
         self.cycle = None
-        self.resume_reading("body")
-        self.resume_reading("upstream")
+        if self._paused:  # most requests paused nothing
+            self.resume_reading("body")
+            self.resume_reading("upstream")
         if close or self.draining or self.transport is None:
             self.close()
             return

@@ -21,13 +21,12 @@ from dataclasses import replace
 from typing import Final, Protocol
 
 from ..metrics import Metrics
-from ..router import CANARY, STABLE, mirrored
+from ..router import CANARY, STABLE, Decision, mirrored
 from ..routes import RouteTable
 from .body import BodyRelay
 from .exchange import (
     Client,
     Exchange,
-    Routed,
     Runtime,
     UpstreamFailure,
     decision_for,
@@ -96,7 +95,12 @@ class Cycle:
     499. ``_finish`` runs exactly once, whatever the path.
     """
 
-    route: Routed  # set by _route; read only once ``routed``
+    # What routing decided, set once by ``_route`` and read only once ``routed``: plain
+    # attributes, not a record of their own, which would cost an allocation per request.
+    runtime: Runtime
+    decision: Decision
+    ex: Exchange
+    pool: UpstreamPool  # the routed pool; its ``active`` counts this request
 
     def __init__(self, client: Client, server: Proxy, request: Request) -> None:
         self.client = client
@@ -176,38 +180,38 @@ class Cycle:
     def _route(self, runtime: Runtime) -> None:
         request, server = self.request, self.server
         config = runtime.config
-        decision = decision_for(self.request, config, server.draw)
-        ejectable = decision.rule in ("weight", "sticky") and decision.version == CANARY
-        if ejectable and config.canary_outlier_failures and server.canary_ejected(runtime):
-            decision = replace(decision, version=STABLE, rule="failover")
+        self.decision = decision = decision_for(request, config, server.draw)
+        if config.canary_outlier_failures and self._ejected(runtime, decision):
+            self.decision = decision = replace(decision, version=STABLE, rule="failover")
         rid = request.lookup.get(b"x-request-id")
-        ex = Exchange(
-            start=time.monotonic(),
-            method=request.method,
-            path=request.url.decode("latin-1"),
-            client=self.client.peer.client,
-            version=decision.version,
-            rule=decision.rule,
-            request_id=rid.decode("ascii") if rid is not None and valid_request_id(rid) else new_request_id(),
-            route=runtime.name,
-            series=runtime.series,
-        )
+        request_id = rid.decode("ascii") if rid is not None and valid_request_id(rid) else new_request_id()
+        # Positional: Exchange's field order (start, method, path, client, version, rule,
+        # request_id, route, series); keywords would cost more than the record itself.
+        self.ex = ex = Exchange(
+            time.monotonic(), request.method, request.url.decode("latin-1"), self.client.peer.client,
+            decision.version, decision.rule, request_id, runtime.name, runtime.series,
+        )  # fmt: skip
         server.enter(ex)
-        self.route = Routed(runtime, decision, ex, runtime.pool(ex.version))
+        self.runtime = runtime
+        self.pool = pool = runtime.pool(decision.version)
         self.routed = True
-        self.route.pool.active += 1
-        if mirrored(config, decision, server.draw) and not request.upgrade:
+        pool.active += 1
+        if config.mirror_buckets and mirrored(config, decision, server.draw) and not request.upgrade:
             self._start_mirror(runtime)
+
+    def _ejected(self, runtime: Runtime, decision: Decision) -> bool:
+        """The weight (or a sticky bucket) chose a canary that outlier detection ejected."""
+        ejectable = decision.rule in ("weight", "sticky") and decision.version == CANARY
+        return ejectable and self.server.canary_ejected(runtime)
 
     def _acquire(self) -> None:
         """Dispatch on a pooled connection now, or open one in a task."""
-        route = self.route
-        upstream = route.runtime.pool(route.ex.version).take_idle()
+        upstream = self.runtime.pool(self.ex.version).take_idle()
         if upstream is not None:
-            self._dispatch(upstream, reused=True)
+            self._dispatch(upstream, True)
             return
         self.state = _CONNECTING
-        self.task = self.server.loop.create_task(self._connect(route.runtime))
+        self.task = self.server.loop.create_task(self._connect(self.runtime))
 
     def _resolve(self, error: UpstreamFailure | None) -> None:
         """The attempt in flight ended; anything reported after that is ignored."""
@@ -215,14 +219,14 @@ class Cycle:
             return
         self.state = _ROUTING
         try:
-            self._settle(error)
+            if error is None:
+                self._finish()
+            else:
+                self._settle(error)
         except Exception:
             self._crash()
 
-    def _settle(self, error: UpstreamFailure | None) -> None:
-        if error is None:
-            self._finish()
-            return
+    def _settle(self, error: UpstreamFailure) -> None:
         upstream = self.tried
         if upstream is not None and self._retryable(error, upstream):
             self.retried = True
@@ -239,7 +243,7 @@ class Cycle:
 
     def _fail(self, failure: UpstreamFailure) -> None:
         """Answer an error page: nothing was sent to the client yet."""
-        self.route.ex.status = failure.status
+        self.ex.status = failure.status
         self.close_after = self.close_after or (self.request.has_body and not self.request.body_done)
         self._send_error(failure.status, str(failure))
         self._finish()
@@ -247,13 +251,13 @@ class Cycle:
     def _crash(self) -> None:
         """A bug: a logged 500, or an aborted client connection once bytes went out."""
         self._drop_upstream()
-        if self.routed and self.route.ex.started:
+        if self.routed and self.ex.started:
             log.exception("proxying failed after the response started; aborting")
             self.client.abort()
         else:
             log.exception("proxying failed")
             if self.routed:
-                self.route.ex.status = 500
+                self.ex.status = 500
                 self._send_error(500, "internal proxy error")
         self.close_after = True
         self._finish()
@@ -262,24 +266,25 @@ class Cycle:
         if self.state == _DONE:
             return
         self.state = _DONE
-        self._cancel_timer()
+        self.watching = False  # the timer: nothing left to time out
         if self.routed:
             self.server.account_later(self)  # after the response is written: see run_batch
-        close = not self.request.keep_alive or self.close_after
-        self.client.cycle_done(close=close or self.client.draining)
+        self.client.cycle_done(not self.request.keep_alive or self.close_after)  # or draining: it knows
 
     def account(self) -> None:
         if not self.routed:  # answered before routing
             return
-        ex = self.route.ex
-        self.server.websocket_closed(self)
-        self.route.pool.leave()
-        ex.bytes_in = self.body.bytes_in if self.body is not None else 0
-        self.server.leave(ex)
+        ex, server = self.ex, self.server
+        if self.websocket:  # only a WebSocket is ever among the server's open ones
+            server.websocket_closed(self)
+        self.pool.leave()
+        if self.body is not None:
+            ex.bytes_in = self.body.bytes_in
+        server.leave(ex)
 
     def _start_mirror(self, runtime: Runtime) -> None:
         request = self.request
-        head = self._upstream_head(runtime.canary, framing=False)
+        head = self._upstream_head(runtime.canary, False)
         copy = self.server.mirrors.begin(
             runtime.canary, runtime.config, runtime.name, request.method, head,
             length=request.content_length, chunked=request.chunked,
@@ -292,9 +297,8 @@ class Cycle:
             self.bad_status, "client", _BODY_ERRORS.get(self.bad_status, "bad request body")
         )
 
-    def _dispatch(self, upstream: UpstreamConnection, *, reused: bool) -> None:
+    def _dispatch(self, upstream: UpstreamConnection, reused: bool) -> None:
         """Send the head (and what body there is) on ``upstream``; the upstream callbacks follow."""
-        route = self.route
         if self.bad_status:  # the body turned out malformed while we connected
             upstream.pool.release(upstream)
             self._fail(self._body_failure())
@@ -302,17 +306,17 @@ class Cycle:
         self.state = _WAITING
         self.upstream = self.tried = upstream
         self.reused = reused
-        request = self.request
+        request, ex = self.request, self.ex
         framing = CHUNKED if request.chunked else request.content_length or 0
-        upstream.start(self, framing=framing, upgrade=self.websocket)
-        upstream.version, upstream.route = route.ex.version, route.ex.route
-        self.server.hold_upstream(upstream, self._upstream_head(upstream.pool, framing=True))
+        upstream.start(self, framing, self.websocket)
+        upstream.version, upstream.route = ex.version, ex.route
+        self.server.hold_upstream(upstream, self._upstream_head(upstream.pool, True))
         if self.expect_continue and request.version == "1.1" and not request.body_done:
             self.client.send_now(b"HTTP/1.1 100 Continue\r\n\r\n")
         if self.body is not None:
             self.body.attach(upstream, reused=reused, retried=self.retried)
             self.client.resume_reading("body")
-        self._arm_timer(route.runtime.config.upstream_timeout)
+        self._arm_timer(self.runtime.config.upstream_timeout)
 
     def _retryable(self, failure: UpstreamFailure, upstream: UpstreamConnection) -> bool:
         """A pooled connection the upstream had closed: retry once, when it is safe to:
@@ -331,7 +335,7 @@ class Cycle:
         try:
             upstream, reused = await self._open_with_failover(runtime)
             self.task = None
-            self._dispatch(upstream, reused=reused)
+            self._dispatch(upstream, reused)
         except UpstreamFailure as failure:
             self.task = None
             self._fail(failure)
@@ -340,7 +344,7 @@ class Cycle:
             self._crash()
 
     async def _open_with_failover(self, runtime: Runtime) -> tuple[UpstreamConnection, bool]:
-        ex = self.route.ex
+        ex = self.ex
         try:
             return await self._open(runtime.pool(ex.version), runtime)
         except UpstreamFailure as failure:
@@ -368,7 +372,7 @@ class Cycle:
         return failure
 
     def _count_failure(self, failure: UpstreamFailure) -> None:
-        ex = self.route.ex
+        ex = self.ex
         self.server.metrics.upstream_errors.labels(ex.route, ex.version, failure.reason).inc()
         log.warning(
             "upstream %s failed (%s): %s [request %s]", ex.version, failure.reason, failure, ex.request_id
@@ -376,31 +380,25 @@ class Cycle:
 
     # -- the request head and body, upstream ----------------------------------------------
 
-    def _upstream_head(self, pool: UpstreamPool, *, framing: bool) -> bytes:
+    def _upstream_head(self, pool: UpstreamPool, framing: bool) -> bytes:
         """The request head for ``pool``'s upstream; open (no framing, no blank line) if not
         ``framing``: a mirror copy adds its own."""
         request = self.request
+        lookup = request.lookup
         return upstream_head(
-            method=request.method,
-            url=request.url,
-            headers=request.headers,
-            host=request.lookup.get(b"host"),
-            default_host=pool.host_header,
-            peer=self.client.peer,
-            request_id=self.route.ex.request_id,
-            upgrade=request.lookup[b"upgrade"] if self.websocket else None,
-            framing=request_framing(chunked=request.chunked, content_length=request.content_length)
-            if framing
-            else None,
-        )
+            request.method, request.url, request.headers, lookup.get(b"host"), pool.host_header,
+            self.client.peer, self.ex.request_id,
+            request_framing(request.chunked, request.content_length) if framing else None,
+            lookup[b"upgrade"] if self.websocket else None,
+        )  # fmt: skip
 
     # -- upstream callbacks (ResponseSink) ------------------------------------------------
 
     def on_response_head(self, upstream: UpstreamConnection) -> None:
-        ex = self.route.ex
-        ex.upstream_seconds = time.monotonic() - ex.start
+        ex = self.ex
+        self.last_activity = now = time.monotonic()
+        ex.upstream_seconds = now - ex.start
         ex.status = upstream.status
-        self.last_activity = time.monotonic()
         if self.request.method == "HEAD":
             # llhttp cannot be told this response has no body: give the connection a fresh
             # parser and finish now; the Content-Length describes the GET body, not this one.
@@ -415,7 +413,7 @@ class Cycle:
         ex.started = True
 
     def on_response_body(self, data: bytes) -> None:
-        self.route.ex.bytes_out += len(data)
+        self.ex.bytes_out += len(data)
         self.last_activity = time.monotonic()
         if self.body_framing == CHUNKED_BODY:
             self.client.send(b"%x\r\n" % len(data), data, b"\r\n")
@@ -455,7 +453,7 @@ class Cycle:
             upstream.write(early)
 
     def on_upstream_raw(self, data: bytes) -> None:
-        self.route.ex.bytes_out += len(data)
+        self.ex.bytes_out += len(data)
         self.client.send_now(data)
 
     def on_upstream_error(self, reason: str, detail: str) -> None:
@@ -465,7 +463,7 @@ class Cycle:
             self.server.websocket_closed(self)
             self._resolve(None)
             return
-        if self.route.ex.started:
+        if self.ex.started:
             self._mid_body_failure(reason, detail)
             return
         # Counted by _settle unless it retries: a stale pooled connection is no upstream error.
@@ -511,28 +509,23 @@ class Cycle:
         if task is not None:
             task.cancel()  # stop opening a connection nobody will use
         self._drop_upstream()
-        if self.routed and not self.route.ex.started:
-            self.route.ex.status = 499  # nginx's code for a client that left before the response
+        if self.routed and not self.ex.started:
+            self.ex.status = 499  # nginx's code for a client that left before the response
         self.close_after = True
         self._finish()
 
     def _client_head(self, upstream: UpstreamConnection) -> bytes:
         request = self.request
+        close = self.close_after or self.client.draining or not request.keep_alive
         head, self.body_framing, close = client_head(
-            status=upstream.status,
-            reason=upstream.reason,
-            headers=upstream.headers,
-            head_request=request.method == "HEAD",
-            http11=request.version == "1.1",
-            close=self.close_after or self.client.draining or not request.keep_alive,
-            own=self._own_headers(),
-        )
+            upstream.status, upstream.reason, upstream.headers, request.method == "HEAD",
+            request.version == "1.1", close, self._own_headers(),
+        )  # fmt: skip
         self.close_after = self.close_after or close
         return head
 
     def _own_headers(self) -> bytes:
-        route = self.route
-        return own_headers(route.runtime.config, route.decision, route.ex)
+        return own_headers(self.runtime.config, self.decision, self.ex)
 
     def _send_error(self, status: int, detail: str) -> None:
         close = self.close_after or self.client.draining or not self.request.keep_alive
@@ -542,7 +535,7 @@ class Cycle:
         self.client.send_now(simple_response(status, body, extra=own, close=close, head=head))
 
     def _mid_body_failure(self, reason: str, detail: str) -> None:
-        route, version = self.route.ex.route, self.route.ex.version
+        route, version = self.ex.route, self.ex.version
         self.server.metrics.upstream_errors.labels(route, version, reason).inc()
         log.warning(
             "upstream %s broke mid-body (%s: %s); aborting the client connection", version, reason, detail
@@ -581,7 +574,7 @@ class Cycle:
             return
         self.watching = False
         self._drop_upstream()
-        if self.route.ex.started:
+        if self.ex.started:
             self._mid_body_failure("timeout", f"no data for {timeout:g}s")
         else:
             self._resolve(self._failure(504, "timeout", f"no response within {timeout:g}s"))

@@ -65,16 +65,6 @@ class Exchange:
     started: bool = False  # response headers sent to the client
 
 
-@dataclass(slots=True)
-class Routed:
-    """What routing decided for one request, set once by ``Cycle._route``."""
-
-    runtime: Runtime
-    decision: Decision
-    ex: Exchange
-    pool: UpstreamPool  # the routed pool; its ``active`` counts this request
-
-
 class Client(Protocol):
     """What a Cycle needs of its client connection."""
 
@@ -88,7 +78,7 @@ class Client(Protocol):
     def flush(self) -> None: ...
     def abort(self) -> None: ...
     def close(self) -> None: ...
-    def cycle_done(self, *, close: bool) -> None: ...
+    def cycle_done(self, close: bool) -> None: ...
     def pause_reading(self, reason: str) -> None: ...
     def resume_reading(self, reason: str) -> None: ...
 

@@ -104,11 +104,11 @@ def request_target(url: bytes) -> bytes:
     return url[slash:]
 
 
-def invalid_head(
-    *, version: str, method: str, url: bytes, lookup: Mapping[bytes, bytes], repeated: bool
-) -> int:
+def invalid_head(version: str, method: str, url: bytes, lookup: Mapping[bytes, bytes], repeated: bool) -> int:
     """The status for a request head that is no valid HTTP/1.x request, or 0 (RFC 9112).
-    ``lookup`` maps lower-case names to values; ``repeated``: a field of SINGLE came twice."""
+    ``lookup`` maps lower-case names to values; ``repeated``: a field of SINGLE came twice.
+    Positional, like the head builders below: they run once per request, and a call by
+    keyword costs more than the rest of such a check."""
     if version != "1.1" and version != "1.0":
         return 400 if version == "0.9" else 505  # llhttp knows 0.9 (no version at all) and 2.0
     if repeated:  # two Host or Transfer-Encoding fields: which one would a peer use?
@@ -208,7 +208,6 @@ def forwarding(headers: Headers, peer: Peer, host: bytes | None) -> bytes:
 
 
 def upstream_head(
-    *,
     method: str,
     url: bytes,
     headers: Headers,
@@ -216,8 +215,8 @@ def upstream_head(
     default_host: bytes,
     peer: Peer,
     request_id: str,
-    upgrade: bytes | None = None,
     framing: bytes | None,
+    upgrade: bytes | None = None,
 ) -> bytes:
     """The request head sent upstream: hop-by-hop and client-set edge fields dropped, ours
     added. ``upgrade``: the Upgrade value of a WebSocket handshake (relayed as one).
@@ -244,7 +243,7 @@ def upstream_head(
     return b"".join(parts)
 
 
-def request_framing(*, chunked: bool, content_length: int | None) -> bytes:
+def request_framing(chunked: bool, content_length: int | None) -> bytes:
     if chunked:
         return b"Transfer-Encoding: chunked\r\n"
     if content_length is not None:
@@ -253,7 +252,6 @@ def request_framing(*, chunked: bool, content_length: int | None) -> bytes:
 
 
 def client_head(
-    *,
     status: int,
     reason: bytes,
     headers: Headers,

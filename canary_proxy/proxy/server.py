@@ -305,16 +305,14 @@ class ProxyServer:
         self._changed.set()
 
     def websocket_opened(self, cycle: Cycle) -> None:
-        assert cycle.route.ex is not None
         self.websockets.add(cycle)
-        self.metrics.websockets.labels(cycle.route.ex.route, cycle.route.ex.version).inc()
+        self.metrics.websockets.labels(cycle.ex.route, cycle.ex.version).inc()
         self._changed.set()
 
     def websocket_closed(self, cycle: Cycle) -> None:
         if cycle in self.websockets:
             self.websockets.discard(cycle)
-            assert cycle.route.ex is not None
-            self.metrics.websockets.labels(cycle.route.ex.route, cycle.route.ex.version).dec()
+            self.metrics.websockets.labels(cycle.ex.route, cycle.ex.version).dec()
             self._changed.set()
 
     # -- shutdown ---------------------------------------------------------------------------
