@@ -525,7 +525,7 @@ class Cycle:
         return head
 
     def _own_headers(self) -> bytes:
-        return own_headers(self.runtime.config, self.decision, self.ex)
+        return own_headers(self.runtime, self.decision, self.ex)
 
     def _send_error(self, status: int, detail: str) -> None:
         close = self.close_after or self.client.draining or not self.request.keep_alive

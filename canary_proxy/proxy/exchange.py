@@ -11,7 +11,7 @@ from typing import Protocol
 
 from ..config import Config
 from ..metrics import RouteSeries
-from ..router import CANARY, DEFAULT_ROUTE, UNROUTED, Decision, decide
+from ..router import CANARY, DEFAULT_ROUTE, STABLE, UNROUTED, Decision, decide
 from ..routes import RouteTable, request_host, request_path
 from .headers import Peer, cookie_value, new_request_id, request_target
 from .outlier import OutlierDetector
@@ -40,6 +40,20 @@ class Runtime:
     name: str = DEFAULT_ROUTE  # the route's, and its metrics' ``route`` label
     series: RouteSeries | None = None  # its metrics' children (ProxyServer sets them)
     outlier: OutlierDetector = field(default_factory=OutlierDetector)  # the canary's connect failures
+    # The proxy's own response fields that depend only on the config, encoded once here
+    # rather than once per response (see own_headers).
+    version_lines: dict[str, bytes] = field(init=False, repr=False, compare=False)
+    cookie_start: bytes = field(init=False, repr=False, compare=False)
+    cookie_end: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        config = self.config
+        header = config.version_header.encode()
+        lines = {v: b"%s: %s\r\n" % (header, v.encode()) if header else b"" for v in (STABLE, CANARY)}
+        object.__setattr__(self, "version_lines", lines)  # frozen: set once, here
+        object.__setattr__(self, "cookie_start", b"Set-Cookie: %s=" % config.sticky_cookie.encode())
+        end = b"; Path=/; Max-Age=%d; HttpOnly; SameSite=Lax\r\n" % config.sticky_max_age
+        object.__setattr__(self, "cookie_end", end)
 
     def pool(self, version: str) -> UpstreamPool:
         return self.canary if version == CANARY else self.stable
@@ -123,16 +137,10 @@ def decision_for(request: Request, config: Config, draw: Callable[[], int]) -> D
     )
 
 
-def own_headers(config: Config, decision: Decision, ex: Exchange) -> bytes:
-    """The fields the proxy adds to a response: the version, the request id, a sticky cookie."""
-    own = b""
-    if config.version_header:
-        own += b"%s: %s\r\n" % (config.version_header.encode(), ex.version.encode())
-    own += b"X-Request-Id: %s\r\n" % ex.request_id.encode()
+def own_headers(runtime: Runtime, decision: Decision, ex: Exchange) -> bytes:
+    """The fields the proxy adds to a response: the version (if the route's config names a
+    header for it), the request id, a sticky cookie."""
+    own = b"%sX-Request-Id: %s\r\n" % (runtime.version_lines[ex.version], ex.request_id.encode())
     if decision.set_cookie and decision.bucket is not None:
-        own += b"Set-Cookie: %s=%d; Path=/; Max-Age=%d; HttpOnly; SameSite=Lax\r\n" % (
-            config.sticky_cookie.encode(),
-            decision.bucket,
-            config.sticky_max_age,
-        )
+        own += b"%s%d%s" % (runtime.cookie_start, decision.bucket, runtime.cookie_end)
     return own
