@@ -25,6 +25,7 @@ from .headers import WS_CLOSE_GOING_AWAY_TO_CLIENT
 from .limits import Limits
 from .mirror import Mirrors
 from .outlier import WINDOW, OutlierDetector
+from .tally import Tally
 from .upstream import UpstreamConnection, UpstreamPool
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class ProxyServer:
         self._unflushed: list[ClientConnection] = []  # connections holding response bytes
         self._upstream_unflushed: list[UpstreamConnection] = []  # holding request heads
         self._finished: list[Cycle] = []  # to account: metrics, access log, in-flight count
+        self._tally = Tally()  # the batch's in-flight changes and decisions, applied at its end
         self._batch_due = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -144,6 +146,7 @@ class ProxyServer:
                     except Exception:
                         log.exception("accounting a request failed")
         finally:
+            self._tally.apply()  # enter and leave run only in here: see Tally
             self._batch_due = False
 
     def protocol(self) -> ClientConnection:
@@ -276,7 +279,7 @@ class ProxyServer:
     def enter(self, ex: Exchange) -> None:
         self.in_flight += 1
         assert ex.series is not None  # a routed exchange
-        ex.series.in_flight[ex.version].inc()
+        self._tally.in_flight(ex.series, ex.version, 1)
 
     def move(self, ex: Exchange, version: str, rule: str) -> None:
         assert ex.series is not None
@@ -293,9 +296,10 @@ class ProxyServer:
         seconds = time.monotonic() - ex.start
         series = ex.series
         assert series is not None
-        series.in_flight[ex.version].dec()
+        tally = self._tally
+        tally.in_flight(series, ex.version, -1)
         series.request(ex.version, ex.status, ex.method, seconds)
-        series.decision(ex.version, ex.rule)
+        tally.decision(series, ex.version, ex.rule)
         if self.access_log is not None:
             self.access_log.write(ex, seconds)
         self.in_flight -= 1
