@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import Protocol
+from typing import Final, Protocol
 
 import httptools
 
@@ -29,6 +29,8 @@ from .upstream import UpstreamConnection, write_parts
 log = logging.getLogger(__name__)
 
 _BODY_BUFFER_LIMIT = 1 << 20  # buffered request body before the upstream is ready; then pause
+# The usual methods' names, decoded once: not once per request.
+_METHODS: Final = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 
 
 class Server(Proxy, Protocol):
@@ -173,12 +175,15 @@ class ClientConnection(asyncio.Protocol):
         self._set_phase("busy")
         self._reading_head = False
         limits = self.server.limits
-        head = len(request.url) + sum(len(n) + len(v) + 4 for n, v in request.headers)
+        head = len(request.url)
+        for name, value in request.headers:  # a loop, not sum() over a generator: cheaper here
+            head += len(name) + len(value) + 4
         if head > limits.max_header_size:
             self.fail(431)
             raise RuntimeError("request head too large")
         parser = self.parser
-        request.method = parser.get_method().decode("ascii", "replace")
+        raw = parser.get_method()
+        request.method = _METHODS.get(raw) or raw.decode("ascii", "replace")
         request.version = parser.get_http_version()
         request.keep_alive = parser.should_keep_alive()
         status = invalid_head(request.version, request.method, request.url, request.lookup, request.repeated)

@@ -95,6 +95,14 @@ class Cycle:
     499. ``_finish`` runs exactly once, whatever the path.
     """
 
+    # One per request: slots, so building one allocates no attribute dict.
+    __slots__ = (
+        "bad_status", "body", "body_framing", "client", "close_after", "decision", "ex",
+        "expect_continue", "last_activity", "pool", "request", "retried", "reused", "routed",
+        "runtime", "server", "state", "task", "timeout", "tried", "upstream", "watching",
+        "websocket",
+    )  # fmt: skip
+
     # What routing decided, set once by ``_route`` and read only once ``routed``: plain
     # attributes, not a record of their own, which would cost an allocation per request.
     runtime: Runtime
@@ -180,7 +188,7 @@ class Cycle:
     def _route(self, runtime: Runtime) -> None:
         request, server = self.request, self.server
         config = runtime.config
-        self.decision = decision = decision_for(request, config, server.draw)
+        self.decision = decision = decision_for(request, runtime, server.draw)
         if config.canary_outlier_failures and self._ejected(runtime, decision):
             self.decision = decision = replace(decision, version=STABLE, rule="failover")
         rid = request.lookup.get(b"x-request-id")

@@ -45,6 +45,7 @@ class Runtime:
     version_lines: dict[str, bytes] = field(init=False, repr=False, compare=False)
     cookie_start: bytes = field(init=False, repr=False, compare=False)
     cookie_end: bytes = field(init=False, repr=False, compare=False)
+    header_key: bytes = field(init=False, repr=False, compare=False)  # canary-by-header, lower-cased
 
     def __post_init__(self) -> None:
         config = self.config
@@ -54,6 +55,7 @@ class Runtime:
         object.__setattr__(self, "cookie_start", b"Set-Cookie: %s=" % config.sticky_cookie.encode())
         end = b"; Path=/; Max-Age=%d; HttpOnly; SameSite=Lax\r\n" % config.sticky_max_age
         object.__setattr__(self, "cookie_end", end)
+        object.__setattr__(self, "header_key", (config.canary_by_header or "").lower().encode())
 
     def pool(self, version: str) -> UpstreamPool:
         return self.canary if version == CANARY else self.stable
@@ -120,14 +122,17 @@ def pick(request: Request, table: RouteTable[Runtime], fallback: Runtime | None)
     return found[1] if found is not None else fallback
 
 
-def decision_for(request: Request, config: Config, draw: Callable[[], int]) -> Decision:
+def decision_for(request: Request, runtime: Runtime, draw: Callable[[], int]) -> Decision:
     """Stable or canary for this request, by the route's rules (see router.decide)."""
     lookup = request.lookup
-    cookies = lookup.get(b"cookie")
+    config = runtime.config
     header = None
-    if config.canary_by_header:
-        raw = lookup.get(config.canary_by_header.lower().encode())
+    if runtime.header_key:
+        raw = lookup.get(runtime.header_key)
         header = raw.decode("latin-1") if raw is not None else None
+    cookies = lookup.get(b"cookie")
+    if cookies is None:  # a first visit: no cookie to look into
+        return decide(config, header=header, cookie=None, sticky=None, draw=draw)
     return decide(
         config,
         header=header,
