@@ -19,8 +19,8 @@ from typing import Final, Protocol
 
 import httptools
 
-from .cycle import Cycle, Proxy
-from .exchange import Exchange, unrouted
+from .cycle import Cycle
+from .exchange import Exchange, Proxy, unrouted
 from .headers import SINGLE, Peer, invalid_head, is_websocket, simple_response
 from .limits import Limits
 from .request import Request

@@ -1,14 +1,10 @@
 """One request's exchange: route it, relay it to an upstream connection and back, account it.
 
 A Cycle talks to its client connection through ``Client`` and to the server through
-``Proxy``, two narrow Protocols, the way an upstream connection talks to it through
-``ResponseSink``: no module here imports the others' classes.
-
-The exception ladder: a client that leaves cancels its request (499 if nothing was sent);
-a connect failure is 502 (or a failover to stable); no response headers within
-``upstream-timeout`` is 504; a reset or malformed answer before the headers is 502; an
-unexpected bug is a logged 500. Once response bytes went out no error page is written:
-the client connection is aborted, so a truncated body never poses as a complete one.
+``Proxy``, two narrow Protocols (exchange.py), the way an upstream connection talks to it through
+``ResponseSink``: no module here imports the others' classes. The exception ladder's rules
+(which failure is retried, counted, answered how; opening a connection with failover) are
+in failures.py; the Cycle keeps the states they move it through.
 """
 
 from __future__ import annotations
@@ -16,65 +12,47 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import replace
-from typing import Final, Protocol
+from typing import Final
 
-from ..metrics import Metrics
 from ..router import CANARY, STABLE, Decision, mirrored
-from ..routes import RouteTable
 from .body import BodyRelay
 from .exchange import (
     Client,
     Exchange,
+    Proxy,
     Runtime,
     UpstreamFailure,
     decision_for,
     own_headers,
     pick,
+    routed,
     unrouted,
+)
+from .failures import (
+    body_failure,
+    count_broken,
+    count_failure,
+    counted,
+    error_page,
+    no_route_page,
+    open_upstream,
+    retryable,
 )
 from .headers import (
     CHUNKED_BODY,
     NO_BODY,
     client_head,
-    new_request_id,
     request_framing,
     simple_response,
     upstream_head,
-    valid_request_id,
 )
-from .mirror import Mirrors
 from .request import Request
-from .upstream import CHUNKED, IDEMPOTENT, ConnectFailed, UpstreamConnection, UpstreamPool
+from .upstream import CHUNKED, UpstreamConnection, UpstreamPool
 
 log = logging.getLogger(__name__)
 
 _WRITE_NOW = 64 << 10  # a response body read this large is written at once, not batched
-_BODY_ERRORS: Final = {400: "malformed request body", 413: "request body too large"}
-
-
-class Proxy(Protocol):
-    """What a Cycle needs of the server: the config, the pools, accounting and batching."""
-
-    table: RouteTable[Runtime] | None  # None until a config is loaded
-    fallback: Runtime | None  # --default-backend: takes what no route matches
-    metrics: Metrics
-    mirrors: Mirrors
-    draw: Callable[[], int]
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop: ...
-    def hold_upstream(self, upstream: UpstreamConnection, head: bytes) -> None: ...
-    def account_later(self, cycle: Cycle) -> None: ...
-    def enter(self, ex: Exchange) -> None: ...
-    def move(self, ex: Exchange, version: str, rule: str) -> None: ...
-    def leave(self, ex: Exchange) -> None: ...
-    def canary_ejected(self, runtime: Runtime) -> bool: ...
-    def canary_failed(self, runtime: Runtime) -> None: ...
-    def reject(self, ex: Exchange) -> None: ...
-    def websocket_opened(self, cycle: Cycle) -> None: ...
-    def websocket_closed(self, cycle: Cycle) -> None: ...
 
 
 # A Cycle's states. Most requests never leave the event loop's callbacks: a pooled connection
@@ -163,7 +141,7 @@ class Cycle:
                 return
         self._route(runtime)
         if self.bad_status:  # malformed before we even started
-            self._fail(self._body_failure())
+            self._fail(body_failure(self.bad_status))
             return
         expect = request.lookup.get(b"expect")
         if expect is not None and expect.strip().lower() != b"100-continue":
@@ -177,12 +155,9 @@ class Cycle:
         """No route matches and there is no default backend: 404, counted unrouted."""
         request = self.request
         self.close_after = request.has_body and not request.body_done
-        host = (request.lookup.get(b"host") or b"").decode("latin-1")
-        body = f"404: no route for host {host or '(none)'} path {request.url.decode('latin-1')}\n"
         self.server.reject(unrouted(request, self.client.peer.client, status=404, rule="no-route"))
         close = self.close_after or self.client.draining or not request.keep_alive
-        response = simple_response(404, body.encode(), close=close, head=request.method == "HEAD")
-        self.client.send_now(response)
+        self.client.send_now(no_route_page(request, close=close))
         self._finish()
 
     def _route(self, runtime: Runtime) -> None:
@@ -191,14 +166,7 @@ class Cycle:
         self.decision = decision = decision_for(request, runtime, server.draw)
         if config.canary_outlier_failures and self._ejected(runtime, decision):
             self.decision = decision = replace(decision, version=STABLE, rule="failover")
-        rid = request.lookup.get(b"x-request-id")
-        request_id = rid.decode("ascii") if rid is not None and valid_request_id(rid) else new_request_id()
-        # Positional: Exchange's field order (start, method, path, client, version, rule,
-        # request_id, route, series); keywords would cost more than the record itself.
-        self.ex = ex = Exchange(
-            time.monotonic(), request.method, request.url.decode("latin-1"), self.client.peer.client,
-            decision.version, decision.rule, request_id, runtime.name, runtime.series,
-        )  # fmt: skip
+        self.ex = ex = routed(request, runtime, decision, self.client.peer.client)
         server.enter(ex)
         self.runtime = runtime
         self.pool = pool = runtime.pool(decision.version)
@@ -236,7 +204,9 @@ class Cycle:
 
     def _settle(self, error: UpstreamFailure) -> None:
         upstream = self.tried
-        if upstream is not None and self._retryable(error, upstream):
+        if upstream is not None and retryable(
+            error, upstream, self.request.method, self.body, reused=self.reused, retried=self.retried
+        ):
             self.retried = True
             if self.body is not None:
                 self.body.detach()  # what arrives meanwhile is buffered for the new attempt
@@ -246,7 +216,7 @@ class Cycle:
             self._acquire()
             return
         if not error.counted and error.reason != "client":
-            self._count_failure(error)
+            count_failure(self.server.metrics, self.ex, error)
         self._fail(error)
 
     def _fail(self, failure: UpstreamFailure) -> None:
@@ -300,16 +270,11 @@ class Cycle:
         if self.body is not None:  # else the copy went at once (begin returned None)
             self.body.mirror = copy
 
-    def _body_failure(self) -> UpstreamFailure:
-        return UpstreamFailure(
-            self.bad_status, "client", _BODY_ERRORS.get(self.bad_status, "bad request body")
-        )
-
     def _dispatch(self, upstream: UpstreamConnection, reused: bool) -> None:
         """Send the head (and what body there is) on ``upstream``; the upstream callbacks follow."""
         if self.bad_status:  # the body turned out malformed while we connected
             upstream.pool.release(upstream)
-            self._fail(self._body_failure())
+            self._fail(body_failure(self.bad_status))
             return
         self.state = _WAITING
         self.upstream = self.tried = upstream
@@ -324,24 +289,16 @@ class Cycle:
         if self.body is not None:
             self.body.attach(upstream, reused=reused, retried=self.retried)
             self.client.resume_reading("body")
-        self._arm_timer(self.runtime.config.upstream_timeout)
-
-    def _retryable(self, failure: UpstreamFailure, upstream: UpstreamConnection) -> bool:
-        """A pooled connection the upstream had closed: retry once, when it is safe to:
-        idempotent methods, and requests none of whose body has been sent yet; and only if
-        the body can be sent again in full (none sent yet, or all of it kept for a replay)."""
-        body = self.body
-        safe = self.request.method in IDEMPOTENT or body is None or body.forwarded == 0
-        whole = body is None or body.whole
-        stale = failure.reason == "reset" and self.reused and not self.retried and not upstream.got_bytes
-        return stale and safe and whole
+        self.timeout = self.runtime.config.upstream_timeout  # the clock: see check_timeout
+        self.last_activity = time.monotonic()
+        self.watching = True
 
     # -- opening a connection: the one part that awaits ---------------------------------
 
     async def _connect(self, runtime: Runtime) -> None:
         # A client that leaves cancels this task; ``client_gone`` has finished the cycle then.
         try:
-            upstream, reused = await self._open_with_failover(runtime)
+            upstream, reused = await open_upstream(self.server, runtime, self.ex)
             self.task = None
             self._dispatch(upstream, reused)
         except UpstreamFailure as failure:
@@ -350,41 +307,6 @@ class Cycle:
         except Exception:
             self.task = None
             self._crash()
-
-    async def _open_with_failover(self, runtime: Runtime) -> tuple[UpstreamConnection, bool]:
-        ex = self.ex
-        try:
-            return await self._open(runtime.pool(ex.version), runtime)
-        except UpstreamFailure as failure:
-            config = runtime.config
-            if failure.reason == "connect" and ex.version == CANARY:
-                self.server.canary_failed(runtime)
-            if not (failure.reason == "connect" and ex.version == CANARY and config.canary_failover):
-                raise
-        log.warning("canary unreachable, failing over to stable (request %s)", ex.request_id)
-        self.server.move(ex, STABLE, "failover")
-        return await self._open(runtime.pool(STABLE), runtime)
-
-    async def _open(self, pool: UpstreamPool, runtime: Runtime) -> tuple[UpstreamConnection, bool]:
-        upstream = pool.take_idle()
-        if upstream is not None:
-            return upstream, True
-        try:
-            return await pool.connect(runtime.config.upstream_connect_timeout), False
-        except ConnectFailed as exc:
-            raise self._failure(502, "connect", str(exc)) from None
-
-    def _failure(self, status: int, reason: str, detail: str) -> UpstreamFailure:
-        failure = UpstreamFailure(status, reason, detail, counted=True)
-        self._count_failure(failure)
-        return failure
-
-    def _count_failure(self, failure: UpstreamFailure) -> None:
-        ex = self.ex
-        self.server.metrics.upstream_errors.labels(ex.route, ex.version, failure.reason).inc()
-        log.warning(
-            "upstream %s failed (%s): %s [request %s]", ex.version, failure.reason, failure, ex.request_id
-        )
 
     # -- the request head and body, upstream ----------------------------------------------
 
@@ -451,7 +373,7 @@ class Cycle:
         upstream = self.upstream
         if upstream is None:
             return
-        self._cancel_timer()
+        self.watching = False  # a WebSocket has no upstream timeout
         self.client.tunnel = upstream
         self.server.websocket_opened(self)
         if rest:
@@ -502,7 +424,7 @@ class Cycle:
         self.close_after = True
         self.bad_status = status
         self.client.pause_reading("bad")
-        self._resolve(self._body_failure())
+        self._resolve(body_failure(status))
 
     def client_gone(self) -> None:
         if self.websocket and self.client.tunnel is not None:
@@ -527,27 +449,19 @@ class Cycle:
         close = self.close_after or self.client.draining or not request.keep_alive
         head, self.body_framing, close = client_head(
             upstream.status, upstream.reason, upstream.headers, request.method == "HEAD",
-            request.version == "1.1", close, self._own_headers(),
+            request.version == "1.1", close, own_headers(self.runtime, self.decision, self.ex),
         )  # fmt: skip
         self.close_after = self.close_after or close
         return head
 
-    def _own_headers(self) -> bytes:
-        return own_headers(self.runtime, self.decision, self.ex)
-
     def _send_error(self, status: int, detail: str) -> None:
-        close = self.close_after or self.client.draining or not self.request.keep_alive
-        body = f"{status}: {detail}\n".encode()
-        head = self.request.method == "HEAD"
-        own = self._own_headers()
-        self.client.send_now(simple_response(status, body, extra=own, close=close, head=head))
+        request = self.request
+        close = self.close_after or self.client.draining or not request.keep_alive
+        own = own_headers(self.runtime, self.decision, self.ex)
+        self.client.send_now(error_page(status, detail, own, close=close, head=request.method == "HEAD"))
 
     def _mid_body_failure(self, reason: str, detail: str) -> None:
-        route, version = self.ex.route, self.ex.version
-        self.server.metrics.upstream_errors.labels(route, version, reason).inc()
-        log.warning(
-            "upstream %s broke mid-body (%s: %s); aborting the client connection", version, reason, detail
-        )
+        count_broken(self.server.metrics, self.ex, reason, detail)
         self.client.abort()
         self.close_after = True
         self._resolve(None)
@@ -570,11 +484,6 @@ class Cycle:
 
     # -- timeouts -------------------------------------------------------------------------
 
-    def _arm_timer(self, timeout: float) -> None:
-        self.timeout = timeout
-        self.last_activity = time.monotonic()
-        self.watching = True
-
     def check_timeout(self, now: float) -> None:
         """No response head, or no body data, for ``upstream-timeout``: 504 or an abort."""
         timeout = self.timeout
@@ -585,7 +494,5 @@ class Cycle:
         if self.ex.started:
             self._mid_body_failure("timeout", f"no data for {timeout:g}s")
         else:
-            self._resolve(self._failure(504, "timeout", f"no response within {timeout:g}s"))
-
-    def _cancel_timer(self) -> None:
-        self.watching = False
+            detail = f"no response within {timeout:g}s"
+            self._resolve(counted(self.server.metrics, self.ex, 504, "timeout", detail))

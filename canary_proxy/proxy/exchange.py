@@ -1,19 +1,21 @@
-"""The records of one request's exchange, the Cycle's view of its client connection, and the
-pure steps of routing it: which route's runtime takes it, which version, and the headers the
-proxy adds to its response. No I/O here."""
+"""The records of one request's exchange, the Cycle's two views (of its client connection,
+of the server), and the pure steps of routing it: which route's runtime takes it, which
+version, and the headers the proxy adds to its response. No I/O here."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..config import Config
-from ..metrics import RouteSeries
+from ..metrics import Metrics, RouteSeries
 from ..router import CANARY, DEFAULT_ROUTE, STABLE, UNROUTED, Decision, decide
 from ..routes import RouteTable, request_host, request_path
-from .headers import Peer, cookie_value, new_request_id, request_target
+from .headers import Peer, cookie_value, new_request_id, request_target, valid_request_id
+from .mirror import Mirrors
 from .outlier import OutlierDetector
 from .request import Request
 from .upstream import UpstreamConnection, UpstreamPool
@@ -99,6 +101,38 @@ class Client(Protocol):
     def resume_reading(self, reason: str) -> None: ...
 
 
+class Session(Protocol):
+    """What the server keeps of a Cycle: accounted once done; told to go if a WebSocket."""
+
+    ex: Exchange
+
+    def account(self) -> None: ...
+    def go_away(self, to_client: bytes, to_upstream: bytes) -> None: ...
+
+
+class Proxy(Protocol):
+    """What a Cycle needs of the server: the config, the pools, accounting and batching."""
+
+    table: RouteTable[Runtime] | None  # None until a config is loaded
+    fallback: Runtime | None  # --default-backend: takes what no route matches
+    metrics: Metrics
+    mirrors: Mirrors
+    draw: Callable[[], int]
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+    def hold_upstream(self, upstream: UpstreamConnection, head: bytes) -> None: ...
+    def account_later(self, cycle: Session) -> None: ...
+    def enter(self, ex: Exchange) -> None: ...
+    def move(self, ex: Exchange, version: str, rule: str) -> None: ...
+    def leave(self, ex: Exchange) -> None: ...
+    def canary_ejected(self, runtime: Runtime) -> bool: ...
+    def canary_failed(self, runtime: Runtime) -> None: ...
+    def reject(self, ex: Exchange) -> None: ...
+    def websocket_opened(self, cycle: Session) -> None: ...
+    def websocket_closed(self, cycle: Session) -> None: ...
+
+
 def unrouted(request: Request | None, client: str, *, status: int, rule: str) -> Exchange:
     """A request the proxy answered itself, before any route took it (malformed, no route):
     counted with ``version="none"`` and logged like any other."""
@@ -112,6 +146,18 @@ def unrouted(request: Request | None, client: str, *, status: int, rule: str) ->
         request_id=new_request_id(),
         status=status,
     )
+
+
+def routed(request: Request, runtime: Runtime, decision: Decision, client: str) -> Exchange:
+    """The Exchange of a request ``runtime`` took: its X-Request-Id if valid, else a new one."""
+    rid = request.lookup.get(b"x-request-id")
+    request_id = rid.decode("ascii") if rid is not None and valid_request_id(rid) else new_request_id()
+    # Positional: Exchange's field order (start, method, path, client, version, rule,
+    # request_id, route, series); keywords would cost more than the record itself.
+    return Exchange(
+        time.monotonic(), request.method, request.url.decode("latin-1"), client,
+        decision.version, decision.rule, request_id, runtime.name, runtime.series,
+    )  # fmt: skip
 
 
 def pick(request: Request, table: RouteTable[Runtime], fallback: Runtime | None) -> Runtime | None:

@@ -20,7 +20,7 @@ from ..tls import TlsError, read_ca, upstream_context
 from .accesslog import AccessLog
 from .client import ClientConnection
 from .cycle import Cycle
-from .exchange import Exchange, Runtime
+from .exchange import Exchange, Runtime, Session
 from .headers import WS_CLOSE_GOING_AWAY_TO_CLIENT
 from .limits import Limits
 from .mirror import Mirrors
@@ -75,7 +75,7 @@ class ProxyServer:
         self.pools: dict[str, UpstreamPool] = {}  # by URL (and CA bundle, for https)
         self._ca: dict[str, ssl.SSLContext] = {}  # upstream-ca contexts by content digest
         self.connections: set[ClientConnection] = set()
-        self.websockets: set[Cycle] = set()
+        self.websockets: set[Session] = set()
         self.mirrors = Mirrors(metrics)
         self.in_flight = 0  # requests in progress, WebSockets included
         self.closing = False
@@ -83,7 +83,7 @@ class ProxyServer:
         self._ready: list[Cycle] = []  # parsed requests, begun together once reads are done
         self._unflushed: list[ClientConnection] = []  # connections holding response bytes
         self._upstream_unflushed: list[UpstreamConnection] = []  # holding request heads
-        self._finished: list[Cycle] = []  # to account: metrics, access log, in-flight count
+        self._finished: list[Session] = []  # to account: metrics, access log, in-flight count
         self._tally = Tally()  # the batch's in-flight changes and decisions, applied at its end
         self._batch_due = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -115,7 +115,7 @@ class ProxyServer:
             self._upstream_unflushed.append(conn)
             self._batch_soon()
 
-    def account_later(self, cycle: Cycle) -> None:
+    def account_later(self, cycle: Session) -> None:
         self._finished.append(cycle)
         self._batch_soon()
 
@@ -140,9 +140,9 @@ class ProxyServer:
                 for conn in upstream:
                     conn.flush()
                 finished, self._finished = self._finished, []
-                for cycle in finished:
+                for done in finished:
                     try:
-                        cycle.account()
+                        done.account()
                     except Exception:
                         log.exception("accounting a request failed")
         finally:
@@ -308,12 +308,12 @@ class ProxyServer:
     def changed(self) -> None:
         self._changed.set()
 
-    def websocket_opened(self, cycle: Cycle) -> None:
+    def websocket_opened(self, cycle: Session) -> None:
         self.websockets.add(cycle)
         self.metrics.websockets.labels(cycle.ex.route, cycle.ex.version).inc()
         self._changed.set()
 
-    def websocket_closed(self, cycle: Cycle) -> None:
+    def websocket_closed(self, cycle: Session) -> None:
         if cycle in self.websockets:
             self.websockets.discard(cycle)
             self.metrics.websockets.labels(cycle.ex.route, cycle.ex.version).dec()
