@@ -172,7 +172,7 @@ class ClientConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         request = self.request
         assert request is not None
-        self._set_phase("busy")
+        self._phase = "busy"  # no _since: the request's own upstream clock times it
         self._reading_head = False
         limits = self.server.limits
         head = len(request.url)
