@@ -1,10 +1,10 @@
 """One request's exchange: route it, relay it to an upstream connection and back, account it.
 
 A Cycle talks to its client connection through ``Client`` and to the server through
-``Proxy``, two narrow Protocols (exchange.py), the way an upstream connection talks to it through
-``ResponseSink``: no module here imports the others' classes. The exception ladder's rules
-(which failure is retried, counted, answered how; opening a connection with failover) are
-in failures.py; the Cycle keeps the states they move it through.
+``Proxy``, two narrow Protocols (exchange.py), the way an upstream connection talks to it
+through ``ResponseSink``: no module here imports the others' classes. The exception ladder's
+rules (which failure is retried, counted, answered how; opening a connection with failover)
+are in failures.py; the Cycle keeps the states they move it through.
 """
 
 from __future__ import annotations
