@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from ..config import Config, Upstream, format_duration
 from ..metrics import Metrics
 from ..router import STABLE, random_bucket_source
-from ..routes import Route, RouteTable
+from ..routes import Origin, Route, RouteTable
 from ..tls import TlsError, read_ca, upstream_context
 from .accesslog import AccessLog
 from .client import ClientConnection
@@ -194,7 +194,7 @@ class ProxyServer:
         previous = {runtime.name: runtime for _, runtime in self.table.items} if self.table else {}
         items = []
         for route in routes:
-            runtime = self._runtime(route.name, route.config, previous.get(route.name))
+            runtime = self._runtime(route.name, route.config, previous.get(route.name), route.origin)
             if runtime is not None:
                 items.append((route, runtime))
                 if route.name not in self._series:  # once per route name: not per change
@@ -211,7 +211,9 @@ class ProxyServer:
         for key in [k for k, p in self.pools.items() if id(p) not in used]:
             self.pools.pop(key).retire()
 
-    def _runtime(self, name: str, config: Config, previous: Runtime | None) -> Runtime | None:
+    def _runtime(
+        self, name: str, config: Config, previous: Runtime | None, origin: Origin | None = None
+    ) -> Runtime | None:
         try:
             ca = self._upstream_ca(config)
         except TlsError as exc:  # validated before, so only if the file changed since
@@ -224,7 +226,8 @@ class ProxyServer:
         if previous is None or previous.config.canary != config.canary or not config.canary_outlier_failures:
             outlier.reset()  # a new canary (or protection turned off) starts with a clean slate
         stable, canary = self._pool(config.stable, ca), self._pool(config.canary, ca)
-        return Runtime(config, stable, canary, name, series=self.metrics.series(name), outlier=outlier)
+        series = self.metrics.series(name, origin)  # an Ingress's route: its nginx series too
+        return Runtime(config, stable, canary, name, series=series, outlier=outlier)
 
     def _upstream_ca(self, config: Config) -> tuple[str, ssl.SSLContext] | None:
         """The client context for https upstreams, built once per distinct CA bundle content."""
