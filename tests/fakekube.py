@@ -89,6 +89,7 @@ _PATCH_TYPES = {
     "application/json-patch+json",
 }
 _CONFIGMAP_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+_MICRO_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|[+-]\d\d:\d\d)$")  # RFC3339Micro
 _TRUE = {"1", "true", "True"}
 
 
@@ -752,7 +753,16 @@ def _remove_at(doc: Any, path: list[str]) -> Any:
 
 
 def _validate(obj: Obj) -> None:
-    """The checks a real server makes on a ConfigMap that our client could get wrong."""
+    """The checks a real server makes that our client could get wrong: ConfigMap keys, and
+    a Lease's times (a MicroTime must have exactly six fraction digits, or Go's parser
+    refuses it)."""
+    if obj["kind"] == "Lease":
+        for key in ("acquireTime", "renewTime"):
+            value = (obj.get("spec") or {}).get(key)
+            if value is not None and not _MICRO_TIME.match(str(value)):
+                name = obj["metadata"]["name"]
+                message = f'Lease "{name}" is invalid: spec.{key}: cannot parse {value!r}'
+                raise ApiError(422, message, kind="Lease")
     if obj["kind"] != "ConfigMap":
         return
     for key, value in (obj.get("data") or {}).items():
