@@ -165,6 +165,7 @@ class ConfigControl:
         self.on_change = on_change
         self.routes: Routes | None = None
         self.rollout_notes: RolloutNotes | None = None  # ConfigMap mode: for the dashboard
+        self.source_notes: Mapping[str, Any] | None = None  # what the source reports, for /config
         self._last: tuple[str, bool] | None = None  # the last offer's digest, and if it was taken
         self._good: dict[str, tuple[str, Route, Mapping[str, Any]]] = {}  # per route: digest, route, doc
         self._bad: dict[str, str] = {}  # per route: the digest last rejected (counted once)
@@ -183,6 +184,7 @@ class ConfigControl:
         if raw.annotations is not None:
             # A ConfigMap source's origin is "configmap NS/NAME", as its rollout store names it.
             self.rollout_notes = RolloutNotes(origin, raw.annotations)
+        self.source_notes = raw.notes
         if self._last is not None and self._last[0] == raw.digest:
             return self._last[1]
         accepted = (
@@ -221,6 +223,7 @@ class ConfigControl:
                 continue
             try:
                 route = load_route(item.data, item.error, name=item.name, order=item.order)
+                route = replace(route, origin=item.origin) if item.origin else route
             except ConfigError as exc:
                 rejected.append(Rejected(item.name, exc.errors))
                 if self._bad.get(item.name) != item.digest:

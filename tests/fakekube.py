@@ -351,7 +351,9 @@ class FakeKube:
         for key in list(new):
             if key not in ("metadata", "kind", "apiVersion"):
                 del new[key]
-        new.update({k: copy.deepcopy(v) for k, v in obj.items() if k not in ("metadata", "kind", "apiVersion")})
+        new.update(
+            {k: copy.deepcopy(v) for k, v in obj.items() if k not in ("metadata", "kind", "apiVersion")}
+        )
         if status is not None and "status" not in obj:
             new["status"] = status
         for key in ("labels", "annotations", "ownerReferences"):

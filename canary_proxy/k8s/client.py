@@ -380,8 +380,9 @@ class KubeClient:
         if selector.namespace is None:
             response = await getattr(api, all_namespaces + "_without_preload_content")(**params)
         else:
-            list_namespaced = getattr(api, namespaced + "_without_preload_content")
-            response = await list_namespaced(selector.namespace, **params)
+            response = await getattr(api, namespaced + "_without_preload_content")(
+                selector.namespace, **params
+            )
         if response.status == 200:
             return response
         try:

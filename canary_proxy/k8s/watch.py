@@ -103,7 +103,9 @@ class _Seen:
         self._versions[key] = version
         return ObjectEvent("ADDED" if old is None else "MODIFIED", *key, obj, version)
 
-    def absent(self, key: Key, resource_version: str, obj: Mapping[str, Any] | None = None) -> ObjectEvent | None:
+    def absent(
+        self, key: Key, resource_version: str, obj: Mapping[str, Any] | None = None
+    ) -> ObjectEvent | None:
         if self._versions.pop(key, None) is None and key not in self._expected:
             return None
         return ObjectEvent("DELETED", *key, obj or {}, resource_version)

@@ -41,3 +41,6 @@ class RawConfig:
     annotations: Mapping[str, str] | None = None
     # A source of several routes: each one, and ``data`` is None.
     routes: tuple[RawRoute, ...] | None = None
+    # What the source itself reports beside the routes, shown as is in /config (Ingress
+    # mode: the Ingresses it could not serve as written, and the annotations it ignores).
+    notes: Mapping[str, Any] | None = None
