@@ -127,6 +127,7 @@ class _Failure:
     remaining: int
     verb: str | None
     retry_after: int | None
+    resource: str | None = None  # e.g. "ingresses"; a subresource counts as its resource
 
 
 @dataclass(frozen=True)
@@ -281,9 +282,10 @@ class FakeKube:
         status: int = 500,
         verb: str | None = None,
         retry_after: int | None = None,
+        resource: str | None = None,
     ) -> None:
-        """Answer the next ``count`` requests (of ``verb``, if given) with ``status``."""
-        self._failures.append(_Failure(status, count, verb, retry_after))
+        """Answer the next ``count`` requests (of ``verb`` on ``resource``, if given) with ``status``."""
+        self._failures.append(_Failure(status, count, verb, retry_after, resource))
 
     @property
     def watching(self) -> int:
@@ -461,7 +463,9 @@ class FakeKube:
             if resource not in _VERBS:
                 raise ApiError(404, "the server could not find the requested resource")
             raise ApiError(405, f"{verb} is not supported on {resource}")
-        failure = next((f for f in self._failures if f.verb in (None, verb)), None)
+        failure = next(
+            (f for f in self._failures if f.verb in (None, verb) and f.resource in (None, resource)), None
+        )
         if failure is None:
             return
         failure.remaining -= 1
