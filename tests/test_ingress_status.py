@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +22,10 @@ from canary_proxy.ingress_status import (
 )
 from canary_proxy.k8s import Backoff, KubeClient, load_config
 from canary_proxy.k8s.lease import LeaseRef, LeaseTiming
+from tests.conftest import Backend, ProxyProcess, start_proxy, stop_proxy
 from tests.fakekube import FakeKube
+from tests.test_ingress_mode import answered
+from tests.test_ingress_mode import service as app_service
 
 SHORT = LeaseTiming(lease_duration=2.0, renew_deadline=1.0, retry_period=0.2)
 FAST = Backoff(base=0.01, cap=0.05)
@@ -116,13 +120,15 @@ def test_comparison_ignores_order_and_ports() -> None:
 
 
 def ingress(
-    name: str, *, namespace: str = "default", status: list[dict[str, str]] | None = None
+    name: str, *, namespace: str = "default", status: list[dict[str, str]] | None = None, host: str = ""
 ) -> dict[str, Any]:
-    backend = {"service": {"name": "app", "port": {"number": 80}}}
-    obj: dict[str, Any] = {
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {"ingressClassName": "canary-proxy", "defaultBackend": backend},
-    }
+    """A claimed Ingress: to the Service "app" (port "http"), for ``host`` or as the default."""
+    backend = {"service": {"name": "app", "port": {"name": "http"}}}
+    spec: dict[str, Any] = {"ingressClassName": "canary-proxy", "defaultBackend": backend}
+    if host:
+        path = {"path": "/", "pathType": "Prefix", "backend": backend}
+        spec = {"ingressClassName": "canary-proxy", "rules": [{"host": host, "http": {"paths": [path]}}]}
+    obj: dict[str, Any] = {"metadata": {"name": name, "namespace": namespace}, "spec": spec}
     if status is not None:
         obj["status"] = {"loadBalancer": {"ingress": status}}
     return obj
@@ -309,3 +315,80 @@ async def test_two_replicas_one_writer_and_a_failover(fake_kube: FakeKube, start
         lambda: status_of(fake_kube, "web") == [{"ip": "198.51.100.2"}], timeout=SHORT.lease_duration + 2
     )
     assert other.is_leader and other.writes == 1 and leader.writes == 1
+
+
+# -- real serve processes ------------------------------------------------------------------------
+
+ELECTION = (
+    "--leader-elect-lease-duration", "2s", "--leader-elect-renew-deadline", "1s",
+    "--leader-elect-retry-period", "200ms",
+)  # fmt: skip
+LEASE = 2.0  # seconds: --leader-elect-lease-duration above
+
+
+def lease_holder(fake: FakeKube) -> str:
+    obj = fake.get_object("leases", REF.name) or {}
+    return str(obj.get("spec", {}).get("holderIdentity") or "")
+
+
+async def test_two_serve_replicas_one_writer_and_failover_on_kill_and_on_stop(
+    fake_kube: FakeKube, backends: tuple[Backend, Backend], tmp_path: Path
+) -> None:
+    """The issue's test: two replicas serve, one holds the Lease and writes the status; when
+    it is killed (no release) another takes over once the Lease expires, and when it stops
+    cleanly (released) at the next attempt."""
+    stable, _ = backends
+    fake_kube.put_object("services", app_service("app", stable))
+    fake_kube.put_object("ingresses", ingress("web", host="web.example.com"))
+    fake_kube.put_object("services", lb_service(ips=["203.0.113.7"]))
+    replicas: dict[str, ProxyProcess] = {}
+
+    async def replica(name: str) -> ProxyProcess:
+        proxy = await start_proxy(
+            None, tmp_path, "--ingress-class", "--kubeconfig", str(fake_kube.kubeconfig),
+            "--access-log", "off", "--publish-service", "default/lb", *ELECTION,
+            use_config=False, env={"HOSTNAME": name},
+        )  # fmt: skip
+        replicas[name] = proxy
+        return proxy
+
+    def leader() -> str:
+        return lease_holder(fake_kube).partition("_")[0]
+
+    def writers() -> set[str]:
+        return {
+            n for n, p in replicas.items() if any("status: default/web" in str(e.get("msg")) for e in p.logs)
+        }
+
+    try:
+        for name in ("a", "b"):
+            await replica(name)
+        for proxy in replicas.values():  # all replicas serve
+            await answered(proxy.url, "web.example.com", stable.name, timeout=5)
+        await until(lambda: status_of(fake_kube, "web") == IP, what="the status written")
+        first = leader()
+        assert writers() == {first}, "only the leader writes"
+
+        # kill -9: the Lease is not released; the other takes over once it expires.
+        killed = time.monotonic()
+        await stop_proxy(replicas[first])
+        second = "b" if first == "a" else "a"
+        await until(lambda: leader() == second, timeout=LEASE + 3, what="takeover after kill -9")
+        assert time.monotonic() - killed < LEASE + 1.5
+        fake_kube.put_object("services", lb_service(ips=["198.51.100.2"]))
+        await until(
+            lambda: status_of(fake_kube, "web") == [{"ip": "198.51.100.2"}], what="the new leader writes"
+        )
+        assert second in writers()
+
+        # A clean stop releases the Lease: a third replica takes over at its next attempt.
+        await replica("c")
+        stopping = time.monotonic()
+        assert await replicas[second].terminate() == 0
+        await until(lambda: leader() == "c", timeout=LEASE, what="takeover after a clean stop")
+        assert time.monotonic() - stopping < LEASE
+        fake_kube.put_object("services", lb_service(ips=["192.0.2.9"]))
+        await until(lambda: status_of(fake_kube, "web") == [{"ip": "192.0.2.9"}], what="c writes")
+    finally:
+        for proxy in replicas.values():
+            await stop_proxy(proxy)
