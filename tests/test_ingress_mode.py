@@ -394,3 +394,31 @@ async def test_workers_serve_ingress_routes_with_their_origin(
         assert route["ingress"]["canary"] == f"default-app-canary-{canary.port}", route
     finally:
         await stop_proxy(proxy)
+
+
+async def test_changes_made_while_the_watch_was_cut_and_compacted_are_relisted(
+    fake_kube: FakeKube, backends: tuple[Backend, Backend], tmp_path: Path
+) -> None:
+    """The same loop as the ConfigMap watch: a cut stream is resumed, and a resourceVersion
+    too old for the server (410) means a relist that finds what changed meanwhile."""
+    stable, canary = backends
+    fake_kube.put_object("services", service("app", stable))
+    fake_kube.put_object("services", service("app-canary", canary))
+    fake_kube.put_object("ingresses", ingress("app", "app.example.com", "app", stable.port))
+    proxy = await serve_ingresses(fake_kube, tmp_path)
+    try:
+        await answered(proxy.url, "app.example.com", stable.name, timeout=5)
+        lists = fake_kube.requests["list"]
+        fake_kube.expire_with_http_status = True
+        await fake_kube.stop()  # every watch is cut; changes happen while the API is away
+        weighted = {P + "canary": "true", P + "canary-weight": "100"}
+        fake_kube.put_object(
+            "ingresses",
+            ingress("app-canary", "app.example.com", "app-canary", canary.port, annotations=weighted),
+        )
+        fake_kube.compact()
+        await fake_kube.start()
+        await answered(proxy.url, "app.example.com", canary.name, timeout=5)
+        assert fake_kube.requests["list"] > lists, "relisted after 410"
+    finally:
+        await stop_proxy(proxy)
