@@ -303,7 +303,8 @@ class StatusWriter:
             written = self._written.get(key)
             now = time.monotonic()
             if written is not None and written.addresses == addresses and written.not_before > now:
-                due = min(due or written.not_before - now, written.not_before - now)
+                wait = written.not_before - now
+                due = wait if due is None else min(due, wait)
                 continue
             await self._write(key, obj, addresses, written)
         return due
@@ -333,18 +334,23 @@ class StatusWriter:
         for _attempt in range(3):
             try:
                 written = await self._client.replace_ingress_status(with_addresses(obj, addresses))
-            except Conflict:
-                try:
-                    obj = self._objects[key] = await self._client.get_ingress(*key)
-                except NotFound:
-                    return
-                if ingress_addresses(obj) == addresses or only_over not in (None, ingress_addresses(obj)):
-                    return
-                continue
             except NotFound:
                 self._objects.pop(key, None)
                 return
-            except KubeError as exc:
+            except Conflict:  # changed since we saw it: compare the current one again
+                try:
+                    obj = self._objects[key] = await self._client.get_ingress(*key)
+                except NotFound:
+                    self._objects.pop(key, None)
+                    return
+                except KubeError as exc:
+                    log.warning("status: cannot read %s/%s: %s; retrying later", *key, exc)
+                    return
+                now = ingress_addresses(obj)
+                if now == addresses or only_over not in (None, now):
+                    return
+                continue
+            except KubeError as exc:  # the client retried what can be retried already
                 log.warning("status: cannot update %s/%s: %s; retrying later", *key, exc)
                 return
             self.writes += 1

@@ -211,7 +211,8 @@ async def test_claimed_ingresses_get_the_address_and_others_are_untouched(
     fake_kube.put_object("ingresses", ingress("right", status=IP))
     version = fake_kube.get_object("ingresses", "right")["metadata"]["resourceVersion"]  # type: ignore[index]
     writer.claimed(frozenset({("default", "web"), ("default", "new"), ("default", "right")}))
-    await until(lambda: status_of(fake_kube, "new") == IP, what="new's status")
+    await until(lambda: writer.writes == 2, what="new's status")
+    assert status_of(fake_kube, "new") == IP
     assert fake_kube.get_object("ingresses", "right")["metadata"]["resourceVersion"] == version  # type: ignore[index]
     assert writer.writes == 2
 
@@ -240,12 +241,13 @@ async def test_a_status_overwritten_by_someone_else_is_written_back_with_backoff
     fake_kube.put_object("ingresses", ingress("web"))
     writer, _ = await start(PublishAddress(parse_publish_address("203.0.113.7")), {("default", "web")})
     await until(lambda: status_of(fake_kube, "web") == IP, what="written")
-    for _ in range(3):  # a fight: each overwrite is answered, never in a tight loop
+    await until(lambda: writer.writes == 1, what="the write answered")
+    for fight in range(3):  # a fight: each overwrite is answered, never in a tight loop
         fake_kube.patch_object(
             "ingresses", "web", {"status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.1"}]}}}
         )
-        await until(lambda: status_of(fake_kube, "web") == IP, what="written back")
-    assert writer.writes == 4
+        await until(lambda: writer.writes == 2 + fight, what="written back")  # noqa: B023 -- awaited here
+        assert status_of(fake_kube, "web") == IP
 
 
 async def test_a_conflict_is_read_again_and_retried(fake_kube: FakeKube, start: Start) -> None:
@@ -302,7 +304,8 @@ async def test_two_replicas_one_writer_and_a_failover(fake_kube: FakeKube, start
     for _ in range(2):
         writer, task = await start(PublishService("default", "lb"), {("default", "web")})
         replicas[writer.identity] = (writer, task)
-    await until(lambda: status_of(fake_kube, "web") == IP, what="written")
+    await until(lambda: sum(w.writes for w, _ in replicas.values()) == 1, what="written")
+    assert status_of(fake_kube, "web") == IP
     holder = fake_kube.get_object("leases", REF.name)["spec"]["holderIdentity"]  # type: ignore[index]
     (leader, leader_task), [(other, _)] = replicas[holder], [r for k, r in replicas.items() if k != holder]
     assert leader.is_leader and not other.is_leader
@@ -311,10 +314,9 @@ async def test_two_replicas_one_writer_and_a_failover(fake_kube: FakeKube, start
     leader_task.cancel()
     await asyncio.gather(leader_task, return_exceptions=True)
     fake_kube.put_object("services", lb_service(ips=["198.51.100.2"]))
-    await until(
-        lambda: status_of(fake_kube, "web") == [{"ip": "198.51.100.2"}], timeout=SHORT.lease_duration + 2
-    )
-    assert other.is_leader and other.writes == 1 and leader.writes == 1
+    await until(lambda: other.writes == 1, timeout=SHORT.lease_duration + 2, what="the new leader writes")
+    assert status_of(fake_kube, "web") == [{"ip": "198.51.100.2"}]
+    assert other.is_leader and leader.writes == 1
 
 
 # -- real serve processes ------------------------------------------------------------------------
@@ -367,6 +369,7 @@ async def test_two_serve_replicas_one_writer_and_failover_on_kill_and_on_stop(
             await answered(proxy.url, "web.example.com", stable.name, timeout=5)
         await until(lambda: status_of(fake_kube, "web") == IP, what="the status written")
         first = leader()
+        await replicas[first].wait_log(lambda e: "status: default/web" in str(e.get("msg")), timeout=5)
         assert writers() == {first}, "only the leader writes"
 
         # kill -9: the Lease is not released; the other takes over once it expires.
@@ -379,12 +382,14 @@ async def test_two_serve_replicas_one_writer_and_failover_on_kill_and_on_stop(
         await until(
             lambda: status_of(fake_kube, "web") == [{"ip": "198.51.100.2"}], what="the new leader writes"
         )
-        assert second in writers()
+        await replicas[second].wait_log(lambda e: "status: default/web" in str(e.get("msg")), timeout=5)
+        assert writers() == {first, second}  # the killed one, then this one
 
         # A clean stop releases the Lease: a third replica takes over at its next attempt.
         await replica("c")
         stopping = time.monotonic()
-        assert await replicas[second].terminate() == 0
+        assert await replicas[second].terminate() == 0  # every log line read by then
+        assert any(str(e.get("msg", "")).endswith(": released") for e in replicas[second].logs)
         await until(lambda: leader() == "c", timeout=LEASE, what="takeover after a clean stop")
         assert time.monotonic() - stopping < LEASE
         fake_kube.put_object("services", lb_service(ips=["192.0.2.9"]))
