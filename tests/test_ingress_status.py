@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -397,3 +398,21 @@ async def test_two_serve_replicas_one_writer_and_failover_on_kill_and_on_stop(
     finally:
         for proxy in replicas.values():
             await stop_proxy(proxy)
+
+
+async def test_usage_errors(fake_kube: FakeKube) -> None:
+    kube = ["--ingress-class", "--kubeconfig", str(fake_kube.kubeconfig)]
+    for args, message in [
+        (["--config", "x.yaml", "--publish-address", "1.2.3.4"], "go with --ingress-class"),
+        ([*kube, "--publish-address", "1.2.3.4", "--publish-service", "lb"], "exclude each other"),
+        ([*kube, "--publish-address", "not an address!"], "--publish-address: invalid value"),
+        ([*kube, "--publish-service", "a/b/c"], "--publish-service"),
+        ([*kube, "--publish-service", "lb", "--election-id", "ns/lease"], "the proxy's own namespace"),
+        ([*kube, "--publish-service", "lb", "--leader-elect-renew-deadline", "20s"], "longer than the renew"),
+    ]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "canary_proxy", "serve", *args,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await process.communicate()
+        assert process.returncode == 2 and message in err.decode(), (args, err)
