@@ -202,6 +202,7 @@ class StatusWriter:
         self._rewrite_backoff = rewrite_backoff
         self._watch_options: dict[str, Any] = {"backoff": watch_backoff} if watch_backoff else {}
         self.elector: LeaderElector | None = None  # made by run(), on its client
+        self._client: KubeClient  # set by run()
         self._claimed: frozenset[Key] = frozenset()
         self._objects: dict[Key, dict[str, Any]] = {}  # Ingresses in scope, as last seen
         self._listed = False  # the Ingress watch has listed since we became leader
@@ -237,11 +238,11 @@ class StatusWriter:
         self._objects.clear()
         self._written.clear()
         self._listed = False
-        static = isinstance(self.publish, PublishAddress)
+        fixed = isinstance(self.publish, PublishAddress)
         self._addresses = self.publish.addresses if isinstance(self.publish, PublishAddress) else None
-        async with asyncio.TaskGroup() as tasks:
+        async with asyncio.TaskGroup() as tasks:  # a bug in one ends the leadership, logged
             tasks.create_task(self._follow_ingresses())
-            if not static:
+            if not fixed:
                 tasks.create_task(self._follow_service())
             tasks.create_task(self._sync_forever())
 
