@@ -236,6 +236,14 @@ def add_commands(sub: Any) -> None:
         help="PEM certificate chain: TLS on the public port (reloaded on change)",
     )
     env_flag(serve, "--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
+    env_flag(
+        serve,
+        "--nginx-metrics",
+        type=on_off,
+        shown="on with --ingress-class, else off",
+        help="export ingress-nginx's request metrics (nginx_ingress_controller_*) for routes "
+        "read from Ingresses, as Flagger's nginx checks query them",
+    )
     logging_flags(serve)
 
     check = sub.add_parser(
@@ -300,7 +308,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..tls import TlsError
 
     tls = {"tls_cert": args.tls_cert or None, "tls_key": args.tls_key or None}
-    settings = Settings.from_options({**vars(args), **tls, "config_path": args.config})
+    nginx = {"nginx_metrics": _nginx_metrics(args)}
+    settings = Settings.from_options({**vars(args), **tls, **nginx, "config_path": args.config})
     _check_tls(settings.tls_cert, settings.tls_key)
     if args.config:
         initial, updates, origin = _file_source(args.config)
@@ -323,6 +332,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise Fatal(Exit.USAGE, str(exc)) from None
     except TlsError as exc:  # the pair changed since _check_tls read it
         raise Fatal(Exit.USAGE, f"--tls-cert/--tls-key: {exc}") from None
+
+
+def _nginx_metrics(args: argparse.Namespace) -> bool:
+    """--nginx-metrics as given, else on in Ingress mode: only routes read from an Ingress
+    have the labels, and only there was ingress-nginx the proxy before."""
+    given: bool | None = args.nginx_metrics
+    return bool(args.ingress_class) if given is None else given
 
 
 def _check_tls(cert: str | None, key: str | None) -> None:
