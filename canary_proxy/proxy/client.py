@@ -41,9 +41,11 @@ class Server(Proxy, Protocol):
     closing: bool
     connections: set[ClientConnection]
     handshaking: dict[ClientConnection, float]
+    body_limits: bool  # some route has a body limit of its own: ask body_limit
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop: ...
+    def body_limit(self, request: Request) -> int: ...
     def trusts(self, client: str) -> bool: ...
     def schedule(self, cycle: Cycle) -> None: ...
     def flush_later(self, connection: ClientConnection) -> None: ...
@@ -196,10 +198,14 @@ class ClientConnection(asyncio.Protocol):
                 self.fail(501)
                 raise RuntimeError("unsupported transfer coding")
             request.chunked = True
+        server = self.server
+        limit = request.body_limit = (
+            server.body_limit(request) if server.body_limits else limits.max_body_size
+        )
         length = request.lookup.get(b"content-length")
         if length is not None:
             request.content_length = int(length)  # llhttp validated it
-            if limits.max_body_size and request.content_length > limits.max_body_size:
+            if limit and request.content_length > limit:
                 self.fail(413)
                 raise RuntimeError("request body too large")
         if request.method == "CONNECT":
@@ -213,7 +219,7 @@ class ClientConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         request = self.request
         assert request is not None
-        limit = self.server.limits.max_body_size
+        limit = request.body_limit
         if limit and request.chunked:
             request.received += len(body)
             if request.received > limit:

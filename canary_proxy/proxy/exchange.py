@@ -42,6 +42,7 @@ class Runtime:
     name: str = DEFAULT_ROUTE  # the route's, and its metrics' ``route`` label
     series: RouteSeries | None = None  # its metrics' children (ProxyServer sets them)
     outlier: OutlierDetector = field(default_factory=OutlierDetector)  # the canary's connect failures
+    body_limit: int | None = None  # an Ingress's proxy-body-size (0: none); None: the proxy's
     # The proxy's own response fields that depend only on the config, encoded once here
     # rather than once per response (see own_headers).
     version_lines: dict[str, bytes] = field(init=False, repr=False, compare=False)

@@ -20,11 +20,12 @@ from ..tls import TlsError, read_ca, upstream_context
 from .accesslog import AccessLog
 from .client import ClientConnection
 from .cycle import Cycle
-from .exchange import Exchange, Runtime, Session
+from .exchange import Exchange, Runtime, Session, pick
 from .headers import WS_CLOSE_GOING_AWAY_TO_CLIENT
 from .limits import Limits
 from .mirror import Mirrors
 from .outlier import WINDOW, OutlierDetector
+from .request import Request
 from .tally import Tally
 from .upstream import UpstreamConnection, UpstreamPool
 
@@ -70,6 +71,7 @@ class ProxyServer:
         self._trusted = tuple(ipaddress.ip_network(c, strict=False) for c in self.limits.trust_forwarded_from)
         self.tick = _tick_for(self.limits, None)
         self.table: RouteTable[Runtime] | None = None  # swapped whole by apply_routes
+        self.body_limits = False  # some route has a body limit of its own (see body_limit)
         self.fallback: Runtime | None = None  # --default-backend
         self._series: set[str] = set()  # routes whose metric series were created at zero
         self.pools: dict[str, UpstreamPool] = {}  # by URL (and CA bundle, for https)
@@ -201,6 +203,9 @@ class ProxyServer:
                     self._series.add(route.name)
                     self.metrics.init_data_plane(route.name)
         table = RouteTable(items)
+        # Only routes with a body limit of their own make a request look its route up as
+        # soon as its head is read; otherwise the proxy's limit applies, as it always did.
+        self.body_limits = any(runtime.body_limit is not None for _, runtime in items)
         self.fallback = self._runtime("default-backend", fallback, None) if fallback is not None else None
         configs = [runtime.config for _, runtime in table.items]
         self.tick = min((_tick_for(self.limits, c) for c in configs), default=_tick_for(self.limits, None))
@@ -210,6 +215,14 @@ class ProxyServer:
             used.add(id(self.fallback.stable))
         for key in [k for k, p in self.pools.items() if id(p) not in used]:
             self.pools.pop(key).retire()
+
+    def body_limit(self, request: Request) -> int:
+        """The body limit of the route this request will take: its own (an Ingress's
+        proxy-body-size) or the proxy's ``--max-body-size``; 0 = none."""
+        runtime = pick(request, self.table, self.fallback) if self.table is not None else None
+        if runtime is not None and runtime.body_limit is not None:
+            return runtime.body_limit
+        return self.limits.max_body_size
 
     def _runtime(
         self, name: str, config: Config, previous: Runtime | None, origin: Origin | None = None
@@ -227,7 +240,8 @@ class ProxyServer:
             outlier.reset()  # a new canary (or protection turned off) starts with a clean slate
         stable, canary = self._pool(config.stable, ca), self._pool(config.canary, ca)
         series = self.metrics.series(name, origin)  # an Ingress's route: its nginx series too
-        return Runtime(config, stable, canary, name, series=series, outlier=outlier)
+        body_limit = origin.body_limit if origin is not None else None
+        return Runtime(config, stable, canary, name, series=series, outlier=outlier, body_limit=body_limit)
 
     def _upstream_ca(self, config: Config) -> tuple[str, ssl.SSLContext] | None:
         """The client context for https upstreams, built once per distinct CA bundle content."""
