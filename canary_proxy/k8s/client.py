@@ -375,11 +375,7 @@ class KubeClient:
             "_request_timeout": self._request_timeout,
         } | params
         api_name, all_namespaces, namespaced = _COLLECTIONS[selector.resource]
-        api = self._apis.get(api_name)
-        if api is None:
-            from kubernetes.aio import client
-
-            api = self._apis[api_name] = getattr(client, api_name)(self._api)
+        api = self._api_of(api_name)
         response: aiohttp.ClientResponse
         if selector.namespace is None:
             response = await getattr(api, all_namespaces + "_without_preload_content")(**params)
@@ -394,6 +390,111 @@ class KubeClient:
         finally:
             response.close()
         raise error_from_status(response.status, body, response.headers)
+
+    def _api_of(self, name: str) -> Any:
+        """The client's API class ``name`` (e.g. "NetworkingV1Api"), made when first used."""
+        if self._api is None:
+            raise RuntimeError("KubeClient used outside 'async with'")
+        api = self._apis.get(name)
+        if api is None:
+            from kubernetes.aio import client
+
+            api = self._apis[name] = getattr(client, name)(self._api)
+        return api
+
+    # -- raw JSON objects: Leases and Ingress status ----------------------------------------
+    #
+    # Read and written as JSON, as the watches see objects: the leader election compares a
+    # Lease as the server sent it, and an Ingress status is written back over the object the
+    # watch delivered. Bodies go through the client's models (its methods validate them).
+
+    async def get_lease(self, namespace: str, name: str) -> dict[str, Any]:
+        """A Lease's JSON; NotFound if absent. No retries: the elector retries on its clock."""
+        return await self._json(
+            f"get lease {namespace}/{name}",
+            lambda: self._api_of("CoordinationV1Api").read_namespaced_lease_without_preload_content(
+                name, namespace, _request_timeout=self._request_timeout
+            ),
+            retries=0,
+        )
+
+    async def create_lease(self, namespace: str, lease: Mapping[str, Any]) -> dict[str, Any]:
+        """Create a Lease from its JSON; Conflict if one of that name exists already."""
+        from kubernetes.aio.client import V1Lease
+
+        return await self._json(
+            f"create lease {namespace}/{lease['metadata']['name']}",
+            lambda: self._api_of("CoordinationV1Api").create_namespaced_lease_without_preload_content(
+                namespace, V1Lease.from_dict(dict(lease)), _request_timeout=self._request_timeout
+            ),
+            retries=0,
+        )
+
+    async def replace_lease(self, namespace: str, lease: Mapping[str, Any]) -> dict[str, Any]:
+        """Replace a Lease with its JSON, which carries the resourceVersion it was read at:
+        Conflict if it changed since (another candidate wrote first)."""
+        from kubernetes.aio.client import V1Lease
+
+        name = lease["metadata"]["name"]
+        return await self._json(
+            f"update lease {namespace}/{name}",
+            lambda: self._api_of("CoordinationV1Api").replace_namespaced_lease_without_preload_content(
+                name, namespace, V1Lease.from_dict(dict(lease)), _request_timeout=self._request_timeout
+            ),
+            retries=0,
+        )
+
+    async def get_ingress(self, namespace: str, name: str) -> dict[str, Any]:
+        """An Ingress's JSON; NotFound if absent."""
+        return await self._json(
+            f"get ingress {namespace}/{name}",
+            lambda: self._api_of("NetworkingV1Api").read_namespaced_ingress_without_preload_content(
+                name, namespace, _request_timeout=self._request_timeout
+            ),
+        )
+
+    async def replace_ingress_status(self, ingress: Mapping[str, Any]) -> dict[str, Any]:
+        """Write an Ingress's ``status`` (its /status subresource: nothing else changes),
+        only if the object is still at the resourceVersion it carries; else Conflict.
+
+        An update, not a patch: RBAC grants ``update`` on ingresses/status, as for
+        ingress-nginx, and the precondition makes "compare, then write" one step.
+        """
+        from kubernetes.aio.client import V1Ingress
+
+        meta = ingress["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        return await self._json(
+            f"update ingress {namespace}/{name} status",
+            lambda: self._api_of("NetworkingV1Api").replace_namespaced_ingress_status_without_preload_content(
+                name, namespace, V1Ingress.from_dict(dict(ingress)), _request_timeout=self._request_timeout
+            ),
+        )
+
+    async def _json(
+        self, what: str, call: Callable[[], Awaitable[aiohttp.ClientResponse]], *, retries: int | None = None
+    ) -> dict[str, Any]:
+        """``_call`` for a method ``_without_preload_content``: the object's JSON if 2xx,
+        else the error its ``Status`` body describes."""
+
+        async def fetch() -> bytes:
+            response = await call()
+            try:
+                body = await response.read()
+            finally:
+                response.release()
+            if not 200 <= response.status < 300:
+                raise error_from_status(response.status, body, response.headers)
+            return body
+
+        body = await self._call(what, fetch, retries=retries)
+        try:
+            obj = json.loads(body)
+        except ValueError as exc:
+            raise KubeError(f"{what}: malformed JSON in the answer: {body[:200]!r}") from exc
+        if not isinstance(obj, dict):
+            raise KubeError(f"{what}: expected an object, got {body[:200]!r}")
+        return obj
 
     async def _call(self, what: str, call: Callable[[], Awaitable[T]], *, retries: int | None = None) -> T:
         """Run one API call, mapping errors to ours and retrying ``Unreachable`` ones."""
