@@ -36,9 +36,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .k8s.client import Backoff, KubeClient, Selector
+from .k8s.client import KubeClient
 from .k8s.errors import Conflict, KubeError, NotFound
 from .k8s.lease import LeaderElector, LeaseRef, LeaseTiming, default_identity
+from .k8s.objects import Backoff, Selector
 from .k8s.watch import watch_objects
 
 log = logging.getLogger(__name__)
