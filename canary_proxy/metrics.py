@@ -242,13 +242,14 @@ class RouteSeries:
         child.inc()
         self.duration[version].observe(seconds)
 
-    def decision(self, version: str, rule: str) -> None:
+    def decision(self, version: str, rule: str, count: int = 1) -> None:
+        """``count`` decisions (the proxy sums a batch's: see proxy/tally.py)."""
         decided = self._decisions.get((version, rule))
         if decided is None:
             decided = self._decisions[(version, rule)] = self._metrics.decisions.labels(
                 self.route, version, rule
             )
-        decided.inc()
+        decided.inc(count)
 
 
 # -- ingress-nginx-compatible metrics (Ingress mode) -----------------------------------------

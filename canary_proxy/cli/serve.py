@@ -24,6 +24,7 @@ from .args import (
     size,
     workers,
 )
+from .ingress_status import status_flags, status_writer
 
 if TYPE_CHECKING:
     from ..serve.settings import Settings
@@ -101,6 +102,7 @@ def add_commands(sub: Any) -> None:
         default="nginx.ingress.kubernetes.io",
         help="with --ingress-class: the annotations' prefix, as ingress-nginx's --annotations-prefix",
     )
+    status_flags(serve)
     env_flag(
         serve,
         "--namespace",
@@ -257,6 +259,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise Fatal(Exit.USAGE, "--all-namespaces goes with --configmap-selector or --ingress-class")
     if args.namespace and args.all_namespaces:
         raise Fatal(Exit.USAGE, "--namespace and --all-namespaces exclude each other")
+    if (args.publish_service or args.publish_address) and not args.ingress_class:
+        raise Fatal(Exit.USAGE, "--publish-service and --publish-address go with --ingress-class")
+    if args.publish_service and args.publish_address:
+        raise Fatal(Exit.USAGE, "--publish-service and --publish-address exclude each other")
     _check_default_backend(args.default_backend)
     from ..logs import setup_logging
 
@@ -427,7 +433,7 @@ def _ingress_source(args: argparse.Namespace, settings: Settings) -> tuple[*Sour
     from ..sources.ingress import IngressSource
 
     try:
-        asyncio.run(load_config(args.kubeconfig))
+        config = asyncio.run(load_config(args.kubeconfig))
     except Exception as exc:  # any loader failure (missing file, bad YAML, no context)
         raise Fatal(Exit.USAGE, f"--ingress-class: cannot load Kubernetes client config: {exc}") from None
     prefix = args.annotation_prefix.strip().rstrip("/")
@@ -439,6 +445,10 @@ def _ingress_source(args: argparse.Namespace, settings: Settings) -> tuple[*Sour
         ingress_class=args.ingress_class,
         annotation_prefix=prefix,
     )
+    writer = status_writer(args, own_namespace=config.namespace)
+    if writer is not None:
+        source.on_claimed.append(writer.claimed)
+        source.tasks.append(writer.run)
     store = None
     if settings.tls_listen is not None:
         from ..serve.https import follow_certificates, tls_store
