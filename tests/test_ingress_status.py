@@ -349,7 +349,8 @@ async def test_two_serve_replicas_one_writer_and_failover_on_kill_and_on_stop(
     async def replica(name: str) -> ProxyProcess:
         proxy = await start_proxy(
             None, tmp_path, "--ingress-class", "--kubeconfig", str(fake_kube.kubeconfig),
-            "--access-log", "off", "--publish-service", "default/lb", *ELECTION,
+            "--access-log", "off", "--tls-listen", "127.0.0.1:0", "--publish-service", "default/lb",
+            *ELECTION,
             use_config=False, env={"HOSTNAME": name},
         )  # fmt: skip
         replicas[name] = proxy
