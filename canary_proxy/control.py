@@ -19,7 +19,7 @@ from typing import Any
 
 from .config import Config, ConfigError
 from .metrics import Metrics
-from .routes import Rejected, Route, RouteTable, parse_route, settle_names
+from .routes import Origin, Rejected, Route, RouteTable, parse_route, settle_names
 from .sources.raw import RawConfig, RawRoute
 from .tls import validate_upstream_ca
 
@@ -57,7 +57,8 @@ def load_each(raw: RawConfig, *, origin: str = "config") -> Routes:
     routes, datas, rejected = [], [], []
     for item in raw.routes:
         try:
-            routes.append(load_route(item.data, item.error, name=item.name, order=item.order))
+            route = load_route(item.data, item.error, name=item.name, order=item.order)
+            routes.append(replace(route, origin=item.origin) if item.origin else route)
             datas.append(item.data or {})
         except ConfigError as exc:
             rejected.append(Rejected(item.name, exc.errors))
@@ -105,6 +106,7 @@ class Routes:
         """For the workers: enough to rebuild each route exactly (names are final)."""
         return [
             {"name": r.name, "order": list(r.order), "data": dict(d)}
+            | ({"origin": r.origin.to_wire()} if r.origin else {})
             for r, d in zip(self.routes, self.raw, strict=True)
         ]
 
@@ -112,7 +114,8 @@ class Routes:
     def from_wire(cls, items: Sequence[Mapping[str, Any]]) -> Routes:
         routes = [parse_route(i["data"], name=i["name"], order=tuple(i["order"])) for i in items]
         named = [
-            r if r.name == i["name"] else _renamed(r, i["name"]) for r, i in zip(routes, items, strict=True)
+            replace(r, name=i["name"], origin=Origin.from_wire(i.get("origin")))
+            for r, i in zip(routes, items, strict=True)
         ]
         return cls(tuple(named), tuple(i["data"] for i in items), (), RouteTable((r, None) for r in named))
 
@@ -125,15 +128,17 @@ class Routes:
         winners = {r.name for r in self.table.routes}
         return {
             "routes": [
-                {**r.describe(), "served": r.name in winners, **r.config.effective()} for r in self.routes
+                {**r.describe(), "served": r.name in winners, **_ingress(r), **r.config.effective()}
+                for r in self.routes
             ],
             "conflicts": self.messages(),
             "rejected": [{"name": r.name, "errors": r.errors} for r in self.rejected],
         }
 
 
-def _renamed(route: Route, name: str) -> Route:
-    return replace(route, name=name)
+def _ingress(route: Route) -> dict[str, Any]:
+    """Where an Ingress-mode route came from, for /config."""
+    return {"ingress": route.origin.to_wire()} if route.origin else {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +165,7 @@ class ConfigControl:
         self.on_change = on_change
         self.routes: Routes | None = None
         self.rollout_notes: RolloutNotes | None = None  # ConfigMap mode: for the dashboard
+        self.source_notes: Mapping[str, Any] | None = None  # what the source reports, for /config
         self._last: tuple[str, bool] | None = None  # the last offer's digest, and if it was taken
         self._good: dict[str, tuple[str, Route, Mapping[str, Any]]] = {}  # per route: digest, route, doc
         self._bad: dict[str, str] = {}  # per route: the digest last rejected (counted once)
@@ -178,6 +184,7 @@ class ConfigControl:
         if raw.annotations is not None:
             # A ConfigMap source's origin is "configmap NS/NAME", as its rollout store names it.
             self.rollout_notes = RolloutNotes(origin, raw.annotations)
+        self.source_notes = raw.notes
         if self._last is not None and self._last[0] == raw.digest:
             return self._last[1]
         accepted = (
@@ -216,6 +223,7 @@ class ConfigControl:
                 continue
             try:
                 route = load_route(item.data, item.error, name=item.name, order=item.order)
+                route = replace(route, origin=item.origin) if item.origin else route
             except ConfigError as exc:
                 rejected.append(Rejected(item.name, exc.errors))
                 if self._bad.get(item.name) != item.digest:

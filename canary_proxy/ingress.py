@@ -194,7 +194,7 @@ def routes_from_ingresses(
     """The routes the claimed Ingresses describe (see the module docstring for the rules)."""
     prefix = annotation_prefix.rstrip("/") + "/"
     by_service = {_key(s): s for s in services if isinstance(s, Mapping)}
-    claimed = _oldest_first(i for i in ingresses if isinstance(i, Mapping) and _claims(i, ingress_class))
+    claimed = _oldest_first(i for i in ingresses if isinstance(i, Mapping) and claims(i, ingress_class))
     state = _State(prefix, by_service)
     mains = [i for i in claimed if not _is_canary(i, prefix)]
     canaries = [i for i in claimed if _is_canary(i, prefix)]
@@ -491,7 +491,9 @@ def _oldest_first(ingresses: Iterable[Mapping[str, Any]]) -> list[Mapping[str, A
     return sorted(by_name, key=lambda i: str(_metadata(i).get("creationTimestamp") or ""))
 
 
-def _claims(ingress: Mapping[str, Any], ingress_class: str) -> bool:
+def claims(ingress: Mapping[str, Any], ingress_class: str) -> bool:
+    """Whether the Ingress is of this class: by `spec.ingressClassName`, or by the legacy
+    `kubernetes.io/ingress.class` annotation."""
     spec = ingress.get("spec") or {}
     legacy = (_metadata(ingress).get("annotations") or {}).get(LEGACY_CLASS_ANNOTATION)
     return spec.get("ingressClassName") == ingress_class or legacy == ingress_class

@@ -43,6 +43,28 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
+class Origin:
+    """Where an Ingress-mode route came from: what ingress-nginx's metrics label its
+    requests with, and what the Ingress asks of the data path beyond the config keys."""
+
+    namespace: str
+    ingress: str  # the main Ingress's name (the ``ingress`` label)
+    service: str  # the stable Service's name (the ``service`` label)
+    host: str  # the rule's host as written, "" for any (the ``host`` label)
+    path: str  # the path as written (the ``path`` label)
+    canary: str = ""  # the canary upstream's NAMESPACE-SERVICE-PORT; "" without a canary
+    ssl_redirect: bool = False  # the host has TLS: a plain-HTTP request gets a 308 to https
+    body_limit: int | None = None  # proxy-body-size: bytes, 0 unlimited; None: --max-body-size
+
+    def to_wire(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any] | None) -> Origin | None:
+        return None if data is None else cls(**data)
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """One route: where it applies, and the stable/canary config it serves."""
 
@@ -53,6 +75,7 @@ class Route:
     config: Config
     order: tuple[Any, ...] = ()  # creation order: the earlier one wins a conflict
     named: bool = False  # by its own ``name`` key, not by where it came from
+    origin: Origin | None = None  # the Ingress it was read from, in Ingress mode
 
     @property
     def key(self) -> tuple[str, str, str]:

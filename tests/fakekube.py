@@ -1,4 +1,5 @@
-"""A fake Kubernetes API server for tests: ConfigMaps (with watch), Endpoints and Events.
+"""A fake Kubernetes API server for tests: ConfigMaps, Services, Secrets, Ingresses and
+Leases (all with watch), Endpoints and Events.
 
 It speaks the real wire protocol -- JSON objects, ``Status`` error bodies, one global
 ``resourceVersion``, chunked watch streams with replay, ``410 Expired`` after compaction,
@@ -12,7 +13,9 @@ moves an object into its selection as ADDED, and one that moves it out as DELETE
 
 Simplifications, on purpose: one fixed bearer token; strategic merge patch is applied as a
 JSON merge patch (exact for ConfigMaps, whose fields hold no merge-keyed lists); field
-selectors support ``metadata.name`` and ``metadata.namespace`` equality only;
+selectors support ``metadata.name`` and ``metadata.namespace`` equality only; Services and
+Ingresses have a ``/status`` subresource (a write there changes only ``status``, a write
+to the object everything else), and nothing else checks a schema;
 ``creationTimestamp`` has the real one-second resolution, and tests may set it.
 """
 
@@ -42,13 +45,29 @@ TOKEN = "fake-token"
 # What a real API server says when a v1 Endpoints object is read (v1.33+).
 ENDPOINTS_WARNING = '299 - "v1 Endpoints is deprecated in v1.33+; use discovery.k8s.io/v1 EndpointSlice"'
 
-_KINDS = {"configmaps": "ConfigMap", "endpoints": "Endpoints", "events": "Event"}
-# Which verbs each resource serves, as in RBAC terms.
-_VERBS = {
-    "configmaps": {"list", "watch", "get", "create", "update", "patch", "delete"},
-    "endpoints": {"list", "get"},
-    "events": {"list", "get", "create"},
+_ALL = {"list", "watch", "get", "create", "update", "patch", "delete"}
+
+
+@dataclass(frozen=True)
+class _Kind:
+    kind: str
+    api_version: str  # "v1" for the core group, else "GROUP/VERSION"
+    verbs: frozenset[str]
+    status: bool = False  # has a /status subresource: the main resource's writes keep status
+
+
+_RESOURCES = {
+    "configmaps": _Kind("ConfigMap", "v1", frozenset(_ALL)),
+    "endpoints": _Kind("Endpoints", "v1", frozenset({"list", "get"})),
+    "events": _Kind("Event", "v1", frozenset({"list", "get", "create"})),
+    "services": _Kind("Service", "v1", frozenset(_ALL), status=True),
+    "secrets": _Kind("Secret", "v1", frozenset(_ALL)),
+    "ingresses": _Kind("Ingress", "networking.k8s.io/v1", frozenset(_ALL), status=True),
+    "leases": _Kind("Lease", "coordination.k8s.io/v1", frozenset(_ALL)),
 }
+_KINDS = {resource: kind.kind for resource, kind in _RESOURCES.items()}
+# Which verbs each resource serves, as in RBAC terms.
+_VERBS = {resource: kind.verbs for resource, kind in _RESOURCES.items()}
 _REASONS = {
     400: "BadRequest",
     401: "Unauthorized",
@@ -315,6 +334,43 @@ class FakeKube:
         obj["subsets"] = copy.deepcopy(subsets)
         return self._commit(obj, "MODIFIED" if old else "ADDED")
 
+    def get_object(self, resource: str, name: str, *, namespace: str = "default") -> Obj | None:
+        obj = self.objects.get((resource, namespace, name))
+        return copy.deepcopy(obj) if obj is not None else None
+
+    def put_object(self, resource: str, obj: Obj, *, created: str | None = None) -> Obj:
+        """Create or replace any object from its JSON (kind/apiVersion are set from
+        ``resource``; ``metadata.namespace`` defaults to "default"), as ``kubectl apply``
+        would leave it; emits ADDED or MODIFIED. A replace keeps ``status`` unless given."""
+        meta = obj.get("metadata") or {}
+        namespace, name = meta.get("namespace", "default"), meta["name"]
+        old = self.objects.get((resource, namespace, name))
+        new = old_or_new(old, resource, namespace, name)
+        status = new.get("status")
+        for key in list(new):
+            if key not in ("metadata", "kind", "apiVersion"):
+                del new[key]
+        new.update(
+            {k: copy.deepcopy(v) for k, v in obj.items() if k not in ("metadata", "kind", "apiVersion")}
+        )
+        if status is not None and "status" not in obj:
+            new["status"] = status
+        for key in ("labels", "annotations", "ownerReferences"):
+            new["metadata"].pop(key, None)
+            if key in meta:
+                new["metadata"][key] = copy.deepcopy(meta[key])
+        if created is not None and old is None:
+            new["metadata"]["creationTimestamp"] = created
+        return self._commit(new, "MODIFIED" if old else "ADDED")
+
+    def patch_object(self, resource: str, name: str, patch: Obj, *, namespace: str = "default") -> Obj:
+        """Merge-patch an existing object (``null`` deletes a key); emits MODIFIED."""
+        obj = copy.deepcopy(self._get(resource, namespace, name))
+        return self._commit(merge_patch(obj, patch), "MODIFIED")
+
+    def delete_object(self, resource: str, name: str, *, namespace: str = "default") -> None:
+        self._delete(resource, namespace, name)
+
     def list_objects(self, resource: str, *, namespace: str | None = "default") -> list[Obj]:
         """The objects of a resource in ``namespace`` (None: all), by namespace and name."""
         return [
@@ -357,14 +413,18 @@ class FakeKube:
 
     def _build_app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware])
-        base = "/api/v1/namespaces/{namespace}/{resource}"
-        app.router.add_route("GET", "/api/v1/{resource}", self._list_or_watch)  # all namespaces
-        app.router.add_route("GET", base, self._list_or_watch)
-        app.router.add_route("POST", base, self._create)
-        app.router.add_route("GET", base + "/{name}", self._read)
-        app.router.add_route("PUT", base + "/{name}", self._replace)
-        app.router.add_route("PATCH", base + "/{name}", self._patch)
-        app.router.add_route("DELETE", base + "/{name}", self._delete_handler)
+        for root in ("/api/{version}", "/apis/{group}/{version}"):  # the core group, named groups
+            base = root + "/namespaces/{namespace}/{resource}"
+            app.router.add_route("GET", root + "/{resource}", self._list_or_watch)  # all namespaces
+            app.router.add_route("GET", base, self._list_or_watch)
+            app.router.add_route("POST", base, self._create)
+            app.router.add_route("GET", base + "/{name}", self._read)
+            app.router.add_route("PUT", base + "/{name}", self._replace)
+            app.router.add_route("PATCH", base + "/{name}", self._patch)
+            app.router.add_route("DELETE", base + "/{name}", self._delete_handler)
+            app.router.add_route("GET", base + "/{name}/{subresource:status}", self._read)
+            app.router.add_route("PUT", base + "/{name}/{subresource:status}", self._replace)
+            app.router.add_route("PATCH", base + "/{name}/{subresource:status}", self._patch)
         app.router.add_route("POST", "/_test/compact", self._control_compact)
         app.router.add_route("POST", "/_test/cut", self._control_cut)
         app.router.add_route("POST", "/_test/fail", self._control_fail)
@@ -390,6 +450,12 @@ class FakeKube:
         if request.headers.get("Authorization", "").lower() != f"bearer {self.token}".lower():
             raise ApiError(401, "Unauthorized")
         resource = request.match_info.get("resource", "")
+        info = request.match_info
+        api_version = f"{info['group']}/{info['version']}" if "group" in info else info.get("version")
+        if resource not in _RESOURCES or _RESOURCES[resource].api_version != api_version:
+            raise ApiError(404, "the server could not find the requested resource")
+        if info.get("subresource") and not _RESOURCES[resource].status:
+            raise ApiError(404, "the server could not find the requested resource")
         if verb not in _VERBS.get(resource, set()):
             if resource not in _VERBS:
                 raise ApiError(404, "the server could not find the requested resource")
@@ -410,9 +476,10 @@ class FakeKube:
         for obj in items:  # list items carry no kind/apiVersion, as on a real server
             obj.pop("kind", None)
             obj.pop("apiVersion", None)
-        kind = _KINDS[selection.resource] + "List"
+        kind = _RESOURCES[selection.resource]
         meta = {"resourceVersion": self.resource_version}
-        return web.json_response({"kind": kind, "apiVersion": "v1", "metadata": meta, "items": items})
+        listed = {"kind": kind.kind + "List", "apiVersion": kind.api_version, "metadata": meta}
+        return web.json_response(listed | {"items": items})
 
     async def _read(self, request: web.Request) -> web.Response:
         resource, namespace, name = _key_of(request)
@@ -451,7 +518,7 @@ class FakeKube:
         for key in ("labels", "annotations", "resourceVersion"):
             if key in body.get("metadata", {}):
                 new["metadata"][key] = body["metadata"][key]
-        return self._update(old, new)
+        return self._update(old, _split_status(request, old, new))
 
     async def _patch(self, request: web.Request) -> web.Response:
         resource, namespace, name = _key_of(request)
@@ -464,7 +531,7 @@ class FakeKube:
             new = json_patch(old, patch)
         else:
             new = merge_patch(old, patch)
-        return self._update(old, new)
+        return self._update(old, _split_status(request, old, new))
 
     def _update(self, old: Obj, new: Obj) -> web.Response:
         """Write ``new`` over ``old``, honouring a ``metadata.resourceVersion`` precondition."""
@@ -564,7 +631,7 @@ class FakeKube:
 
     def _bookmark(self, resource: str) -> Obj:
         meta = {"resourceVersion": self.resource_version}
-        return {"kind": _KINDS[resource], "apiVersion": "v1", "metadata": meta}
+        return {"kind": _KINDS[resource], "apiVersion": _RESOURCES[resource].api_version, "metadata": meta}
 
     # -- /_test/ control endpoints ---------------------------------------------------------
 
@@ -599,7 +666,7 @@ def old_or_new(old: Obj | None, resource: str, namespace: str, name: str) -> Obj
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     meta = {"name": name, "namespace": namespace, "uid": str(uuid.uuid4())}
     meta["creationTimestamp"] = now
-    return {"kind": _KINDS[resource], "apiVersion": "v1", "metadata": meta}
+    return {"kind": _KINDS[resource], "apiVersion": _RESOURCES[resource].api_version, "metadata": meta}
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -712,6 +779,25 @@ def _verb_of(request: web.Request) -> str:
     return {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(
         request.method, request.method.lower()
     )
+
+
+def _split_status(request: web.Request, old: Obj, new: Obj) -> Obj:
+    """As for a resource with a status subresource: a write to ``/status`` changes only
+    ``status``, and a write to the object itself changes everything but ``status``."""
+    if not _RESOURCES[request.match_info["resource"]].status:
+        return new
+    if request.match_info.get("subresource") == "status":
+        result = copy.deepcopy(old)
+        result["metadata"]["resourceVersion"] = new["metadata"].get("resourceVersion")
+        result.pop("status", None)
+        if "status" in new:
+            result["status"] = new["status"]
+        return result
+    result = copy.deepcopy(new)
+    result.pop("status", None)
+    if "status" in old:
+        result["status"] = copy.deepcopy(old["status"])
+    return result
 
 
 def _key_of(request: web.Request) -> tuple[str, str, str]:

@@ -117,10 +117,12 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _config(request: web.Request) -> web.Response:
-    routes = request.app[ADMIN_STATE].routes()
+    state = request.app[ADMIN_STATE]
+    routes = state.routes()
     if routes is None:
         return web.json_response({"error": "no config loaded yet"}, status=503)
-    return web.json_response(routes.document())
+    notes = state.control.source_notes
+    return web.json_response(routes.document() | (dict(notes) if notes else {}))
 
 
 async def _metrics(request: web.Request) -> web.Response:

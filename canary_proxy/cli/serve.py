@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
+from ..ingress import DEFAULT_CLASS as DEFAULT_INGRESS_CLASS
 from ..runner import Exit, Fatal, run_async
 from .args import (
     KUBECONFIG_HELP,
@@ -82,9 +83,26 @@ def add_commands(sub: Any) -> None:
     )
     env_flag(
         serve,
+        "--ingress-class",
+        metavar="NAME",
+        nargs="?",
+        const=DEFAULT_INGRESS_CLASS,
+        help="Ingress mode: serve the Ingresses of this class (alone: canary-proxy), with their "
+        "ingress-nginx canary annotations",
+    )
+    env_flag(
+        serve,
+        "--annotation-prefix",
+        metavar="PREFIX",
+        default="nginx.ingress.kubernetes.io",
+        help="with --ingress-class: the annotations' prefix, as ingress-nginx's --annotations-prefix",
+    )
+    env_flag(
+        serve,
         "--namespace",
         metavar="NAMESPACE",
-        help="with --configmap-selector: the namespace to watch (default: the kubeconfig's)",
+        help="with --configmap-selector (default: the kubeconfig's namespace) or --ingress-class "
+        "(default: all): the namespace to watch",
     )
     serve.add_argument(
         "--all-namespaces",
@@ -200,14 +218,17 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    sources = [args.config, args.config_dir, args.configmap, args.configmap_selector]
+    sources = [args.config, args.config_dir, args.configmap, args.configmap_selector, args.ingress_class]
     if sum(bool(s) for s in sources) != 1:
         raise Fatal(
             Exit.USAGE,
-            "exactly one of --config, --config-dir, --configmap and --configmap-selector is required",
+            "exactly one of --config, --config-dir, --configmap, --configmap-selector and "
+            "--ingress-class is required",
         )
-    if (args.namespace or args.all_namespaces) and not args.configmap_selector:
-        raise Fatal(Exit.USAGE, "--namespace and --all-namespaces go with --configmap-selector")
+    if args.namespace and not (args.configmap_selector or args.ingress_class):
+        raise Fatal(Exit.USAGE, "--namespace goes with --configmap-selector or --ingress-class")
+    if args.all_namespaces and not (args.configmap_selector or args.ingress_class):
+        raise Fatal(Exit.USAGE, "--all-namespaces goes with --configmap-selector or --ingress-class")
     if args.namespace and args.all_namespaces:
         raise Fatal(Exit.USAGE, "--namespace and --all-namespaces exclude each other")
     _check_default_backend(args.default_backend)
@@ -231,6 +252,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         initial, updates, origin = _dir_source(args.config_dir)
     elif args.configmap:
         initial, updates, origin = _configmap_source(args)
+    elif args.ingress_class:
+        initial, updates, origin = _ingress_source(args)
     else:
         initial, updates, origin = _selector_source(args)
     tune_malloc()  # before the data path allocates: see memory.py
@@ -325,6 +348,29 @@ def _selector_source(args: argparse.Namespace) -> Source:
         return follow_configmap_selector(selector, namespace=namespace, kubeconfig=kubeconfig)
 
     return None, updates, origin
+
+
+def _ingress_source(args: argparse.Namespace) -> Source:
+    """Ingress mode: the Ingresses of the class and their Services, followed from the start
+    in every namespace (or ``--namespace``); until both are listed, /readyz says 503. Only a
+    kubeconfig that cannot be loaded is fatal: an API that is down is waited for."""
+    from ..k8s import load_config
+    from ..sources.ingress import IngressSource
+
+    try:
+        asyncio.run(load_config(args.kubeconfig))
+    except Exception as exc:  # any loader failure (missing file, bad YAML, no context)
+        raise Fatal(Exit.USAGE, f"--ingress-class: cannot load Kubernetes client config: {exc}") from None
+    prefix = args.annotation_prefix.strip().rstrip("/")
+    if not prefix:
+        raise Fatal(Exit.USAGE, "--annotation-prefix: must not be empty")
+    source = IngressSource(
+        kubeconfig=args.kubeconfig,
+        namespace=args.namespace or None,
+        ingress_class=args.ingress_class,
+        annotation_prefix=prefix,
+    )
+    return None, source.follow, source.describe()
 
 
 def _configmap_source(args: argparse.Namespace) -> Source:

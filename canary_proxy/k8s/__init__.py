@@ -18,7 +18,17 @@ from .client import (
 )
 from .config import KubeConfig, check_label_selector, load_config, parse_ref
 from .errors import Conflict, Gone, KubeError, NotFound, Unreachable
-from .watch import Batch, WatchEvent, WatchState, WatchStatus, watch_configmap, watch_configmaps
+from .watch import (
+    Batch,
+    ObjectBatch,
+    ObjectEvent,
+    WatchEvent,
+    WatchState,
+    WatchStatus,
+    watch_configmap,
+    watch_configmaps,
+    watch_objects,
+)
 
 __all__ = [
     "DEFAULT_BACKOFF",
@@ -32,6 +42,8 @@ __all__ = [
     "KubeConfig",
     "KubeError",
     "NotFound",
+    "ObjectBatch",
+    "ObjectEvent",
     "Selector",
     "Unreachable",
     "WatchEvent",
@@ -43,4 +55,5 @@ __all__ = [
     "update_configmap",
     "watch_configmap",
     "watch_configmaps",
+    "watch_objects",
 ]

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NamedTuple, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Self, TypeVar
 
 import aiohttp  # the client is built on it; the proxy already depends on it
 
@@ -62,27 +62,41 @@ DEFAULT_BACKOFF = Backoff()
 # -- the client --------------------------------------------------------------------------------
 
 
+# The collections canary-proxy lists and watches: plural -> (API class, its list methods
+# for all namespaces and for one, without "_without_preload_content").
+_COLLECTIONS: Final = {
+    "configmaps": ("CoreV1Api", "list_config_map_for_all_namespaces", "list_namespaced_config_map"),
+    "services": ("CoreV1Api", "list_service_for_all_namespaces", "list_namespaced_service"),
+    "secrets": ("CoreV1Api", "list_secret_for_all_namespaces", "list_namespaced_secret"),
+    "ingresses": ("NetworkingV1Api", "list_ingress_for_all_namespaces", "list_namespaced_ingress"),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Selector:
-    """Which ConfigMaps to list and watch: in one namespace, or in all (``None``); one by
-    name, those a label selector matches, or (neither) every one."""
+    """Which objects of a kind (ConfigMaps unless said) to list and watch: in one namespace,
+    or in all (``None``); one by name, those a label selector matches, or (neither) every one."""
 
     namespace: str | None
     name: str | None = None  # one object: the field selector metadata.name=NAME
     labels: str = ""  # a label selector, e.g. "canary-proxy.io/route=true"
+    resource: str = "configmaps"  # the collection's plural, a key of _COLLECTIONS
+    field_selector: str = ""  # more field selectors, e.g. "type=kubernetes.io/tls"
 
     @property
     def fields(self) -> str:
-        return f"metadata.name={self.name}" if self.name else ""
+        named = f"metadata.name={self.name}" if self.name else ""
+        return ",".join(filter(None, (named, self.field_selector)))
 
     def matches(self, namespace: str, name: str) -> bool:
         """What the server filters already, checked again: labels are left to the server."""
         return self.namespace in (None, namespace) and self.name in (None, name)
 
     def __str__(self) -> str:  # for log lines and errors
+        kind = self.resource.removesuffix("es" if self.resource.endswith("sses") else "s")
         if self.name and self.namespace:
-            return f"configmap {self.namespace}/{self.name}"
-        what = f"configmap {self.name}" if self.name else f"configmaps {self.labels or '(any labels)'}"
+            return f"{kind} {self.namespace}/{self.name}"
+        what = f"{kind} {self.name}" if self.name else f"{self.resource} {self.labels or '(any labels)'}"
         return what + (f" in {self.namespace}" if self.namespace else " in all namespaces")
 
 
@@ -95,6 +109,15 @@ class ConfigMapObject(NamedTuple):
     annotations: Data
     created: str  # metadata.creationTimestamp as sent: RFC 3339 in UTC, whole seconds
     resource_version: str
+
+
+def object_key(obj: Mapping[str, Any]) -> tuple[str, str]:
+    """(namespace, name) of an object's JSON; KubeError if it lacks its identity."""
+    meta = obj.get("metadata") or {}
+    namespace, name, version = (str(meta.get(k) or "") for k in ("namespace", "name", "resourceVersion"))
+    if not (namespace and name and version):
+        raise KubeError(f"the API server sent an object without namespace, name or resourceVersion: {meta}")
+    return namespace, name
 
 
 def configmap_object(obj: Mapping[str, Any]) -> ConfigMapObject:
@@ -171,6 +194,7 @@ class KubeClient:
         self._request_timeout = float(request_timeout)
         self._api: ApiClient | None = None
         self._core_api: CoreV1Api | None = None
+        self._apis: dict[str, Any] = {}  # API class name -> its instance, made when first used
 
     @property
     def namespace(self) -> str:
@@ -193,6 +217,7 @@ class KubeClient:
         if self._api is not None:
             await self._api.close()  # type: ignore[no-untyped-call]
         self._api = self._core_api = None
+        self._apis.clear()
 
     @property
     def _core(self) -> CoreV1Api:
@@ -293,14 +318,19 @@ class KubeClient:
         )
 
     async def list_configmaps(self, selector: Selector) -> tuple[list[ConfigMapObject], str]:
-        """The ConfigMaps ``selector`` picks, and the list's resourceVersion, to watch from.
+        """The ConfigMaps ``selector`` picks, and the list's resourceVersion, to watch from."""
+        items, version = await self.list_objects(selector)
+        return [configmap_object(item) for item in items], version
 
-        Read as raw JSON, like the watch's events, so both give the same ``ConfigMapObject``.
+    async def list_objects(self, selector: Selector) -> tuple[list[dict[str, Any]], str]:
+        """The objects ``selector`` picks, as JSON, and the list's resourceVersion.
+
+        Read as raw JSON, like the watch's events, so both give the same objects.
         No retries here: the watch loop owns retrying.
         """
 
         async def fetch() -> bytes:
-            response = await self._configmaps(selector)
+            response = await self._collection(selector)
             try:
                 return await response.read()
             finally:
@@ -310,12 +340,13 @@ class KubeClient:
         try:
             listed = json.loads(body)
             version = str(listed["metadata"]["resourceVersion"])
-            items = [configmap_object(item) for item in listed.get("items") or []]
+            items = [dict(item) for item in listed.get("items") or []]
+            keys = [object_key(item) for item in items]
         except (ValueError, KeyError, TypeError) as exc:
             raise KubeError(f"malformed list of {selector}: {exc!r}") from exc
         if not version:
             raise KubeError("the API server returned a list without a resourceVersion")
-        return [cm for cm in items if selector.matches(cm.namespace, cm.name)], version
+        return [item for item, key in zip(items, keys, strict=True) if selector.matches(*key)], version
 
     async def open_watch(
         self, selector: Selector, *, resource_version: str, timeout_seconds: int, idle_timeout: float
@@ -323,7 +354,7 @@ class KubeClient:
         """Start a watch of what ``selector`` picks, from ``resource_version``."""
         response = await self._call(
             f"watch {selector}",
-            lambda: self._configmaps(
+            lambda: self._collection(
                 selector,
                 watch=True,
                 allow_watch_bookmarks=True,  # bookmarks keep our resourceVersion fresh
@@ -335,18 +366,25 @@ class KubeClient:
         )
         return WatchStream(response, idle_timeout)
 
-    async def _configmaps(self, selector: Selector, **params: Any) -> aiohttp.ClientResponse:
-        """GET the ConfigMap collection (one namespace's, or all of them) for a list or a
-        watch: the raw response if 200, else the error its ``Status`` body describes."""
+    async def _collection(self, selector: Selector, **params: Any) -> aiohttp.ClientResponse:
+        """GET a collection (one namespace's, or all of them) for a list or a watch: the
+        raw response if 200, else the error its ``Status`` body describes."""
         params = {
             "field_selector": selector.fields or None,
             "label_selector": selector.labels or None,
             "_request_timeout": self._request_timeout,
         } | params
+        api_name, all_namespaces, namespaced = _COLLECTIONS[selector.resource]
+        api = self._apis.get(api_name)
+        if api is None:
+            from kubernetes.aio import client
+
+            api = self._apis[api_name] = getattr(client, api_name)(self._api)
+        response: aiohttp.ClientResponse
         if selector.namespace is None:
-            response = await self._core.list_config_map_for_all_namespaces_without_preload_content(**params)
+            response = await getattr(api, all_namespaces + "_without_preload_content")(**params)
         else:
-            response = await self._core.list_namespaced_config_map_without_preload_content(
+            response = await getattr(api, namespaced + "_without_preload_content")(
                 selector.namespace, **params
             )
         if response.status == 200:

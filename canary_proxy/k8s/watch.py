@@ -1,8 +1,10 @@
-"""List, then watch: follow ConfigMaps (one by name, or by label selector) through failures.
+"""List, then watch: follow objects (one by name, or by label selector) through failures.
 
 Modelled on kopf's watching: list, watch from the list's resourceVersion, relist on 410
 Gone, reconnect with backoff, and replace a stream that has gone silent. One loop,
-``watch_configmaps``, serves every ``Selector``; ``watch_configmap`` is its by-name case.
+``watch_objects``, serves every ``Selector`` of every kind (ConfigMaps, Ingresses,
+Services, Secrets); ``watch_configmaps`` gives ConfigMaps' data, and ``watch_configmap``
+is its by-name case.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from .client import (
     CLIENT_REQUEST_TIMEOUT,
     DEFAULT_BACKOFF,
     Backoff,
-    ConfigMapObject,
     KubeClient,
     Selector,
     configmap_object,
+    object_key,
 )
 from .errors import Gone, KubeError, error_from_status_object
 
@@ -63,6 +65,25 @@ class WatchStatus:
     delay: float = 0.0  # seconds until the retry
 
 
+@dataclass(frozen=True, slots=True)
+class ObjectEvent:
+    """Any object now exists as ``obj`` (ADDED, MODIFIED), or does not (DELETED, with the
+    last state it was seen in)."""
+
+    type: Literal["ADDED", "MODIFIED", "DELETED"]
+    namespace: str
+    name: str
+    obj: Mapping[str, Any]
+    resource_version: str
+
+    @property
+    def key(self) -> Key:
+        return (self.namespace, self.name)
+
+
+ObjectBatch = tuple[ObjectEvent, ...]
+
+
 class _Seen:
     """What the consumer was last told, per object, so that a relist yields only real
     changes, and reports as DELETED the objects that vanished meanwhile."""
@@ -73,30 +94,33 @@ class _Seen:
         # whether its object exists.
         self._expected = set(expected)
 
-    def present(self, obj: ConfigMapObject) -> WatchEvent | None:
-        key = (obj.namespace, obj.name)
+    def present(self, obj: Mapping[str, Any]) -> ObjectEvent | None:
+        key = object_key(obj)
+        version = _resource_version(obj)
         old = self._versions.get(key)
-        if old == obj.resource_version:
+        if old == version:
             return None
-        self._versions[key] = obj.resource_version
-        return WatchEvent("ADDED" if old is None else "MODIFIED", *obj)
+        self._versions[key] = version
+        return ObjectEvent("ADDED" if old is None else "MODIFIED", *key, obj, version)
 
-    def absent(self, key: Key, resource_version: str) -> WatchEvent | None:
+    def absent(
+        self, key: Key, resource_version: str, obj: Mapping[str, Any] | None = None
+    ) -> ObjectEvent | None:
         if self._versions.pop(key, None) is None and key not in self._expected:
             return None
-        return WatchEvent("DELETED", *key, {}, {}, "", resource_version)
+        return ObjectEvent("DELETED", *key, obj or {}, resource_version)
 
-    def listed(self, objects: Sequence[ConfigMapObject], resource_version: str) -> Batch:
+    def listed(self, objects: Sequence[Mapping[str, Any]], resource_version: str) -> ObjectBatch:
         """The differences between a list and what was last yielded."""
         found = [event for obj in objects if (event := self.present(obj))]
-        listed = {(obj.namespace, obj.name) for obj in objects}
+        listed = {object_key(obj) for obj in objects}
         gone = sorted((self._versions.keys() | self._expected) - listed)
         found += [event for key in gone if (event := self.absent(key, resource_version))]
         self._expected.clear()
         return tuple(found)
 
 
-async def watch_configmaps(
+async def watch_objects(
     client: KubeClient,
     selector: Selector,
     *,
@@ -104,16 +128,15 @@ async def watch_configmaps(
     idle_slack: float = 30.0,
     backoff: Backoff = DEFAULT_BACKOFF,
     on_status: Callable[[WatchStatus], None] | None = None,
-) -> AsyncGenerator[Batch, None]:
-    """Follow the ConfigMaps ``selector`` picks, forever: only cancellation (or closing the
+) -> AsyncGenerator[ObjectBatch, None]:
+    """Follow the objects ``selector`` picks, forever: only cancellation (or closing the
     generator, e.g. with ``contextlib.aclosing``) ends it. Yields batches of events; after
     each one, the consumer's picture (ADDED and MODIFIED set an object, DELETED drops it)
     is the server's at some resourceVersion.
 
     - The first list is always yielded, even empty: every object found, as ADDED.
-    - Every change to an object is a batch of one, including one to its annotations alone:
-      consumers that follow only ``data`` compare it themselves. An object whose labels
-      stop matching arrives as DELETED (the server sends it so).
+    - Every change to an object is a batch of one. An object whose labels stop matching
+      arrives as DELETED (the server sends it so).
     - Each watch asks the server to end it after ``timeout_seconds`` -- below the client's
       own 300 s total per request -- and the next one resumes from the last resourceVersion
       seen, from an event or a bookmark, so nothing is missed and nothing repeats.
@@ -136,7 +159,7 @@ async def watch_configmaps(
     while True:
         try:
             if since is None:
-                objects, since = await client.list_configmaps(selector)
+                objects, since = await client.list_objects(selector)
                 report(WatchStatus("listed", since))
                 if (batch := seen.listed(objects, since)) or first:
                     first = False
@@ -174,6 +197,37 @@ async def watch_configmaps(
             await asyncio.sleep(delay)
 
 
+async def watch_configmaps(
+    client: KubeClient,
+    selector: Selector,
+    *,
+    timeout_seconds: int = 240,
+    idle_slack: float = 30.0,
+    backoff: Backoff = DEFAULT_BACKOFF,
+    on_status: Callable[[WatchStatus], None] | None = None,
+) -> AsyncGenerator[Batch, None]:
+    """``watch_objects`` for ConfigMaps, each event with the ConfigMap's ``data`` and
+    annotations. Every change is yielded, including one to the annotations alone (a
+    rollout's state): consumers that follow only ``data`` compare it themselves."""
+    batches = watch_objects(
+        client,
+        selector,
+        timeout_seconds=timeout_seconds,
+        idle_slack=idle_slack,
+        backoff=backoff,
+        on_status=on_status,
+    )
+    async with contextlib.aclosing(batches):
+        async for batch in batches:
+            yield tuple(_configmap_event(event) for event in batch)
+
+
+def _configmap_event(event: ObjectEvent) -> WatchEvent:
+    if event.type == "DELETED":
+        return WatchEvent("DELETED", event.namespace, event.name, {}, {}, "", event.resource_version)
+    return WatchEvent(event.type, *configmap_object(event.obj))
+
+
 async def watch_configmap(
     client: KubeClient,
     namespace: str,
@@ -201,18 +255,18 @@ async def watch_configmap(
                 yield event
 
 
-def _on_watch_event(seen: _Seen, selector: Selector, kind: str, obj: dict[str, Any]) -> WatchEvent | None:
+def _on_watch_event(seen: _Seen, selector: Selector, kind: str, obj: dict[str, Any]) -> ObjectEvent | None:
     """Apply one watch event to ``seen``: what to yield, if anything. Raises for ERROR."""
     if kind == "ERROR":
         raise error_from_status_object(obj)
     if kind not in ("ADDED", "MODIFIED", "DELETED"):
         return None  # BOOKMARK: its resourceVersion is already taken
-    current = configmap_object(obj)
-    if not selector.matches(current.namespace, current.name):
+    key = object_key(obj)
+    if not selector.matches(*key):
         return None  # not ours
     if kind == "DELETED":
-        return seen.absent((current.namespace, current.name), current.resource_version)
-    return seen.present(current)
+        return seen.absent(key, _resource_version(obj), obj)
+    return seen.present(obj)
 
 
 def _resource_version(obj: Mapping[str, Any]) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import ConfigError
+from ..routes import Origin
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,7 @@ class RawRoute:
     data: Mapping[str, Any] | None
     error: ConfigError | None = None
     annotations: Mapping[str, str] | None = None  # a ConfigMap's canary-proxy.io/* (rollout state)
+    origin: Origin | None = None  # the Ingress it was read from, in Ingress mode
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,3 +41,6 @@ class RawConfig:
     annotations: Mapping[str, str] | None = None
     # A source of several routes: each one, and ``data`` is None.
     routes: tuple[RawRoute, ...] | None = None
+    # What the source itself reports beside the routes, shown as is in /config (Ingress
+    # mode: the Ingresses it could not serve as written, and the annotations it ignores).
+    notes: Mapping[str, Any] | None = None
