@@ -7,6 +7,7 @@ settings over unchanged, and the shape (a flat string mapping) is a ConfigMap's
 Each key is declared once, as a field of ``Config``: its type, default, parser, how
 ``check`` prints it, and its line in docs/configuration.md. The parser table, the
 effective config and the reference table in the docs are all derived from those fields.
+The value parsers a declaration names (durations, sizes, names...) live in ``values``.
 """
 
 from __future__ import annotations
@@ -14,22 +15,35 @@ from __future__ import annotations
 import difflib
 import math
 import re
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
+from .values import (
+    compile_regex,
+    format_number,
+    format_size,
+    parse_bool,
+    parse_duration,
+    parse_name,
+    parse_name_or_off,
+    parse_number,
+    parse_path,
+    parse_percent,
+    parse_regex,
+    parse_size,
+    parse_text,
+    parse_whole,
+)
+
+# proxy/server.py imports format_duration from here: the alias re-exports it until that
+# import names .values instead.
+from .values import format_duration as format_duration
+
 # The sticky bucket space: a split is precise to 1/BUCKETS (0.01 %).
 BUCKETS = 10_000
-
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 token: header/cookie names
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-MAX_DURATION = 366 * 86400.0  # seconds; beyond a year is a typo, and floats stay exact in ms
-_TRUE = frozenset({"true", "yes", "on", "1"})
-_FALSE = frozenset({"false", "no", "off", "0"})
 
 
 class ConfigError(ValueError):
@@ -59,106 +73,6 @@ def canary_buckets(weight: float, total: int) -> int:
     return min(BUCKETS, max(0, math.floor(weight / total * BUCKETS + 0.5)))
 
 
-def _number_out(value: float) -> int | float:
-    return int(value) if float(value).is_integer() else value
-
-
-def format_duration(seconds: float) -> str:
-    """Whole milliseconds, which is what ``parse_duration`` keeps: the two round-trip exactly."""
-    ms = round(seconds * 1000)
-    if ms % 60_000 == 0 and ms >= 60_000:
-        return f"{ms // 60_000}m"
-    if ms % 1000 == 0:
-        return f"{ms // 1000}s"
-    return f"{ms}ms"
-
-
-def parse_duration(value: Any, *, allow_zero: bool = False) -> float:
-    """``500ms``, ``2s``, ``1m``, ``1h``; a plain number means seconds. Raises ValueError.
-
-    Kept to whole milliseconds (a positive value below 0.5 ms is too small), so that
-    ``format_duration`` prints it back exactly; at most MAX_DURATION.
-    """
-    if isinstance(value, bool):
-        raise ValueError("a duration such as 500ms, 2s or 1m")
-    try:
-        if isinstance(value, int | float):
-            ms = float(value) * 1000
-        else:
-            m = _DURATION.match(str(value))
-            if not m:
-                raise ValueError("a duration such as 500ms, 2s or 1m")
-            ms = float(m.group(1)) * _DURATION_UNITS[m.group(2)] * 1000
-    except OverflowError:  # an int too large for a float
-        ms = math.inf
-    if math.isnan(ms):
-        raise ValueError("a duration such as 500ms, 2s or 1m")
-    if ms > MAX_DURATION * 1000:
-        raise ValueError("a duration of at most 366 days")
-    whole = round(max(ms, -1.0))  # -inf cannot be rounded
-    if whole < 0 or (whole == 0 and not (allow_zero and ms == 0)):
-        raise ValueError("a duration greater than 0 (at least 1ms), such as 500ms, 2s or 1m")
-    return whole / 1000
-
-
-_SIZE = re.compile(r"^\s*(\d+)\s*(KiB|MiB|GiB)?\s*$")
-_SIZE_UNITS = {None: 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
-
-
-def parse_size(value: Any) -> int:
-    """``8KiB``, ``1MiB``, ``2GiB`` or plain bytes. Raises ValueError."""
-    if isinstance(value, bool):
-        raise ValueError("a size such as 8KiB, 1MiB or a number of bytes")
-    m = _SIZE.match(str(value))
-    if not m:
-        raise ValueError("a size such as 8KiB, 1MiB or a number of bytes")
-    return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
-
-
-def format_size(size: int) -> str:
-    for unit in ("GiB", "MiB", "KiB"):
-        if size and size % _SIZE_UNITS[unit] == 0:
-            return f"{size // _SIZE_UNITS[unit]}{unit}"
-    return str(size)
-
-
-def parse_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ValueError("true or false")
-
-
-def _parse_number(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError("a number")
-    try:
-        number = float(value)
-    except (TypeError, ValueError, OverflowError):  # OverflowError: an int too large for a float
-        raise ValueError("a number") from None
-    if not math.isfinite(number):
-        raise ValueError("a finite number")
-    return number
-
-
-def _parse_percent(value: Any) -> float:
-    number = _parse_number(value)
-    if not 0 <= number <= 100:
-        raise ValueError("a percentage from 0 to 100")
-    return number
-
-
-def _parse_whole(value: Any, *, minimum: int) -> int:
-    number = _parse_number(value)
-    if not number.is_integer() or number < minimum:
-        raise ValueError(f"a whole number >= {minimum}")
-    return int(number)
-
-
 def parse_upstream(value: Any) -> Upstream:
     if not isinstance(value, str) or not value.strip():
         raise ValueError("a URL such as http://host:port")
@@ -179,77 +93,12 @@ def parse_upstream(value: Any) -> Upstream:
     return Upstream(url=text, scheme=parts.scheme, host=parts.hostname, port=port)
 
 
-def _optional_token(value: Any, *, allow_empty: bool) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str | int) or isinstance(value, bool):
-        raise ValueError("a header or cookie name")
-    text = str(value).strip()
-    if text == "":
-        if allow_empty:
-            return ""
-        return None
-    if not _TOKEN.match(text):
-        raise ValueError("a header or cookie name made of letters, digits and -_.!#$%&'*+^`|~")
-    return text
-
-
-def _optional_text(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    try:
-        return str(value)
-    except ValueError:  # an int beyond Python's 4300-digit str() limit
-        raise ValueError("a text value") from None
-
-
-def _optional_path(value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise ValueError("a file path")
-    text = value.strip()
-    if "\0" in text:
-        raise ValueError("a file path without NUL characters")
-    return text or None
-
-
-def _compile(pattern: str) -> re.Pattern[str]:
-    # A user's pattern such as "[[]" compiles, with a FutureWarning about a semantics change
-    # in some later Python: the pattern is theirs to fix, our logs are no place for it.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return re.compile(pattern)
-
-
-def _regex(value: Any) -> str | None:
-    text = _optional_text(value)
-    if text is None or text == "":
-        return None
-    try:
-        _compile(text)
-    except (re.error, OverflowError, RecursionError) as exc:  # a{4294967296}; 1000 nested groups
-        raise ValueError(f"a valid regular expression ({exc})") from None
-    return text
-
-
 def _same(value: Any) -> Any:
     return value
 
 
 def _upstream_url(upstream: Upstream) -> str:
     return upstream.url
-
-
-def _name_or_none(value: Any) -> str | None:
-    return _optional_token(value, allow_empty=False)
-
-
-def _name_or_off(value: Any) -> str:
-    """A header or cookie name; ``""`` turns the feature off."""
-    return _optional_token(value, allow_empty=True) or ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,42 +158,40 @@ class Config:
     canary_weight: float = field(
         default=0.0,
         metadata=key(
-            _parse_number, "canary share, 0 to `canary-weight-total`; decimals allowed", show=_number_out
+            parse_number, "canary share, 0 to `canary-weight-total`; decimals allowed", show=format_number
         ),
     )
     canary_weight_total: int = field(
         default=100,
-        metadata=key(partial(_parse_whole, minimum=1), "what the weight is out of; a positive whole number"),
+        metadata=key(partial(parse_whole, minimum=1), "what the weight is out of; a positive whole number"),
     )
     canary_by_header: str | None = field(
         default=None,
         metadata=key(
-            _name_or_none,
+            parse_name,
             "header name: `always` → canary, `never` → stable, other values fall through",
         ),
     )
     canary_by_header_value: str | None = field(
         default=None,
-        metadata=key(
-            _optional_text, "with `canary-by-header`: this exact value → canary; others fall through"
-        ),
+        metadata=key(parse_text, "with `canary-by-header`: this exact value → canary; others fall through"),
     )
     canary_by_header_pattern: str | None = field(
         default=None,
-        metadata=key(_regex, "with `canary-by-header`: a regex; a full match → canary"),
+        metadata=key(parse_regex, "with `canary-by-header`: a regex; a full match → canary"),
     )
     canary_by_cookie: str | None = field(
         default=None,
-        metadata=key(_name_or_none, "cookie name: `always` → canary, `never` → stable"),
+        metadata=key(parse_name, "cookie name: `always` → canary, `never` → stable"),
     )
     sticky_cookie: str = field(
         default="canary_proxy_bucket",
         metadata=key(
-            _name_or_off,
+            parse_name_or_off,
             'the cookie that keeps a user on their version; `""` turns stickiness off',
         ),
     )
-    sticky_max_age: int = field(default=86400, metadata=key(partial(_parse_whole, minimum=0), "seconds"))
+    sticky_max_age: int = field(default=86400, metadata=key(partial(parse_whole, minimum=0), "seconds"))
     upstream_connect_timeout: float = field(
         default=2.0,
         metadata=key(parse_duration, "`500ms`, `2s`, `1m` (a plain number is seconds)", show=format_duration),
@@ -364,7 +211,7 @@ class Config:
     canary_outlier_failures: int = field(
         default=0,
         metadata=key(
-            partial(_parse_whole, minimum=0),
+            partial(parse_whole, minimum=0),
             "this many canary connect failures within 10 s eject the canary for the cool-down "
             "(see [Outlier protection](routing.md#outlier-protection)); `0` turns it off",
         ),
@@ -378,7 +225,7 @@ class Config:
     version_header: str = field(
         default="X-Canary-Version",
         metadata=key(
-            _name_or_off,
+            parse_name_or_off,
             "response header naming the version that served (or, on our own 502/504, was tried); "
             '`""` turns it off',
         ),
@@ -386,7 +233,7 @@ class Config:
     upstream_ca: str | None = field(
         default=None,
         metadata=key(
-            _optional_path,
+            parse_path,
             "path to a PEM (or DER) CA bundle that `https://` upstreams are verified against, "
             "instead of the system's CAs",
         ),
@@ -394,10 +241,10 @@ class Config:
     canary_mirror_percent: float = field(
         default=0.0,
         metadata=key(
-            _parse_percent,
+            parse_percent,
             "share (0 to 100, decimals allowed) of the requests the weight sends to stable that are "
             "also copied to the canary (see [Traffic mirroring](mirroring.md))",
-            show=_number_out,
+            show=format_number,
         ),
     )
     canary_mirror_max_body: int = field(
@@ -419,7 +266,7 @@ class Config:
     canary_mirror_max_in_flight: int = field(
         default=100,
         metadata=key(
-            partial(_parse_whole, minimum=1),
+            partial(parse_whole, minimum=1),
             "mirror copies in progress at once, per process; beyond it copies are skipped",
         ),
     )
@@ -529,5 +376,5 @@ def _build(values: dict[str, Any]) -> Config:
         config,
         canary_buckets=canary_buckets(config.canary_weight, config.canary_weight_total),
         mirror_buckets=canary_buckets(config.canary_mirror_percent, 100),
-        header_regex=_compile(pattern) if pattern else None,
+        header_regex=compile_regex(pattern) if pattern else None,
     )

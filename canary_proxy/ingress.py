@@ -33,7 +33,8 @@ The rules, in the order they apply:
    the main Ingress (ingress-nginx ignores them on a canary, which inherits the main's:
    a canary's differing value is listed as ignored). Every other one is listed once per
    Ingress under ``ignored`` with the reason; ``configuration-snippet`` and
-   ``server-snippet`` are never executed.
+   ``server-snippet`` are never executed. These rules and the reasons are in
+   ``ingress_annotations``.
 
 Route names are ``NAMESPACE/INGRESS`` for an Ingress with one route and
 ``NAMESPACE/INGRESS#N`` for its Nth of several (paths in order, then the default
@@ -48,69 +49,17 @@ A route with no canary Ingress gets its own stable backend as ``canary-url`` and
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
-from .config import DECLARATIONS, ConfigError
+from .config import ConfigError
+from .ingress_annotations import DEFAULT_PREFIX, INHERITED, NginxAnnotations, Reading
 from .routes import EXACT, PREFIX, Route, parse_route
 
 DEFAULT_CLASS: Final = "canary-proxy"
-DEFAULT_PREFIX: Final = "nginx.ingress.kubernetes.io"
 LEGACY_CLASS_ANNOTATION: Final = "kubernetes.io/ingress.class"
-
-# ingress-nginx canary annotation -> config key (the names are the same on purpose).
-CANARY_KEYS: Final = (
-    "canary-weight",
-    "canary-weight-total",
-    "canary-by-header",
-    "canary-by-header-value",
-    "canary-by-header-pattern",
-    "canary-by-cookie",
-)
-# Read from the main Ingress: annotation -> config key.
-TIMEOUT_KEYS: Final = {
-    "proxy-read-timeout": "upstream-timeout",
-    "proxy-connect-timeout": "upstream-connect-timeout",
-}
-BODY_SIZE: Final = "proxy-body-size"
-SNIPPETS: Final = frozenset({"configuration-snippet", "server-snippet"})
-
-_SNIPPET_REASON = (
-    "never executed: a snippet is raw nginx configuration, and running it would be a security hole"
-)
-_REASONS: Final = {
-    "affinity": "canary-proxy keeps users sticky with its own bucket cookie (sticky-cookie)",
-    "session-cookie-name": "canary-proxy keeps users sticky with its own bucket cookie (sticky-cookie)",
-    "session-cookie-max-age": "the sticky bucket cookie lasts sticky-max-age",
-    "session-cookie-expires": "the sticky bucket cookie lasts sticky-max-age",
-    "ssl-redirect": "canary-proxy does not redirect to HTTPS yet",
-    "force-ssl-redirect": "canary-proxy does not redirect to HTTPS yet",
-    "backend-protocol": "Service backends are reached over plain HTTP",
-    "rewrite-target": "canary-proxy forwards the path unchanged",
-    "use-regex": "paths are matched as Prefix or Exact, never as regular expressions",
-    "proxy-send-timeout": "canary-proxy bounds the upstream's reads (upstream-timeout), not its writes",
-    "load-balance": "kube-proxy balances across the Service's pods (the backend is its cluster IP)",
-    "upstream-hash-by": "kube-proxy balances across the Service's pods (the backend is its cluster IP)",
-    "session-cookie-path": "the sticky bucket cookie always has Path=/",
-    "mirror-target": (
-        "ingress-nginx mirrors to any URL; canary-proxy mirrors only to the canary: set "
-        "canary-mirror-percent (and canary-mirror-max-body) if that is what it was for"
-    ),
-    "mirror-request-body": "canary-proxy mirrors bodies up to canary-mirror-max-body (default 64KiB)",
-    "mirror-host": "a mirror copy keeps the request's Host and adds X-Canary-Mirror: 1",
-    "canary-by-header-value-pattern": (
-        "not an ingress-nginx annotation; did you mean canary-by-header-pattern?"
-    ),
-}
-_DEFAULT_REASON = "not supported by canary-proxy"
-_INHERITED = "on a canary Ingress it is inherited from the main Ingress, as in ingress-nginx"
-
-_PARSE_BOOL_TRUE: Final = frozenset({"1", "t", "true"})  # Go's strconv.ParseBool, lower-cased
-_SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)\s*$")
-_SIZE_UNITS: Final = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,20 +133,53 @@ class IngressRoutes:
     ignored: tuple[Ignored, ...] = ()
 
 
+class Parse(Protocol):
+    def __call__(self, raw: Mapping[str, Any], *, name: str, order: tuple[Any, ...] = ()) -> Route: ...
+
+
+class RouteMemo:
+    """``parse_route``, remembered between translations: when one Ingress of many changes,
+    only its routes are parsed again (parsing is most of a rebuild's cost). Each ``sweep``
+    forgets what the translation before it did not use, so the memo never outgrows the
+    routes."""
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple[Any, ...], Route | list[str]] = {}
+        self._used: dict[tuple[Any, ...], Route | list[str]] = {}
+
+    def __call__(self, raw: Mapping[str, Any], *, name: str, order: tuple[Any, ...] = ()) -> Route:
+        key = (tuple(sorted(raw.items())), name, order)
+        found = self._used.get(key) or self._kept.get(key)
+        if found is None:
+            try:
+                found = parse_route(raw, name=name, order=order)
+            except ConfigError as exc:
+                found = list(exc.errors)
+        self._used[key] = found
+        if isinstance(found, list):
+            raise ConfigError(list(found))
+        return found
+
+    def sweep(self) -> None:
+        self._kept, self._used = self._used, {}
+
+
 def routes_from_ingresses(
     ingresses: Iterable[Mapping[str, Any]],
     services: Iterable[Mapping[str, Any]],
     *,
     ingress_class: str = DEFAULT_CLASS,
     annotation_prefix: str = DEFAULT_PREFIX,
+    parse: Parse = parse_route,
 ) -> IngressRoutes:
-    """The routes the claimed Ingresses describe (see the module docstring for the rules)."""
-    prefix = annotation_prefix.rstrip("/") + "/"
+    """The routes the claimed Ingresses describe (see the module docstring for the rules).
+    ``parse`` validates each route's config: ``parse_route``, or a ``RouteMemo`` of it."""
+    rules = NginxAnnotations.under(annotation_prefix)
     by_service = {_key(s): s for s in services if isinstance(s, Mapping)}
     claimed = _oldest_first(i for i in ingresses if isinstance(i, Mapping) and claims(i, ingress_class))
-    state = _State(prefix, by_service)
-    mains = [i for i in claimed if not _is_canary(i, prefix)]
-    canaries = [i for i in claimed if _is_canary(i, prefix)]
+    state = _State(rules, by_service, parse)
+    mains = [i for i in claimed if not rules.is_canary(_annotations(i))]
+    canaries = [i for i in claimed if rules.is_canary(_annotations(i))]
     for rank, ingress in enumerate(mains):
         state.guarded(ingress, partial(state.add_main, ingress, rank))
     for ingress in canaries:
@@ -226,8 +208,9 @@ class _Draft:
 
 @dataclass
 class _State:
-    prefix: str
+    rules: NginxAnnotations
     services: dict[tuple[str, str], Mapping[str, Any]]
+    parse: Parse
     drafts: dict[tuple[str, str, str], _Draft] = field(default_factory=dict)
     reported: list[Report] = field(default_factory=list)
     ignored: dict[tuple[str, str], Ignored] = field(default_factory=dict)
@@ -246,13 +229,25 @@ class _State:
     def ignore(self, ingress: str, annotation: str, reason: str) -> None:
         self.ignored.setdefault((ingress, annotation), Ignored(ingress, annotation, reason))
 
+    def read(
+        self, ingress: Mapping[str, Any], where: str, how: Callable[[Mapping[str, str]], Reading]
+    ) -> Reading:
+        """The Ingress's annotations read ``how`` (``rules.main`` or ``rules.canary``); the
+        ones not applied are reported, the ones with no effect listed as ignored."""
+        reading = how(self.rules.of(_annotations(ingress)))
+        for message in reading.invalid:
+            self.report("invalid", where, message)
+        for annotation, reason in reading.ignored:
+            self.ignore(where, annotation, reason)
+        return reading
+
     # -- main Ingresses --------------------------------------------------------------------
 
     def add_main(self, ingress: Mapping[str, Any], rank: int) -> None:
         """``rank``: the Ingress's place, oldest first; its routes' ``order`` in a RouteTable."""
         namespace, name = _key(ingress)
         where = f"{namespace}/{name}"
-        carried, body_limit = self._main_annotations(ingress, where)
+        annotations = self.read(ingress, where, self.rules.main)
         paths = _paths(ingress)
         if not paths:
             self.report("invalid", where, "no rules with paths and no defaultBackend: nothing to serve")
@@ -261,7 +256,7 @@ class _State:
             stable = self._backend(namespace, backend, where, f"{host or '*'} {path}")
             if stable is None:
                 continue
-            raw = {"host": host, "path": path, "path-type": path_type, **carried}
+            raw = {"host": host, "path": path, "path-type": path_type, **annotations.carried}
             key = self._route_key(raw, where, route_name)
             if key is None:
                 continue
@@ -276,39 +271,13 @@ class _State:
                 continue
             self.drafts[key] = _Draft(
                 route_name, (rank, number), namespace, name, host, path, path_type,
-                stable, raw, body_limit,
+                stable, raw, annotations.body_limit,
             )  # fmt: skip
-
-    def _main_annotations(self, ingress: Mapping[str, Any], where: str) -> tuple[dict[str, str], int | None]:
-        carried: dict[str, str] = {}
-        body_limit: int | None = None
-        for annotation, value in sorted(self._annotations(ingress).items()):
-            if annotation == "canary":  # "false": Flagger's switched-off canary, a main Ingress
-                continue
-            if annotation in TIMEOUT_KEYS:
-                try:
-                    _KEYS[TIMEOUT_KEYS[annotation]].parse(value)
-                except ValueError as exc:
-                    self.report(
-                        "invalid", where, f"{self.prefix}{annotation}: {value!r} is not {exc}; not applied"
-                    )
-                else:
-                    carried[TIMEOUT_KEYS[annotation]] = value
-            elif annotation == BODY_SIZE:
-                try:
-                    body_limit = parse_nginx_size(value)
-                except ValueError as exc:
-                    self.report("invalid", where, f"{self.prefix}{BODY_SIZE}: {exc}; not applied")
-            elif annotation in CANARY_KEYS:
-                self.ignore(where, self.prefix + annotation, "only a canary Ingress's canary rules apply")
-            else:
-                self.ignore(where, self.prefix + annotation, _reason(annotation))
-        return carried, body_limit
 
     def _route_key(self, raw: dict[str, str], where: str, name: str) -> tuple[str, str, str] | None:
         """The normalised host, path and type: the key canaries and conflicts match on."""
         try:
-            return parse_route({**raw, **_PLACEHOLDER}, name=name).key
+            return self.parse({**raw, **_PLACEHOLDER}, name=name).key
         except ConfigError as exc:
             self.report("invalid", where, f"route {name}: {'; '.join(exc.errors)}")
             return None
@@ -318,7 +287,7 @@ class _State:
     def add_canary(self, ingress: Mapping[str, Any]) -> None:
         namespace, name = _key(ingress)
         where = f"{namespace}/{name}"
-        rules = self._canary_annotations(ingress, where)
+        canary_rules = self.read(ingress, where, self.rules.canary).carried
         for host, path, path_type, backend in _paths(ingress):
             shown = f"host {host or '*'} path {path} ({path_type})"
             key = self._match_key(host, path, path_type)
@@ -341,39 +310,22 @@ class _State:
                     f"{namespace}/{draft.canary_ingress} (at most one per route); ignored",
                 )  # fmt: skip
                 continue
-            draft.canary, draft.canary_ingress, draft.canary_raw = canary, name, dict(rules)
+            draft.canary, draft.canary_ingress, draft.canary_raw = canary, name, dict(canary_rules)
             self._compare_inherited(ingress, where, draft)
 
-    def _canary_annotations(self, ingress: Mapping[str, Any], where: str) -> dict[str, str]:
-        rules: dict[str, str] = {}
-        for annotation, value in sorted(self._annotations(ingress).items()):
-            if annotation == "canary":
-                continue
-            if annotation in CANARY_KEYS:
-                rules[annotation] = value
-            elif annotation not in TIMEOUT_KEYS and annotation != BODY_SIZE:
-                self.ignore(where, self.prefix + annotation, _reason(annotation))
-        return rules
-
     def _compare_inherited(self, ingress: Mapping[str, Any], where: str, draft: _Draft) -> None:
-        """A canary's timeouts and body size are the main's (Flagger copies them over): one
-        that differs is listed as ignored, never applied to the stable traffic too."""
-        annotations = self._annotations(ingress)
-        for annotation, key in TIMEOUT_KEYS.items():
-            if annotation in annotations and annotations[annotation] != draft.main_raw.get(key):
-                self.ignore(where, self.prefix + annotation, _INHERITED)
-        if BODY_SIZE in annotations:
-            try:
-                same = parse_nginx_size(annotations[BODY_SIZE]) == draft.body_limit
-            except ValueError:
-                same = False
-            if not same:
-                self.ignore(where, self.prefix + BODY_SIZE, _INHERITED)
+        """A canary's differing timeout or body size is listed as ignored, never applied to
+        the stable traffic too."""
+        annotations = self.rules.of(_annotations(ingress))
+        for annotation in self.rules.differing_inherited(
+            annotations, main=draft.main_raw, body_limit=draft.body_limit
+        ):
+            self.ignore(where, annotation, INHERITED)
 
     def _match_key(self, host: str, path: str, path_type: str) -> tuple[str, str, str] | None:
         try:
             raw = {"host": host, "path": path, "path-type": path_type, **_PLACEHOLDER}
-            return parse_route(raw, name="canary").key
+            return self.parse(raw, name="canary").key
         except ConfigError:
             return None
 
@@ -402,11 +354,6 @@ class _State:
             return None
         return Backend(namespace, name, named, f"http://{_address(spec, namespace, name)}:{port}")
 
-    def _annotations(self, ingress: Mapping[str, Any]) -> dict[str, str]:
-        """The annotations under the prefix, by their name after it."""
-        found = (_metadata(ingress).get("annotations") or {}).items()
-        return {str(k)[len(self.prefix) :]: str(v) for k, v in found if str(k).startswith(self.prefix)}
-
     # -- result ----------------------------------------------------------------------------
 
     def result(self) -> IngressRoutes:
@@ -422,7 +369,7 @@ class _State:
         if draft.canary is not None:
             data = {**stable_only, **draft.canary_raw, "canary-url": draft.canary.url}
             try:
-                route = parse_route(data, name=draft.name, order=draft.order)
+                route = self.parse(data, name=draft.name, order=draft.order)
             except ConfigError as exc:
                 where = f"{draft.namespace}/{draft.canary_ingress}"
                 errors = "; ".join(exc.errors)
@@ -432,7 +379,7 @@ class _State:
             else:
                 return self._route(draft, route, data, canary=True)
         try:
-            route = parse_route(stable_only, name=draft.name, order=draft.order)
+            route = self.parse(stable_only, name=draft.name, order=draft.order)
         except ConfigError as exc:  # e.g. an ExternalName that is no host name
             where = f"{draft.namespace}/{draft.ingress}"
             self.report("invalid", where, f"route {draft.name}: {'; '.join(exc.errors)}")
@@ -455,28 +402,17 @@ class _State:
         )
 
 
-_KEYS: Final = {k.name: k for k in DECLARATIONS}
 _PLACEHOLDER: Final = {"stable-url": "http://placeholder", "canary-url": "http://placeholder"}
-
-
-def parse_nginx_size(value: str) -> int:
-    """nginx's size syntax (``client_max_body_size``): ``512``, ``8k``, ``1m``, ``1g``;
-    ``0`` means no limit. Raises ValueError."""
-    m = _SIZE.match(value)
-    if not m:
-        raise ValueError(f"invalid size {value!r}; expected a size such as 8k, 1m or 1g")
-    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
-
-
-def _reason(annotation: str) -> str:
-    if annotation in SNIPPETS:
-        return _SNIPPET_REASON
-    return _REASONS.get(annotation, _DEFAULT_REASON)
 
 
 def _metadata(obj: Mapping[str, Any]) -> Mapping[str, Any]:
     meta = obj.get("metadata")
     return meta if isinstance(meta, Mapping) else {}
+
+
+def _annotations(obj: Mapping[str, Any]) -> Mapping[Any, Any]:
+    annotations = _metadata(obj).get("annotations")
+    return annotations or {}
 
 
 def _key(obj: Mapping[str, Any]) -> tuple[str, str]:
@@ -495,13 +431,8 @@ def claims(ingress: Mapping[str, Any], ingress_class: str) -> bool:
     """Whether the Ingress is of this class: by `spec.ingressClassName`, or by the legacy
     `kubernetes.io/ingress.class` annotation."""
     spec = ingress.get("spec") or {}
-    legacy = (_metadata(ingress).get("annotations") or {}).get(LEGACY_CLASS_ANNOTATION)
+    legacy = _annotations(ingress).get(LEGACY_CLASS_ANNOTATION)
     return spec.get("ingressClassName") == ingress_class or legacy == ingress_class
-
-
-def _is_canary(ingress: Mapping[str, Any], prefix: str) -> bool:
-    value = (_metadata(ingress).get("annotations") or {}).get(prefix + "canary")
-    return str(value).strip().lower() in _PARSE_BOOL_TRUE
 
 
 def _paths(ingress: Mapping[str, Any]) -> list[tuple[str, str, str, Mapping[str, Any]]]:

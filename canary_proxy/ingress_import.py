@@ -21,7 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .ingress import BODY_SIZE, DEFAULT_PREFIX, IngressRoutes, routes_from_ingresses
+from .ingress import IngressRoutes, routes_from_ingresses
+from .ingress_annotations import BODY_SIZE, DEFAULT_PREFIX
 
 PREFIX = DEFAULT_PREFIX + "/"
 LABEL = "canary-proxy.io/import"  # every ConfigMap of one import: --configmap-selector LABEL=NAME

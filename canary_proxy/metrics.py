@@ -1,19 +1,24 @@
 """Every Prometheus collector canary-proxy exports, built in one place on a registry passed in.
 
 Label values come only from fixed sets (versions, rules, reasons, a method allow-list and
-HTTP status codes) and from the config (route names), so no client input can create a new
-series. Every per-version series carries the ``route`` it served (``default`` for a lone
-catch-all route, ``none`` for a request no route matched): the number of series grows with
-the number of routes and nothing else (docs/metrics.md gives the count per route).
+HTTP status codes) and from the config (route names; in Ingress mode, the Ingress's names,
+hosts and paths), so no client input can create a new series. Every per-version series
+carries the ``route`` it served (``default`` for a lone catch-all route, ``none`` for a
+request no route matched): the number of series grows with the number of routes and nothing
+else (docs/metrics.md gives the count per route).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
-from .router import DEFAULT_ROUTE, UNROUTED, VERSIONS
+from .router import CANARY, DEFAULT_ROUTE, UNROUTED, VERSIONS
+from .routes import Origin
 
 NAMESPACE: Final = "canary_proxy"
 
@@ -44,7 +49,10 @@ class Metrics:
     the workers' values combine, always without a ``pid`` label.
     """
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, *, nginx: bool = False) -> None:
+        # Ingress mode's ingress-nginx-compatible families (``serve --nginx-metrics``), for
+        # the routes that come from an Ingress; None: not exported at all.
+        self.nginx = NginxMetrics(registry) if nginx else None
         self.requests = Counter(
             "requests",
             "Requests answered, by the version that served (or was tried), status and method.",
@@ -172,8 +180,11 @@ class Metrics:
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
 
-    def series(self, route: str) -> RouteSeries:
-        """One route's per-request children, built once per route name."""
+    def series(self, route: str, origin: Origin | None = None) -> RouteSeries:
+        """One route's per-request children, built once per route name; a route read from an
+        Ingress (``origin``) also counts in the ingress-nginx families when they are on."""
+        if origin is not None and self.nginx is not None:
+            return self.nginx.series(self, route, origin)
         found = self._series.get(route)
         if found is None:
             found = self._series[route] = RouteSeries(self, route)
@@ -221,10 +232,143 @@ class RouteSeries:
         child.inc()
         self.duration[version].observe(seconds)
 
-    def decision(self, version: str, rule: str) -> None:
+    def decision(self, version: str, rule: str, count: int = 1) -> None:
+        """``count`` decisions (the proxy sums a batch's: see proxy/tally.py)."""
         decided = self._decisions.get((version, rule))
         if decided is None:
             decided = self._decisions[(version, rule)] = self._metrics.decisions.labels(
                 self.route, version, rule
             )
-        decided.inc()
+        decided.inc(count)
+
+
+# -- ingress-nginx-compatible metrics (Ingress mode) -----------------------------------------
+
+NGINX_NAMESPACE: Final = "nginx_ingress_controller"
+NGINX_DURATION: Final = f"{NGINX_NAMESPACE}_response_duration_seconds"
+NGINX_REQUESTS: Final = f"{NGINX_NAMESPACE}_requests"
+NGINX_LATENCY: Final = f"{NGINX_NAMESPACE}_ingress_upstream_latency_seconds"
+# ingress-nginx's per-request labels (its socket collector's, with ``host`` as its default
+# --metrics-per-host adds), in its order; the summary has only the four of the upstream.
+NGINX_LABELS: Final = ("status", "method", "path", "namespace", "ingress", "service", "canary", "host")
+NGINX_LATENCY_LABELS: Final = ("ingress", "namespace", "service", "canary")
+# ingress-nginx's --time-buckets default: client_golang's DefBuckets.
+NGINX_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class NginxMetrics:
+    """ingress-nginx's request families, labelled from a route's Ingress origin, so that
+    Flagger's built-in nginx checks and dashboards written for ingress-nginx read canary-proxy
+    unchanged. docs/metrics.md says where each value comes from and where it differs.
+
+    A request is observed once, in the response-duration histogram: ingress-nginx's request
+    counter is that histogram's count, and its upstream-latency summary the histogram's sums
+    and counts regrouped by its four labels, so ``exposition`` writes both from it at scrape
+    time instead of making three observations per request."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.response_duration = Histogram(
+            "response_duration_seconds",
+            "Time from request received to last response byte sent, on routes read from an "
+            "Ingress (ingress-nginx's upstream response time histogram).",
+            NGINX_LABELS,
+            namespace=NGINX_NAMESPACE,
+            buckets=NGINX_BUCKETS,
+            registry=registry,
+        )
+        self._series: dict[str, NginxRouteSeries] = {}
+
+    def series(self, metrics: Metrics, route: str, origin: Origin) -> NginxRouteSeries:
+        """The route's children, rebuilt only when its labels change (a canary Ingress came
+        or went, a backend Service changed): not on every weight patch."""
+        found = self._series.get(route)
+        if found is None or found.origin_labels != _origin_labels(origin):
+            found = self._series[route] = NginxRouteSeries(metrics, route, self, origin)
+        return found
+
+
+def _origin_labels(origin: Origin) -> tuple[str, ...]:
+    return (origin.namespace, origin.ingress, origin.service, origin.host, origin.path, origin.canary)
+
+
+class NginxRouteSeries(RouteSeries):
+    """A route read from an Ingress: its canary-proxy series, and its ingress-nginx ones.
+
+    As ingress-nginx labels a request: ``ingress``, ``service``, ``host`` and ``path`` are the
+    main Ingress's rule (a canary request too: ingress-nginx serves it from the main
+    Ingress's location), and ``canary`` is "" for stable and the canary upstream's
+    ``NAMESPACE-SERVICE-PORT`` for the canary. ``status`` is the status sent to the client.
+    """
+
+    __slots__ = ("_canary", "_nginx", "_nginx_children", "origin_labels")
+
+    def __init__(self, metrics: Metrics, route: str, nginx: NginxMetrics, origin: Origin) -> None:
+        super().__init__(metrics, route)
+        self._nginx = nginx
+        self.origin_labels = _origin_labels(origin)
+        # ingress-nginx's ``canary``: the alternative upstream's name, "" for the main one.
+        self._canary = {version: origin.canary if version == CANARY else "" for version in VERSIONS}
+        # None at zero: ingress-nginx has no series before a request (Flagger: "no values").
+        self._nginx_children: dict[tuple[str, int, str], Histogram] = {}
+
+    def request(self, version: str, code: int, method: str, seconds: float) -> None:
+        RouteSeries.request(self, version, code, method, seconds)
+        key = (version, code, method if method in KNOWN_METHODS else "OTHER")
+        child = self._nginx_children.get(key)
+        if child is None:
+            namespace, ingress, service, host, path, _ = self.origin_labels
+            values = (str(code), key[2], path, namespace, ingress, service, self._canary[version], host)
+            child = self._nginx_children[key] = self._nginx.response_duration.labels(*values)
+        child.observe(seconds)
+
+
+def exposition(registry: Collector) -> bytes:
+    """The /metrics page: prometheus_client's text format, plus ingress-nginx's request
+    counter and upstream-latency summary, derived from the response-duration histogram
+    (see NginxMetrics). One collect() serves both: with several workers it reads every
+    worker's files."""
+    collected = list(registry.collect())
+    page = generate_latest(_Collected(collected))
+    for metric in collected:
+        if metric.name == NGINX_DURATION and metric.samples:
+            page += _nginx_derived(metric)
+    return page
+
+
+def _nginx_derived(histogram: Metric) -> bytes:
+    requests = Metric(NGINX_REQUESTS, "Requests answered on routes read from an Ingress.", "counter")
+    latency = Metric(
+        NGINX_LATENCY,
+        "DEPRECATED, for Flagger before 1.38: the duration of response_duration_seconds, "
+        "as a summary (sum and count, no quantiles).",
+        "summary",
+    )
+    totals: dict[tuple[str, ...], list[float]] = {}
+    for sample in histogram.samples:
+        part = sample.name.removeprefix(NGINX_DURATION)
+        if part not in ("_count", "_sum"):
+            continue
+        if part == "_count":  # the bare name client_golang gives a counter: see below
+            requests.add_sample(NGINX_REQUESTS, sample.labels, sample.value)
+        key = tuple(sample.labels[name] for name in NGINX_LATENCY_LABELS)
+        totals.setdefault(key, [0.0, 0.0])[part == "_count"] += sample.value
+    for key, (seconds, count) in totals.items():
+        labels = dict(zip(NGINX_LATENCY_LABELS, key, strict=True))
+        latency.add_sample(NGINX_LATENCY + "_sum", labels, seconds)
+        latency.add_sample(NGINX_LATENCY + "_count", labels, count)
+    # Flagger's query names the counter ``nginx_ingress_controller_requests``, as ingress-nginx
+    # exports it; generate_latest names a counter family NAME_total in its HELP and TYPE
+    # lines (the first two), so they are renamed to match the samples.
+    counter = generate_latest(_Collected([requests]))
+    counter = counter.replace(f"{NGINX_REQUESTS}_total ".encode(), f"{NGINX_REQUESTS} ".encode(), 2)
+    return counter + generate_latest(_Collected([latency]))
+
+
+class _Collected:
+    """Metrics already collected, as a Collector for generate_latest."""
+
+    def __init__(self, metrics: Iterable[Metric]) -> None:
+        self._metrics = list(metrics)
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._metrics)

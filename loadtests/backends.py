@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from canary_proxy.demo.run import DemoApp
+from canary_proxy.demo.apps import DemoApp
 from canary_proxy.runner import run_async
 
 

@@ -89,6 +89,7 @@ _PATCH_TYPES = {
     "application/json-patch+json",
 }
 _CONFIGMAP_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+_MICRO_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|[+-]\d\d:\d\d)$")  # RFC3339Micro
 _TRUE = {"1", "true", "True"}
 
 
@@ -126,6 +127,7 @@ class _Failure:
     remaining: int
     verb: str | None
     retry_after: int | None
+    resource: str | None = None  # e.g. "ingresses"; a subresource counts as its resource
 
 
 @dataclass(frozen=True)
@@ -280,9 +282,10 @@ class FakeKube:
         status: int = 500,
         verb: str | None = None,
         retry_after: int | None = None,
+        resource: str | None = None,
     ) -> None:
-        """Answer the next ``count`` requests (of ``verb``, if given) with ``status``."""
-        self._failures.append(_Failure(status, count, verb, retry_after))
+        """Answer the next ``count`` requests (of ``verb`` on ``resource``, if given) with ``status``."""
+        self._failures.append(_Failure(status, count, verb, retry_after, resource))
 
     @property
     def watching(self) -> int:
@@ -460,7 +463,9 @@ class FakeKube:
             if resource not in _VERBS:
                 raise ApiError(404, "the server could not find the requested resource")
             raise ApiError(405, f"{verb} is not supported on {resource}")
-        failure = next((f for f in self._failures if f.verb in (None, verb)), None)
+        failure = next(
+            (f for f in self._failures if f.verb in (None, verb) and f.resource in (None, resource)), None
+        )
         if failure is None:
             return
         failure.remaining -= 1
@@ -754,7 +759,16 @@ def _remove_at(doc: Any, path: list[str]) -> Any:
 
 
 def _validate(obj: Obj) -> None:
-    """The checks a real server makes on a ConfigMap that our client could get wrong."""
+    """The checks a real server makes that our client could get wrong: ConfigMap keys, and
+    a Lease's times (a MicroTime must have exactly six fraction digits, or Go's parser
+    refuses it)."""
+    if obj["kind"] == "Lease":
+        for key in ("acquireTime", "renewTime"):
+            value = (obj.get("spec") or {}).get(key)
+            if value is not None and not _MICRO_TIME.match(str(value)):
+                name = obj["metadata"]["name"]
+                message = f'Lease "{name}" is invalid: spec.{key}: cannot parse {value!r}'
+                raise ApiError(422, message, kind="Lease")
     if obj["kind"] != "ConfigMap":
         return
     for key, value in (obj.get("data") or {}).items():

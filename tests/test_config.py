@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from canary_proxy.config import BUCKETS, ConfigError, canary_buckets, parse_config, parse_duration
+from canary_proxy.config import BUCKETS, ConfigError, canary_buckets, parse_config
+from canary_proxy.values import parse_duration
 
 BASE = {"stable-url": "http://stable:8080", "canary-url": "https://canary.ns.svc:8443"}
 

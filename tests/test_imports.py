@@ -17,12 +17,15 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "canary_proxy"
 
-# The pure core: parsing, routing, a rollout's plan, state and analysis, the proxy's head
-# rules. No I/O: they are tested with plain tables of cases.
+# The pure core: parsing, routing, reading Ingresses, a rollout's plan, state and analysis,
+# the proxy's head rules. No I/O: they are tested with plain tables of cases.
 PURE = (
+    "canary_proxy.values",
     "canary_proxy.config",
     "canary_proxy.router",
     "canary_proxy.annotations",
+    "canary_proxy.ingress",
+    "canary_proxy.ingress_annotations",
     "canary_proxy.rollout.plan",
     "canary_proxy.rollout.state",
     "canary_proxy.rollout.analysis",

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from canary_proxy.ingress import IngressRoute, IngressRoutes, parse_nginx_size, routes_from_ingresses
+from canary_proxy.ingress import IngressRoute, IngressRoutes, RouteMemo, routes_from_ingresses
+from canary_proxy.ingress_annotations import parse_nginx_size
 from canary_proxy.routes import RouteTable
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ingress"
@@ -412,3 +413,20 @@ def test_the_routes_fit_one_route_table_in_their_order() -> None:
     assert table.conflicts == () and [r.ingress for r in result.routes] == ["a", "b"]
     found = table.lookup(b"b.example.com", b"/x")
     assert found is not None and found[1].ingress == "b"
+
+
+def test_a_route_memo_gives_the_same_routes_and_forgets_what_is_gone() -> None:
+    """Ingress mode rebuilds the routes after every change through a RouteMemo: its result
+    must be exactly the plain translation's, step after step, and it must not grow."""
+    memo = RouteMemo()
+    fixture = json.loads((FIXTURES / "flagger.json").read_text())
+    store: dict[tuple[str, str], dict[str, Any]] = {}
+    for step in fixture["steps"]:
+        meta = step["object"]["metadata"]
+        store[(meta["namespace"], meta["name"])] = copy.deepcopy(step["object"])
+        plain = routes_from_ingresses(list(store.values()), fixture["services"])
+        memoised = routes_from_ingresses(list(store.values()), fixture["services"], parse=memo)
+        memo.sweep()
+        assert memoised == plain, step["note"]
+        assert [r.route for r in memoised.routes] == [r.route for r in plain.routes], step["note"]
+    assert len(memo._kept) <= 4, "only the last translation's parses are kept"

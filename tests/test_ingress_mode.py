@@ -394,3 +394,74 @@ async def test_workers_serve_ingress_routes_with_their_origin(
         assert route["ingress"]["canary"] == f"default-app-canary-{canary.port}", route
     finally:
         await stop_proxy(proxy)
+
+
+async def test_changes_made_while_the_watch_was_cut_and_compacted_are_relisted(
+    fake_kube: FakeKube, backends: tuple[Backend, Backend], tmp_path: Path
+) -> None:
+    """The same loop as the ConfigMap watch: a cut stream is resumed, and a resourceVersion
+    too old for the server (410) means a relist that finds what changed meanwhile."""
+    stable, canary = backends
+    fake_kube.put_object("services", service("app", stable))
+    fake_kube.put_object("services", service("app-canary", canary))
+    fake_kube.put_object("ingresses", ingress("app", "app.example.com", "app", stable.port))
+    proxy = await serve_ingresses(fake_kube, tmp_path)
+    try:
+        await answered(proxy.url, "app.example.com", stable.name, timeout=5)
+        lists = fake_kube.requests["list"]
+        fake_kube.expire_with_http_status = True
+        await fake_kube.stop()  # every watch is cut; changes happen while the API is away
+        weighted = {P + "canary": "true", P + "canary-weight": "100"}
+        fake_kube.put_object(
+            "ingresses",
+            ingress("app-canary", "app.example.com", "app-canary", canary.port, annotations=weighted),
+        )
+        fake_kube.compact()
+        await fake_kube.start()
+        await answered(proxy.url, "app.example.com", canary.name, timeout=5)
+        assert fake_kube.requests["list"] > lists, "relisted after 410"
+    finally:
+        await stop_proxy(proxy)
+
+
+async def post(url: str, host: str, body: bytes, *, chunked: bool = False) -> int:
+    async def stream() -> AsyncIterator[bytes]:
+        yield body
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url + "/upload", headers={"Host": host}, data=stream() if chunked else body) as r,
+    ):
+        await r.read()
+        return r.status
+
+
+async def test_proxy_body_size_is_each_routes_own_body_limit(
+    fake_kube: FakeKube, backends: tuple[Backend, Backend], tmp_path: Path
+) -> None:
+    """ingress-nginx's proxy-body-size is the route's client_max_body_size: 413 beyond it
+    (declared or chunked), "0" lifts the proxy's own --max-body-size, and routes without it
+    keep that one."""
+    stable, _ = backends
+    fake_kube.put_object("services", service("app", stable))
+    small = {P + "proxy-body-size": "1k"}
+    fake_kube.put_object(
+        "ingresses", ingress("small", "small.example.com", "app", stable.port, annotations=small)
+    )
+    unlimited = {P + "proxy-body-size": "0"}
+    fake_kube.put_object(
+        "ingresses", ingress("big", "big.example.com", "app", stable.port, annotations=unlimited)
+    )
+    fake_kube.put_object("ingresses", ingress("plain", "plain.example.com", "app", stable.port))
+    proxy = await serve_ingresses(fake_kube, tmp_path, "--max-body-size", "2KiB")
+    try:
+        await answered(proxy.url, "plain.example.com", stable.name, timeout=5)
+        assert await post(proxy.url, "small.example.com", b"x" * 1024) == 200
+        assert await post(proxy.url, "small.example.com", b"x" * 1025) == 413
+        assert await post(proxy.url, "small.example.com", b"x" * 1500, chunked=True) == 413
+        assert await post(proxy.url, "big.example.com", b"x" * 65536) == 200
+        assert await post(proxy.url, "big.example.com", b"x" * 65536, chunked=True) == 200
+        assert await post(proxy.url, "plain.example.com", b"x" * 2048) == 200
+        assert await post(proxy.url, "plain.example.com", b"x" * 2049) == 413
+    finally:
+        await stop_proxy(proxy)

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from canary_proxy.config import parse_size
+from canary_proxy.values import parse_size
 
 from .conftest import Backend, ProxyFactory, base_config, port_of, raw_request
 

@@ -9,10 +9,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from ..address import Address, ListenError, bound_address
 from ..control import ConfigControl, Routes
+from ..metrics import exposition
 from ..router import DEFAULT_ROUTE
 from ..routes import Route
 from .stats import Sampler, offered_routes, stats_document
@@ -127,7 +128,7 @@ async def _config(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     registry = request.app[ADMIN_STATE].registry
-    body = await asyncio.to_thread(generate_latest, registry)
+    body = await asyncio.to_thread(exposition, registry)  # generate_latest, plus nginx's derived families
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

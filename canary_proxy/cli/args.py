@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..address import Address, parse_address
-from ..config import parse_duration, parse_size
+from ..values import parse_duration, parse_size
 
 KUBECONFIG_HELP = "kubeconfig path (default: in-cluster, $KUBECONFIG, ~/.kube/config)"
 

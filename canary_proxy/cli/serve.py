@@ -24,6 +24,7 @@ from .args import (
     size,
     workers,
 )
+from .ingress_status import status_flags, status_writer
 
 if TYPE_CHECKING:
     from ..sources.raw import RawConfig
@@ -97,6 +98,7 @@ def add_commands(sub: Any) -> None:
         default="nginx.ingress.kubernetes.io",
         help="with --ingress-class: the annotations' prefix, as ingress-nginx's --annotations-prefix",
     )
+    status_flags(serve)
     env_flag(
         serve,
         "--namespace",
@@ -184,6 +186,14 @@ def add_commands(sub: Any) -> None:
         help="PEM certificate chain: TLS on the public port (reloaded on change)",
     )
     env_flag(serve, "--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
+    env_flag(
+        serve,
+        "--nginx-metrics",
+        type=on_off,
+        shown="on with --ingress-class, else off",
+        help="export ingress-nginx's request metrics (nginx_ingress_controller_*) for routes "
+        "read from Ingresses, as Flagger's nginx checks query them",
+    )
     logging_flags(serve)
 
     check = sub.add_parser(
@@ -231,6 +241,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise Fatal(Exit.USAGE, "--all-namespaces goes with --configmap-selector or --ingress-class")
     if args.namespace and args.all_namespaces:
         raise Fatal(Exit.USAGE, "--namespace and --all-namespaces exclude each other")
+    if (args.publish_service or args.publish_address) and not args.ingress_class:
+        raise Fatal(Exit.USAGE, "--publish-service and --publish-address go with --ingress-class")
+    if args.publish_service and args.publish_address:
+        raise Fatal(Exit.USAGE, "--publish-service and --publish-address exclude each other")
     _check_default_backend(args.default_backend)
     from ..logs import setup_logging
 
@@ -244,7 +258,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..tls import TlsError
 
     tls = {"tls_cert": args.tls_cert or None, "tls_key": args.tls_key or None}
-    settings = Settings.from_options({**vars(args), **tls, "config_path": args.config})
+    nginx = {"nginx_metrics": _nginx_metrics(args)}
+    settings = Settings.from_options({**vars(args), **tls, **nginx, "config_path": args.config})
     _check_tls(settings.tls_cert, settings.tls_key)
     if args.config:
         initial, updates, origin = _file_source(args.config)
@@ -267,6 +282,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise Fatal(Exit.USAGE, str(exc)) from None
     except TlsError as exc:  # the pair changed since _check_tls read it
         raise Fatal(Exit.USAGE, f"--tls-cert/--tls-key: {exc}") from None
+
+
+def _nginx_metrics(args: argparse.Namespace) -> bool:
+    """--nginx-metrics as given, else on in Ingress mode: only routes read from an Ingress
+    have the labels, and only there was ingress-nginx the proxy before."""
+    given: bool | None = args.nginx_metrics
+    return bool(args.ingress_class) if given is None else given
 
 
 def _check_tls(cert: str | None, key: str | None) -> None:
@@ -358,7 +380,7 @@ def _ingress_source(args: argparse.Namespace) -> Source:
     from ..sources.ingress import IngressSource
 
     try:
-        asyncio.run(load_config(args.kubeconfig))
+        config = asyncio.run(load_config(args.kubeconfig))
     except Exception as exc:  # any loader failure (missing file, bad YAML, no context)
         raise Fatal(Exit.USAGE, f"--ingress-class: cannot load Kubernetes client config: {exc}") from None
     prefix = args.annotation_prefix.strip().rstrip("/")
@@ -370,6 +392,10 @@ def _ingress_source(args: argparse.Namespace) -> Source:
         ingress_class=args.ingress_class,
         annotation_prefix=prefix,
     )
+    writer = status_writer(args, own_namespace=config.namespace)
+    if writer is not None:
+        source.on_claimed.append(writer.claimed)
+        source.tasks.append(writer.run)
     return None, source.follow, source.describe()
 
 

@@ -27,24 +27,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import json
 import logging
 import os
-import random
 import shutil
 import signal
-import socket
 import sys
 import tempfile
-from collections import Counter, deque
-from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
 import yaml
-from aiohttp import web
 
 from ..rollout.analysis import Thresholds
 from ..rollout.controller import Controller
@@ -54,28 +50,15 @@ from ..rollout.sources import ScrapeSource
 from ..rollout.store import FileStore
 from ..router import CANARY, STABLE
 from ..runner import Exit, print_errors, signalled
+from .apps import DemoApp, Fault
 from .model import CheckRow, DemoModel, DemoOptions, ServiceModel, version_now
+from .process import ProxyProcess, StartError, check_free, start_proxy
+from .traffic import HEADER, Traffic
 from .view import View, make_view
 
 log = logging.getLogger(__name__)
 
 STEPS: Final = "5,10,25,50,100"
-HEADER: Final = "X-Canary"
-APP_VERSIONS: Final = {STABLE: "v1", CANARY: "v2"}
-
-# Each app answers in 110-170 ms, so healthy requests land in the 150-200 ms buckets for
-# both versions (p99 reads about 200 ms): the p99-vs-stable check (2x) then trips only on a
-# real stall (over ~400 ms), not on scheduler noise of a busy laptop. A slow canary adds 500 ms.
-BASE_LATENCY: Final = (0.11, 0.17)
-SLOW_EXTRA: Final = 0.5
-ERROR_SHARE: Final = 0.4  # a failing canary answers 500 to this share of its requests
-
-# 32 browser users at ~4 requests/s each and 6 QA users: ~160 requests/s in all, so even at
-# 5% (or slowed down) the canary serves over --min-requests in one check interval at --speed 2.5.
-USERS: Final = 32
-QA_USERS: Final = 6
-THINK: Final = (0.05, 0.15)  # seconds a user waits between two requests
-VISIT: Final = (20, 60)  # requests a user makes before leaving (a new user takes the seat)
 
 # Clocks at --speed 1: five steps of 12 s with a check every 2 s make about a minute. Six
 # checks a step leave room to catch a canary that breaks mid-step before the step ends.
@@ -84,200 +67,6 @@ INTERVAL: Final = 2.0
 PROGRESS_DEADLINE: Final = 30.0
 MIN_REQUESTS: Final = 10  # per check, up to --speed 2.5; fewer when checks come faster (never < 3)
 STATS_POLL: Final = 0.5  # seconds between two reads of the admin port's /stats
-
-
-class StartError(Exception):
-    """The demo could not start (a port in use, the proxy exited): exit 2."""
-
-
-# -- the two apps ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Fault:
-    """What a bad canary does, and whether it has started yet (it never stops: a bad build stays bad)."""
-
-    mode: str | None
-    fail_at: float
-    active: bool = False
-
-    def reached(self, percent: float) -> bool:
-        """Note the weight the proxy serves now; True when this makes the fault start."""
-        if self.mode is None or self.active or percent < self.fail_at:
-            return False
-        self.active = True
-        return True
-
-
-@dataclass
-class DemoApp:
-    version: str  # "v1" or "v2"
-    fault: Fault | None = None
-    app: str = "demo"  # the service it belongs to, in its answers
-    rng: random.Random = field(default_factory=random.Random)
-    runner: web.AppRunner | None = None
-    port: int = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def handle(self, request: web.Request) -> web.Response:
-        delay = self.rng.uniform(*BASE_LATENCY)
-        fault = self.fault
-        if fault is not None and fault.active and fault.mode == "latency":
-            delay += SLOW_EXTRA
-        await asyncio.sleep(delay)
-        if fault is not None and fault.active and fault.mode == "errors" and self.rng.random() < ERROR_SHARE:
-            return web.json_response({"app": self.app, "version": self.version, "error": "boom"}, status=500)
-        return web.json_response({"app": self.app, "version": self.version, "path": request.path})
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
-        self.port = self.runner.addresses[0][1]
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-
-
-# -- the proxy process --------------------------------------------------------------------------
-
-
-@dataclass
-class ProxyProcess:
-    process: asyncio.subprocess.Process
-    url: str = ""
-    admin: str = ""
-    logs: deque[str] = field(default_factory=lambda: deque(maxlen=20))  # for a failure report
-    reader: asyncio.Task[None] | None = None
-
-    async def stop(self) -> None:
-        if self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.terminate()  # drains (--drain-delay 0) and exits
-            try:
-                await asyncio.wait_for(self.process.wait(), 10)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    self.process.kill()
-                await self.process.wait()
-        if self.reader is not None:
-            await asyncio.gather(self.reader, return_exceptions=True)
-
-
-async def start_proxy(source: Sequence[str], *, port: int, admin_port: int) -> ProxyProcess:
-    """``canary-proxy serve`` with ``source`` (``--config FILE``, ``--config-dir DIR``);
-    returns once it logs ``ready`` (StartError if it exits)."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "canary_proxy", "serve", *source,
-        "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin_port}",
-        "--drain-delay", "0", "--shutdown-timeout", "2s", "--access-log", "off",
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    proxy = ProxyProcess(process)
-    assert process.stderr is not None
-    ready = asyncio.get_running_loop().create_future()
-    proxy.reader = asyncio.create_task(_read_log(process.stderr, proxy, ready))
-    try:
-        entry = await asyncio.wait_for(ready, 30)
-    except (TimeoutError, EOFError):
-        await proxy.stop()
-        raise StartError("the proxy did not start:\n  " + "\n  ".join(proxy.logs)) from None
-    proxy.url, proxy.admin = "http://" + entry["public"], "http://" + entry["admin"]
-    return proxy
-
-
-async def _read_log(stream: asyncio.StreamReader, proxy: ProxyProcess, ready: asyncio.Future[Any]) -> None:
-    """Keep reading the proxy's log (a full pipe would stall it); the last lines explain a failure."""
-    while line := await stream.readline():
-        text = line.decode(errors="replace").rstrip()
-        try:
-            entry = json.loads(text)
-        except ValueError:
-            entry = None
-        if not isinstance(entry, dict):
-            proxy.logs.append(text)  # e.g. "error: ..." lines of a bad start
-            continue
-        message = str(entry.get("msg", ""))
-        proxy.logs.append(f"{message}: {entry['errors']}" if "errors" in entry else message)
-        if not ready.done() and message == "ready":
-            ready.set_result(entry)
-    if not ready.done():
-        ready.set_exception(EOFError())
-
-
-# -- traffic ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Traffic:
-    """Browser-like users who keep the proxy's sticky cookie, and QA users with the header."""
-
-    url: str
-    session: aiohttp.ClientSession
-    host: str | None = None  # the Host header that routes to this service; None: any
-    rng: random.Random = field(default_factory=random.Random)
-    on_version: Counter[str] = field(default_factory=Counter)  # browser users now on each version
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-
-    def start(self) -> None:
-        self.tasks = [asyncio.create_task(self._browser()) for _ in range(USERS)]
-        self.tasks += [asyncio.create_task(self._qa()) for _ in range(QA_USERS)]
-
-    async def close(self) -> None:
-        self.stop.set()
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-
-    async def _get(self, headers: dict[str, str]) -> aiohttp.ClientResponse | None:
-        if self.host is not None:
-            headers = {**headers, "Host": self.host}
-        try:
-            async with self.session.get(self.url + "/", headers=headers) as response:
-                await response.read()
-                return response
-        except (aiohttp.ClientError, TimeoutError):
-            await asyncio.sleep(0.2)  # the proxy is restarting or gone; do not spin
-            return None
-
-    async def _pause(self) -> None:
-        await asyncio.sleep(self.rng.uniform(*THINK))
-
-    async def _browser(self) -> None:
-        """One seat: a user visits for a while with their cookie, leaves, and a new one comes."""
-        while not self.stop.is_set():
-            cookie: str | None = None
-            version: str | None = None
-            for _ in range(self.rng.randint(*VISIT)):
-                response = await self._get({"Cookie": cookie} if cookie else {})
-                if response is not None:
-                    if (morsel := response.cookies.get("canary_proxy_bucket")) is not None:
-                        cookie = f"canary_proxy_bucket={morsel.value}"
-                    served = response.headers.get("X-Canary-Version")
-                    if served != version:
-                        if version is not None:
-                            self.on_version[version] -= 1
-                        if served is not None:
-                            self.on_version[served] += 1
-                        version = served
-                await self._pause()
-            if version is not None:
-                self.on_version[version] -= 1
-
-    async def _qa(self) -> None:
-        while not self.stop.is_set():
-            await self._get({HEADER: "always"})
-            await self._pause()
-
-
-# -- the run ------------------------------------------------------------------------------------
 
 
 def controller_settings(options: DemoOptions, plan: Plan) -> Settings:
@@ -524,18 +313,6 @@ class Demo:
         code = await Controller(FileStore(service.config_path), source, settings).run(restart=True, stop=stop)
         service.model.result = None if code == STOPPED else code
         return code
-
-
-def check_free(port: int, flag: str) -> None:
-    """A chosen port that is taken is a StartError with a plain message (not the proxy's traceback)."""
-    if port == 0:
-        return
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the proxy binds it
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError as exc:
-            raise StartError(f"{flag} {port}: 127.0.0.1:{port} is not free ({exc.strerror})") from None
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

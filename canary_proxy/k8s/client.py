@@ -5,17 +5,28 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, NamedTuple, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import aiohttp  # the client is built on it; the proxy already depends on it
 
 from .config import KubeConfig
 from .errors import Conflict, KubeError, Unreachable, error_from_status, translate
+from .objects import (
+    _COLLECTIONS,
+    CLIENT_REQUEST_TIMEOUT,
+    DEFAULT_BACKOFF,
+    Backoff,
+    ConfigMapObject,
+    ConfigMapState,
+    Data,
+    Selector,
+    WatchStream,
+    configmap_object,
+    object_key,
+)
 
 if TYPE_CHECKING:
     from kubernetes.aio.client import ApiClient, CoreV1Api, V1ConfigMap
@@ -23,153 +34,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Data = dict[str, str]
-
-# The kubernetes client's own total timeout for one request (its rest.py uses 5 * 60 s).
-# A watch asks the server to end the stream before this, so a quiet watch ends cleanly
-# rather than as a client-side timeout error.
-CLIENT_REQUEST_TIMEOUT = 300.0
 _MERGE_PATCH = "application/merge-patch+json"
-
-
-# -- backoff ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Exponential backoff with jitter: attempt n waits about ``base * 2**n``, at most ``cap``.
-
-    The jitter ("equal jitter": half fixed, half random) keeps many proxies from
-    reconnecting in lockstep after an API server restart, and never waits zero.
-    """
-
-    base: float = 0.5  # a blip (API server rollout, leader change) heals in about a second
-    cap: float = 30.0  # retry at least twice a minute, yet never hammer a struggling server
-
-    def __post_init__(self) -> None:
-        if not 0 < self.base <= self.cap:
-            raise ValueError(f"need 0 < base <= cap, got base={self.base} cap={self.cap}")
-
-    def delay(self, attempt: int, *, retry_after: float | None = None) -> float:
-        """Seconds to wait before retry number ``attempt`` (0-based); Retry-After is a floor."""
-        ceiling = min(self.cap, self.base * 2 ** min(attempt, 32))
-        return max(random.uniform(ceiling / 2, ceiling), retry_after or 0.0)
-
-
-DEFAULT_BACKOFF = Backoff()
-
-
-# -- the client --------------------------------------------------------------------------------
-
-
-# The collections canary-proxy lists and watches: plural -> (API class, its list methods
-# for all namespaces and for one, without "_without_preload_content").
-_COLLECTIONS: Final = {
-    "configmaps": ("CoreV1Api", "list_config_map_for_all_namespaces", "list_namespaced_config_map"),
-    "services": ("CoreV1Api", "list_service_for_all_namespaces", "list_namespaced_service"),
-    "secrets": ("CoreV1Api", "list_secret_for_all_namespaces", "list_namespaced_secret"),
-    "ingresses": ("NetworkingV1Api", "list_ingress_for_all_namespaces", "list_namespaced_ingress"),
-}
-
-
-@dataclass(frozen=True, slots=True)
-class Selector:
-    """Which objects of a kind (ConfigMaps unless said) to list and watch: in one namespace,
-    or in all (``None``); one by name, those a label selector matches, or (neither) every one."""
-
-    namespace: str | None
-    name: str | None = None  # one object: the field selector metadata.name=NAME
-    labels: str = ""  # a label selector, e.g. "canary-proxy.io/route=true"
-    resource: str = "configmaps"  # the collection's plural, a key of _COLLECTIONS
-    field_selector: str = ""  # more field selectors, e.g. "type=kubernetes.io/tls"
-
-    @property
-    def fields(self) -> str:
-        named = f"metadata.name={self.name}" if self.name else ""
-        return ",".join(filter(None, (named, self.field_selector)))
-
-    def matches(self, namespace: str, name: str) -> bool:
-        """What the server filters already, checked again: labels are left to the server."""
-        return self.namespace in (None, namespace) and self.name in (None, name)
-
-    def __str__(self) -> str:  # for log lines and errors
-        kind = self.resource.removesuffix("es" if self.resource.endswith("sses") else "s")
-        if self.name and self.namespace:
-            return f"{kind} {self.namespace}/{self.name}"
-        what = f"{kind} {self.name}" if self.name else f"{self.resource} {self.labels or '(any labels)'}"
-        return what + (f" in {self.namespace}" if self.namespace else " in all namespaces")
-
-
-class ConfigMapObject(NamedTuple):
-    """A ConfigMap as a list or a watch event shows it."""
-
-    namespace: str
-    name: str
-    data: Data
-    annotations: Data
-    created: str  # metadata.creationTimestamp as sent: RFC 3339 in UTC, whole seconds
-    resource_version: str
-
-
-def object_key(obj: Mapping[str, Any]) -> tuple[str, str]:
-    """(namespace, name) of an object's JSON; KubeError if it lacks its identity."""
-    meta = obj.get("metadata") or {}
-    namespace, name, version = (str(meta.get(k) or "") for k in ("namespace", "name", "resourceVersion"))
-    if not (namespace and name and version):
-        raise KubeError(f"the API server sent an object without namespace, name or resourceVersion: {meta}")
-    return namespace, name
-
-
-def configmap_object(obj: Mapping[str, Any]) -> ConfigMapObject:
-    """A ConfigMap's JSON -> ``ConfigMapObject``; KubeError if it lacks its identity."""
-    meta = obj.get("metadata") or {}
-    namespace, name, version = (str(meta.get(k) or "") for k in ("namespace", "name", "resourceVersion"))
-    if not (namespace and name and version):
-        raise KubeError(f"the API server sent a ConfigMap without namespace, name or resourceVersion: {meta}")
-    return ConfigMapObject(
-        namespace,
-        name,
-        {str(k): str(v) for k, v in (obj.get("data") or {}).items()},
-        {str(k): str(v) for k, v in (meta.get("annotations") or {}).items()},
-        str(meta.get("creationTimestamp") or ""),
-        version,
-    )
-
-
-class WatchStream:
-    """One open watch response, read one JSON event per line."""
-
-    def __init__(self, response: aiohttp.ClientResponse, idle_timeout: float) -> None:
-        self._response = response
-        self._idle_timeout = idle_timeout
-
-    async def next(self) -> tuple[str, dict[str, Any]] | None:
-        """The next (type, object); None once the server ended the stream."""
-        try:
-            async with asyncio.timeout(self._idle_timeout):
-                line = await self._response.content.readline()
-        except TimeoutError as exc:
-            # A half-open connection never errors; silence is the only symptom.
-            message = f"no event or bookmark for {self._idle_timeout:g}s; presumed dead"
-            raise Unreachable(message) from exc
-        except aiohttp.ClientError as exc:
-            raise Unreachable(f"watch stream broke: {type(exc).__name__}: {exc}") from exc
-        if not line:
-            return None
-        try:
-            event = json.loads(line)
-            return str(event["type"]), dict(event["object"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise KubeError(f"malformed watch event: {line[:200]!r}") from exc
-
-    def close(self) -> None:
-        self._response.close()  # mid-stream, a connection cannot go back to the pool
-
-
-class ConfigMapState(NamedTuple):
-    data: Data
-    annotations: Data
-    resource_version: str
 
 
 class KubeClient:
@@ -375,11 +240,7 @@ class KubeClient:
             "_request_timeout": self._request_timeout,
         } | params
         api_name, all_namespaces, namespaced = _COLLECTIONS[selector.resource]
-        api = self._apis.get(api_name)
-        if api is None:
-            from kubernetes.aio import client
-
-            api = self._apis[api_name] = getattr(client, api_name)(self._api)
+        api = self._api_of(api_name)
         response: aiohttp.ClientResponse
         if selector.namespace is None:
             response = await getattr(api, all_namespaces + "_without_preload_content")(**params)
@@ -394,6 +255,111 @@ class KubeClient:
         finally:
             response.close()
         raise error_from_status(response.status, body, response.headers)
+
+    def _api_of(self, name: str) -> Any:
+        """The client's API class ``name`` (e.g. "NetworkingV1Api"), made when first used."""
+        if self._api is None:
+            raise RuntimeError("KubeClient used outside 'async with'")
+        api = self._apis.get(name)
+        if api is None:
+            from kubernetes.aio import client
+
+            api = self._apis[name] = getattr(client, name)(self._api)
+        return api
+
+    # -- raw JSON objects: Leases and Ingress status ----------------------------------------
+    #
+    # Read and written as JSON, as the watches see objects: the leader election compares a
+    # Lease as the server sent it, and an Ingress status is written back over the object the
+    # watch delivered. Bodies go through the client's models (its methods validate them).
+
+    async def get_lease(self, namespace: str, name: str) -> dict[str, Any]:
+        """A Lease's JSON; NotFound if absent. No retries: the elector retries on its clock."""
+        return await self._json(
+            f"get lease {namespace}/{name}",
+            lambda: self._api_of("CoordinationV1Api").read_namespaced_lease_without_preload_content(
+                name, namespace, _request_timeout=self._request_timeout
+            ),
+            retries=0,
+        )
+
+    async def create_lease(self, namespace: str, lease: Mapping[str, Any]) -> dict[str, Any]:
+        """Create a Lease from its JSON; Conflict if one of that name exists already."""
+        from kubernetes.aio.client import V1Lease
+
+        return await self._json(
+            f"create lease {namespace}/{lease['metadata']['name']}",
+            lambda: self._api_of("CoordinationV1Api").create_namespaced_lease_without_preload_content(
+                namespace, V1Lease.from_dict(dict(lease)), _request_timeout=self._request_timeout
+            ),
+            retries=0,
+        )
+
+    async def replace_lease(self, namespace: str, lease: Mapping[str, Any]) -> dict[str, Any]:
+        """Replace a Lease with its JSON, which carries the resourceVersion it was read at:
+        Conflict if it changed since (another candidate wrote first)."""
+        from kubernetes.aio.client import V1Lease
+
+        name = lease["metadata"]["name"]
+        return await self._json(
+            f"update lease {namespace}/{name}",
+            lambda: self._api_of("CoordinationV1Api").replace_namespaced_lease_without_preload_content(
+                name, namespace, V1Lease.from_dict(dict(lease)), _request_timeout=self._request_timeout
+            ),
+            retries=0,
+        )
+
+    async def get_ingress(self, namespace: str, name: str) -> dict[str, Any]:
+        """An Ingress's JSON; NotFound if absent."""
+        return await self._json(
+            f"get ingress {namespace}/{name}",
+            lambda: self._api_of("NetworkingV1Api").read_namespaced_ingress_without_preload_content(
+                name, namespace, _request_timeout=self._request_timeout
+            ),
+        )
+
+    async def replace_ingress_status(self, ingress: Mapping[str, Any]) -> dict[str, Any]:
+        """Write an Ingress's ``status`` (its /status subresource: nothing else changes),
+        only if the object is still at the resourceVersion it carries; else Conflict.
+
+        An update, not a patch: RBAC grants ``update`` on ingresses/status, as for
+        ingress-nginx, and the precondition makes "compare, then write" one step.
+        """
+        from kubernetes.aio.client import V1Ingress
+
+        meta = ingress["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        return await self._json(
+            f"update ingress {namespace}/{name} status",
+            lambda: self._api_of("NetworkingV1Api").replace_namespaced_ingress_status_without_preload_content(
+                name, namespace, V1Ingress.from_dict(dict(ingress)), _request_timeout=self._request_timeout
+            ),
+        )
+
+    async def _json(
+        self, what: str, call: Callable[[], Awaitable[aiohttp.ClientResponse]], *, retries: int | None = None
+    ) -> dict[str, Any]:
+        """``_call`` for a method ``_without_preload_content``: the object's JSON if 2xx,
+        else the error its ``Status`` body describes."""
+
+        async def fetch() -> bytes:
+            response = await call()
+            try:
+                body = await response.read()
+            finally:
+                response.release()
+            if not 200 <= response.status < 300:
+                raise error_from_status(response.status, body, response.headers)
+            return body
+
+        body = await self._call(what, fetch, retries=retries)
+        try:
+            obj = json.loads(body)
+        except ValueError as exc:
+            raise KubeError(f"{what}: malformed JSON in the answer: {body[:200]!r}") from exc
+        if not isinstance(obj, dict):
+            raise KubeError(f"{what}: expected an object, got {body[:200]!r}")
+        return obj
 
     async def _call(self, what: str, call: Callable[[], Awaitable[T]], *, retries: int | None = None) -> T:
         """Run one API call, mapping errors to ours and retrying ``Unreachable`` ones."""

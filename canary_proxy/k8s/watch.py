@@ -16,16 +16,16 @@ from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequenc
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .client import (
+from .client import KubeClient
+from .errors import Gone, KubeError, error_from_status_object
+from .objects import (
     CLIENT_REQUEST_TIMEOUT,
     DEFAULT_BACKOFF,
     Backoff,
-    KubeClient,
     Selector,
     configmap_object,
     object_key,
 )
-from .errors import Gone, KubeError, error_from_status_object
 
 logger = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import Protocol
+from typing import Final, Protocol
 
 import httptools
 
-from .cycle import Cycle, Proxy
-from .exchange import Exchange, unrouted
+from .cycle import Cycle
+from .exchange import Exchange, Proxy, unrouted
 from .headers import SINGLE, Peer, invalid_head, is_websocket, simple_response
 from .limits import Limits
 from .request import Request
@@ -29,6 +29,8 @@ from .upstream import UpstreamConnection, write_parts
 log = logging.getLogger(__name__)
 
 _BODY_BUFFER_LIMIT = 1 << 20  # buffered request body before the upstream is ready; then pause
+# The usual methods' names, decoded once: not once per request.
+_METHODS: Final = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 
 
 class Server(Proxy, Protocol):
@@ -39,9 +41,11 @@ class Server(Proxy, Protocol):
     closing: bool
     connections: set[ClientConnection]
     handshaking: dict[ClientConnection, float]
+    body_limits: bool  # some route has a body limit of its own: ask body_limit
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop: ...
+    def body_limit(self, request: Request) -> int: ...
     def trusts(self, client: str) -> bool: ...
     def schedule(self, cycle: Cycle) -> None: ...
     def flush_later(self, connection: ClientConnection) -> None: ...
@@ -170,24 +174,21 @@ class ClientConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         request = self.request
         assert request is not None
-        self._set_phase("busy")
+        self._phase = "busy"  # no _since: the request's own upstream clock times it
         self._reading_head = False
         limits = self.server.limits
-        head = len(request.url) + sum(len(n) + len(v) + 4 for n, v in request.headers)
+        head = len(request.url)
+        for name, value in request.headers:  # a loop, not sum() over a generator: cheaper here
+            head += len(name) + len(value) + 4
         if head > limits.max_header_size:
             self.fail(431)
             raise RuntimeError("request head too large")
         parser = self.parser
-        request.method = parser.get_method().decode("ascii", "replace")
+        raw = parser.get_method()
+        request.method = _METHODS.get(raw) or raw.decode("ascii", "replace")
         request.version = parser.get_http_version()
         request.keep_alive = parser.should_keep_alive()
-        status = invalid_head(
-            version=request.version,
-            method=request.method,
-            url=request.url,
-            lookup=request.lookup,
-            repeated=request.repeated,
-        )
+        status = invalid_head(request.version, request.method, request.url, request.lookup, request.repeated)
         if status:
             self.fail(status)
             raise RuntimeError("invalid request head")
@@ -197,10 +198,14 @@ class ClientConnection(asyncio.Protocol):
                 self.fail(501)
                 raise RuntimeError("unsupported transfer coding")
             request.chunked = True
+        server = self.server
+        limit = request.body_limit = (
+            server.body_limit(request) if server.body_limits else limits.max_body_size
+        )
         length = request.lookup.get(b"content-length")
         if length is not None:
             request.content_length = int(length)  # llhttp validated it
-            if limits.max_body_size and request.content_length > limits.max_body_size:
+            if limit and request.content_length > limit:
                 self.fail(413)
                 raise RuntimeError("request body too large")
         if request.method == "CONNECT":
@@ -214,7 +219,7 @@ class ClientConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         request = self.request
         assert request is not None
-        limit = self.server.limits.max_body_size
+        limit = request.body_limit
         if limit and request.chunked:
             request.received += len(body)
             if request.received > limit:
@@ -229,11 +234,10 @@ class ClientConnection(asyncio.Protocol):
             self.pause_reading("body")
 
     def on_message_complete(self) -> None:
-        if self._raw_left:  # httptools skipped this upgrade request's body: _raw_body relays it
+        """The request ended: from llhttp, or from ``_raw_body`` for an upgrade request's
+        body, which llhttp skipped (and reports complete before that body came)."""
+        if self._raw_left:
             return
-        self._message_done()
-
-    def _message_done(self) -> None:
         request = self.request
         assert request is not None
         request.body_done = True
@@ -285,7 +289,7 @@ class ClientConnection(asyncio.Protocol):
             self._discard = True
             return b""
         if not self._raw_left:
-            self._message_done()
+            self.on_message_complete()
         return data[take:]
 
     def _start_next(self) -> None:
@@ -295,10 +299,13 @@ class ClientConnection(asyncio.Protocol):
         self.cycle = cycle = Cycle(self, self.server, request)
         self.server.schedule(cycle)
 
-    def cycle_done(self, *, close: bool) -> None:
+    def cycle_done(self, close: bool) -> None:
+        """The request in flight is answered; ``close``: this connection ends with it (so it
+        does too while draining)."""
         self.cycle = None
-        self.resume_reading("body")
-        self.resume_reading("upstream")
+        if self._paused:  # most requests paused nothing
+            self.resume_reading("body")
+            self.resume_reading("upstream")
         if close or self.draining or self.transport is None:
             self.close()
             return

@@ -1,14 +1,10 @@
 """One request's exchange: route it, relay it to an upstream connection and back, account it.
 
 A Cycle talks to its client connection through ``Client`` and to the server through
-``Proxy``, two narrow Protocols, the way an upstream connection talks to it through
-``ResponseSink``: no module here imports the others' classes.
-
-The exception ladder: a client that leaves cancels its request (499 if nothing was sent);
-a connect failure is 502 (or a failover to stable); no response headers within
-``upstream-timeout`` is 504; a reset or malformed answer before the headers is 502; an
-unexpected bug is a logged 500. Once response bytes went out no error page is written:
-the client connection is aborted, so a truncated body never poses as a complete one.
+``Proxy``, two narrow Protocols (exchange.py), the way an upstream connection talks to it
+through ``ResponseSink``: no module here imports the others' classes. The exception ladder's
+rules (which failure is retried, counted, answered how; opening a connection with failover)
+are in failures.py; the Cycle keeps the states they move it through.
 """
 
 from __future__ import annotations
@@ -16,66 +12,47 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import replace
-from typing import Final, Protocol
+from typing import Final
 
-from ..metrics import Metrics
-from ..router import CANARY, STABLE, mirrored
-from ..routes import RouteTable
+from ..router import CANARY, STABLE, Decision, mirrored
 from .body import BodyRelay
 from .exchange import (
     Client,
     Exchange,
-    Routed,
+    Proxy,
     Runtime,
     UpstreamFailure,
     decision_for,
     own_headers,
     pick,
+    routed,
     unrouted,
+)
+from .failures import (
+    body_failure,
+    count_broken,
+    count_failure,
+    counted,
+    error_page,
+    no_route_page,
+    open_upstream,
+    retryable,
 )
 from .headers import (
     CHUNKED_BODY,
     NO_BODY,
     client_head,
-    new_request_id,
     request_framing,
     simple_response,
     upstream_head,
-    valid_request_id,
 )
-from .mirror import Mirrors
 from .request import Request
-from .upstream import CHUNKED, IDEMPOTENT, ConnectFailed, UpstreamConnection, UpstreamPool
+from .upstream import CHUNKED, UpstreamConnection, UpstreamPool
 
 log = logging.getLogger(__name__)
 
 _WRITE_NOW = 64 << 10  # a response body read this large is written at once, not batched
-_BODY_ERRORS: Final = {400: "malformed request body", 413: "request body too large"}
-
-
-class Proxy(Protocol):
-    """What a Cycle needs of the server: the config, the pools, accounting and batching."""
-
-    table: RouteTable[Runtime] | None  # None until a config is loaded
-    fallback: Runtime | None  # --default-backend: takes what no route matches
-    metrics: Metrics
-    mirrors: Mirrors
-    draw: Callable[[], int]
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop: ...
-    def hold_upstream(self, upstream: UpstreamConnection, head: bytes) -> None: ...
-    def account_later(self, cycle: Cycle) -> None: ...
-    def enter(self, ex: Exchange) -> None: ...
-    def move(self, ex: Exchange, version: str, rule: str) -> None: ...
-    def leave(self, ex: Exchange) -> None: ...
-    def canary_ejected(self, runtime: Runtime) -> bool: ...
-    def canary_failed(self, runtime: Runtime) -> None: ...
-    def reject(self, ex: Exchange) -> None: ...
-    def websocket_opened(self, cycle: Cycle) -> None: ...
-    def websocket_closed(self, cycle: Cycle) -> None: ...
 
 
 # A Cycle's states. Most requests never leave the event loop's callbacks: a pooled connection
@@ -96,7 +73,20 @@ class Cycle:
     499. ``_finish`` runs exactly once, whatever the path.
     """
 
-    route: Routed  # set by _route; read only once ``routed``
+    # One per request: slots, so building one allocates no attribute dict.
+    __slots__ = (
+        "bad_status", "body", "body_framing", "client", "close_after", "decision", "ex",
+        "expect_continue", "last_activity", "pool", "request", "retried", "reused", "routed",
+        "runtime", "server", "state", "task", "timeout", "tried", "upstream", "watching",
+        "websocket",
+    )  # fmt: skip
+
+    # What routing decided, set once by ``_route`` and read only once ``routed``: plain
+    # attributes, not a record of their own, which would cost an allocation per request.
+    runtime: Runtime
+    decision: Decision
+    ex: Exchange
+    pool: UpstreamPool  # the routed pool; its ``active`` counts this request
 
     def __init__(self, client: Client, server: Proxy, request: Request) -> None:
         self.client = client
@@ -151,7 +141,7 @@ class Cycle:
                 return
         self._route(runtime)
         if self.bad_status:  # malformed before we even started
-            self._fail(self._body_failure())
+            self._fail(body_failure(self.bad_status))
             return
         expect = request.lookup.get(b"expect")
         if expect is not None and expect.strip().lower() != b"100-continue":
@@ -165,49 +155,39 @@ class Cycle:
         """No route matches and there is no default backend: 404, counted unrouted."""
         request = self.request
         self.close_after = request.has_body and not request.body_done
-        host = (request.lookup.get(b"host") or b"").decode("latin-1")
-        body = f"404: no route for host {host or '(none)'} path {request.url.decode('latin-1')}\n"
         self.server.reject(unrouted(request, self.client.peer.client, status=404, rule="no-route"))
         close = self.close_after or self.client.draining or not request.keep_alive
-        response = simple_response(404, body.encode(), close=close, head=request.method == "HEAD")
-        self.client.send_now(response)
+        self.client.send_now(no_route_page(request, close=close))
         self._finish()
 
     def _route(self, runtime: Runtime) -> None:
         request, server = self.request, self.server
         config = runtime.config
-        decision = decision_for(self.request, config, server.draw)
-        ejectable = decision.rule in ("weight", "sticky") and decision.version == CANARY
-        if ejectable and config.canary_outlier_failures and server.canary_ejected(runtime):
-            decision = replace(decision, version=STABLE, rule="failover")
-        rid = request.lookup.get(b"x-request-id")
-        ex = Exchange(
-            start=time.monotonic(),
-            method=request.method,
-            path=request.url.decode("latin-1"),
-            client=self.client.peer.client,
-            version=decision.version,
-            rule=decision.rule,
-            request_id=rid.decode("ascii") if rid is not None and valid_request_id(rid) else new_request_id(),
-            route=runtime.name,
-            series=runtime.series,
-        )
+        self.decision = decision = decision_for(request, runtime, server.draw)
+        if config.canary_outlier_failures and self._ejected(runtime, decision):
+            self.decision = decision = replace(decision, version=STABLE, rule="failover")
+        self.ex = ex = routed(request, runtime, decision, self.client.peer.client)
         server.enter(ex)
-        self.route = Routed(runtime, decision, ex, runtime.pool(ex.version))
+        self.runtime = runtime
+        self.pool = pool = runtime.pool(decision.version)
         self.routed = True
-        self.route.pool.active += 1
-        if mirrored(config, decision, server.draw) and not request.upgrade:
+        pool.active += 1
+        if config.mirror_buckets and mirrored(config, decision, server.draw) and not request.upgrade:
             self._start_mirror(runtime)
+
+    def _ejected(self, runtime: Runtime, decision: Decision) -> bool:
+        """The weight (or a sticky bucket) chose a canary that outlier detection ejected."""
+        ejectable = decision.rule in ("weight", "sticky") and decision.version == CANARY
+        return ejectable and self.server.canary_ejected(runtime)
 
     def _acquire(self) -> None:
         """Dispatch on a pooled connection now, or open one in a task."""
-        route = self.route
-        upstream = route.runtime.pool(route.ex.version).take_idle()
+        upstream = self.runtime.pool(self.ex.version).take_idle()
         if upstream is not None:
-            self._dispatch(upstream, reused=True)
+            self._dispatch(upstream, True)
             return
         self.state = _CONNECTING
-        self.task = self.server.loop.create_task(self._connect(route.runtime))
+        self.task = self.server.loop.create_task(self._connect(self.runtime))
 
     def _resolve(self, error: UpstreamFailure | None) -> None:
         """The attempt in flight ended; anything reported after that is ignored."""
@@ -215,16 +195,18 @@ class Cycle:
             return
         self.state = _ROUTING
         try:
-            self._settle(error)
+            if error is None:
+                self._finish()
+            else:
+                self._settle(error)
         except Exception:
             self._crash()
 
-    def _settle(self, error: UpstreamFailure | None) -> None:
-        if error is None:
-            self._finish()
-            return
+    def _settle(self, error: UpstreamFailure) -> None:
         upstream = self.tried
-        if upstream is not None and self._retryable(error, upstream):
+        if upstream is not None and retryable(
+            error, upstream, self.request.method, self.body, reused=self.reused, retried=self.retried
+        ):
             self.retried = True
             if self.body is not None:
                 self.body.detach()  # what arrives meanwhile is buffered for the new attempt
@@ -234,12 +216,12 @@ class Cycle:
             self._acquire()
             return
         if not error.counted and error.reason != "client":
-            self._count_failure(error)
+            count_failure(self.server.metrics, self.ex, error)
         self._fail(error)
 
     def _fail(self, failure: UpstreamFailure) -> None:
         """Answer an error page: nothing was sent to the client yet."""
-        self.route.ex.status = failure.status
+        self.ex.status = failure.status
         self.close_after = self.close_after or (self.request.has_body and not self.request.body_done)
         self._send_error(failure.status, str(failure))
         self._finish()
@@ -247,13 +229,13 @@ class Cycle:
     def _crash(self) -> None:
         """A bug: a logged 500, or an aborted client connection once bytes went out."""
         self._drop_upstream()
-        if self.routed and self.route.ex.started:
+        if self.routed and self.ex.started:
             log.exception("proxying failed after the response started; aborting")
             self.client.abort()
         else:
             log.exception("proxying failed")
             if self.routed:
-                self.route.ex.status = 500
+                self.ex.status = 500
                 self._send_error(500, "internal proxy error")
         self.close_after = True
         self._finish()
@@ -262,24 +244,25 @@ class Cycle:
         if self.state == _DONE:
             return
         self.state = _DONE
-        self._cancel_timer()
+        self.watching = False  # the timer: nothing left to time out
         if self.routed:
             self.server.account_later(self)  # after the response is written: see run_batch
-        close = not self.request.keep_alive or self.close_after
-        self.client.cycle_done(close=close or self.client.draining)
+        self.client.cycle_done(not self.request.keep_alive or self.close_after)  # or draining: it knows
 
     def account(self) -> None:
         if not self.routed:  # answered before routing
             return
-        ex = self.route.ex
-        self.server.websocket_closed(self)
-        self.route.pool.leave()
-        ex.bytes_in = self.body.bytes_in if self.body is not None else 0
-        self.server.leave(ex)
+        ex, server = self.ex, self.server
+        if self.websocket:  # only a WebSocket is ever among the server's open ones
+            server.websocket_closed(self)
+        self.pool.leave()
+        if self.body is not None:
+            ex.bytes_in = self.body.bytes_in
+        server.leave(ex)
 
     def _start_mirror(self, runtime: Runtime) -> None:
         request = self.request
-        head = self._upstream_head(runtime.canary, framing=False)
+        head = self._upstream_head(runtime.canary, False)
         copy = self.server.mirrors.begin(
             runtime.canary, runtime.config, runtime.name, request.method, head,
             length=request.content_length, chunked=request.chunked,
@@ -287,51 +270,37 @@ class Cycle:
         if self.body is not None:  # else the copy went at once (begin returned None)
             self.body.mirror = copy
 
-    def _body_failure(self) -> UpstreamFailure:
-        return UpstreamFailure(
-            self.bad_status, "client", _BODY_ERRORS.get(self.bad_status, "bad request body")
-        )
-
-    def _dispatch(self, upstream: UpstreamConnection, *, reused: bool) -> None:
+    def _dispatch(self, upstream: UpstreamConnection, reused: bool) -> None:
         """Send the head (and what body there is) on ``upstream``; the upstream callbacks follow."""
-        route = self.route
         if self.bad_status:  # the body turned out malformed while we connected
             upstream.pool.release(upstream)
-            self._fail(self._body_failure())
+            self._fail(body_failure(self.bad_status))
             return
         self.state = _WAITING
         self.upstream = self.tried = upstream
         self.reused = reused
-        request = self.request
+        request, ex = self.request, self.ex
         framing = CHUNKED if request.chunked else request.content_length or 0
-        upstream.start(self, framing=framing, upgrade=self.websocket)
-        upstream.version, upstream.route = route.ex.version, route.ex.route
-        self.server.hold_upstream(upstream, self._upstream_head(upstream.pool, framing=True))
+        upstream.start(self, framing, self.websocket)
+        upstream.version, upstream.route = ex.version, ex.route
+        self.server.hold_upstream(upstream, self._upstream_head(upstream.pool, True))
         if self.expect_continue and request.version == "1.1" and not request.body_done:
             self.client.send_now(b"HTTP/1.1 100 Continue\r\n\r\n")
         if self.body is not None:
             self.body.attach(upstream, reused=reused, retried=self.retried)
             self.client.resume_reading("body")
-        self._arm_timer(route.runtime.config.upstream_timeout)
-
-    def _retryable(self, failure: UpstreamFailure, upstream: UpstreamConnection) -> bool:
-        """A pooled connection the upstream had closed: retry once, when it is safe to:
-        idempotent methods, and requests none of whose body has been sent yet; and only if
-        the body can be sent again in full (none sent yet, or all of it kept for a replay)."""
-        body = self.body
-        safe = self.request.method in IDEMPOTENT or body is None or body.forwarded == 0
-        whole = body is None or body.whole
-        stale = failure.reason == "reset" and self.reused and not self.retried and not upstream.got_bytes
-        return stale and safe and whole
+        self.timeout = self.runtime.config.upstream_timeout  # the clock: see check_timeout
+        self.last_activity = time.monotonic()
+        self.watching = True
 
     # -- opening a connection: the one part that awaits ---------------------------------
 
     async def _connect(self, runtime: Runtime) -> None:
         # A client that leaves cancels this task; ``client_gone`` has finished the cycle then.
         try:
-            upstream, reused = await self._open_with_failover(runtime)
+            upstream, reused = await open_upstream(self.server, runtime, self.ex)
             self.task = None
-            self._dispatch(upstream, reused=reused)
+            self._dispatch(upstream, reused)
         except UpstreamFailure as failure:
             self.task = None
             self._fail(failure)
@@ -339,68 +308,27 @@ class Cycle:
             self.task = None
             self._crash()
 
-    async def _open_with_failover(self, runtime: Runtime) -> tuple[UpstreamConnection, bool]:
-        ex = self.route.ex
-        try:
-            return await self._open(runtime.pool(ex.version), runtime)
-        except UpstreamFailure as failure:
-            config = runtime.config
-            if failure.reason == "connect" and ex.version == CANARY:
-                self.server.canary_failed(runtime)
-            if not (failure.reason == "connect" and ex.version == CANARY and config.canary_failover):
-                raise
-        log.warning("canary unreachable, failing over to stable (request %s)", ex.request_id)
-        self.server.move(ex, STABLE, "failover")
-        return await self._open(runtime.pool(STABLE), runtime)
-
-    async def _open(self, pool: UpstreamPool, runtime: Runtime) -> tuple[UpstreamConnection, bool]:
-        upstream = pool.take_idle()
-        if upstream is not None:
-            return upstream, True
-        try:
-            return await pool.connect(runtime.config.upstream_connect_timeout), False
-        except ConnectFailed as exc:
-            raise self._failure(502, "connect", str(exc)) from None
-
-    def _failure(self, status: int, reason: str, detail: str) -> UpstreamFailure:
-        failure = UpstreamFailure(status, reason, detail, counted=True)
-        self._count_failure(failure)
-        return failure
-
-    def _count_failure(self, failure: UpstreamFailure) -> None:
-        ex = self.route.ex
-        self.server.metrics.upstream_errors.labels(ex.route, ex.version, failure.reason).inc()
-        log.warning(
-            "upstream %s failed (%s): %s [request %s]", ex.version, failure.reason, failure, ex.request_id
-        )
-
     # -- the request head and body, upstream ----------------------------------------------
 
-    def _upstream_head(self, pool: UpstreamPool, *, framing: bool) -> bytes:
+    def _upstream_head(self, pool: UpstreamPool, framing: bool) -> bytes:
         """The request head for ``pool``'s upstream; open (no framing, no blank line) if not
         ``framing``: a mirror copy adds its own."""
         request = self.request
+        lookup = request.lookup
         return upstream_head(
-            method=request.method,
-            url=request.url,
-            headers=request.headers,
-            host=request.lookup.get(b"host"),
-            default_host=pool.host_header,
-            peer=self.client.peer,
-            request_id=self.route.ex.request_id,
-            upgrade=request.lookup[b"upgrade"] if self.websocket else None,
-            framing=request_framing(chunked=request.chunked, content_length=request.content_length)
-            if framing
-            else None,
-        )
+            request.method, request.url, request.headers, lookup.get(b"host"), pool.host_header,
+            self.client.peer, self.ex.request_id,
+            request_framing(request.chunked, request.content_length) if framing else None,
+            lookup[b"upgrade"] if self.websocket else None,
+        )  # fmt: skip
 
     # -- upstream callbacks (ResponseSink) ------------------------------------------------
 
     def on_response_head(self, upstream: UpstreamConnection) -> None:
-        ex = self.route.ex
-        ex.upstream_seconds = time.monotonic() - ex.start
+        ex = self.ex
+        self.last_activity = now = time.monotonic()
+        ex.upstream_seconds = now - ex.start
         ex.status = upstream.status
-        self.last_activity = time.monotonic()
         if self.request.method == "HEAD":
             # llhttp cannot be told this response has no body: give the connection a fresh
             # parser and finish now; the Content-Length describes the GET body, not this one.
@@ -415,7 +343,7 @@ class Cycle:
         ex.started = True
 
     def on_response_body(self, data: bytes) -> None:
-        self.route.ex.bytes_out += len(data)
+        self.ex.bytes_out += len(data)
         self.last_activity = time.monotonic()
         if self.body_framing == CHUNKED_BODY:
             self.client.send(b"%x\r\n" % len(data), data, b"\r\n")
@@ -445,7 +373,7 @@ class Cycle:
         upstream = self.upstream
         if upstream is None:
             return
-        self._cancel_timer()
+        self.watching = False  # a WebSocket has no upstream timeout
         self.client.tunnel = upstream
         self.server.websocket_opened(self)
         if rest:
@@ -455,7 +383,7 @@ class Cycle:
             upstream.write(early)
 
     def on_upstream_raw(self, data: bytes) -> None:
-        self.route.ex.bytes_out += len(data)
+        self.ex.bytes_out += len(data)
         self.client.send_now(data)
 
     def on_upstream_error(self, reason: str, detail: str) -> None:
@@ -465,7 +393,7 @@ class Cycle:
             self.server.websocket_closed(self)
             self._resolve(None)
             return
-        if self.route.ex.started:
+        if self.ex.started:
             self._mid_body_failure(reason, detail)
             return
         # Counted by _settle unless it retries: a stale pooled connection is no upstream error.
@@ -496,7 +424,7 @@ class Cycle:
         self.close_after = True
         self.bad_status = status
         self.client.pause_reading("bad")
-        self._resolve(self._body_failure())
+        self._resolve(body_failure(status))
 
     def client_gone(self) -> None:
         if self.websocket and self.client.tunnel is not None:
@@ -511,42 +439,29 @@ class Cycle:
         if task is not None:
             task.cancel()  # stop opening a connection nobody will use
         self._drop_upstream()
-        if self.routed and not self.route.ex.started:
-            self.route.ex.status = 499  # nginx's code for a client that left before the response
+        if self.routed and not self.ex.started:
+            self.ex.status = 499  # nginx's code for a client that left before the response
         self.close_after = True
         self._finish()
 
     def _client_head(self, upstream: UpstreamConnection) -> bytes:
         request = self.request
+        close = self.close_after or self.client.draining or not request.keep_alive
         head, self.body_framing, close = client_head(
-            status=upstream.status,
-            reason=upstream.reason,
-            headers=upstream.headers,
-            head_request=request.method == "HEAD",
-            http11=request.version == "1.1",
-            close=self.close_after or self.client.draining or not request.keep_alive,
-            own=self._own_headers(),
-        )
+            upstream.status, upstream.reason, upstream.headers, request.method == "HEAD",
+            request.version == "1.1", close, own_headers(self.runtime, self.decision, self.ex),
+        )  # fmt: skip
         self.close_after = self.close_after or close
         return head
 
-    def _own_headers(self) -> bytes:
-        route = self.route
-        return own_headers(route.runtime.config, route.decision, route.ex)
-
     def _send_error(self, status: int, detail: str) -> None:
-        close = self.close_after or self.client.draining or not self.request.keep_alive
-        body = f"{status}: {detail}\n".encode()
-        head = self.request.method == "HEAD"
-        own = self._own_headers()
-        self.client.send_now(simple_response(status, body, extra=own, close=close, head=head))
+        request = self.request
+        close = self.close_after or self.client.draining or not request.keep_alive
+        own = own_headers(self.runtime, self.decision, self.ex)
+        self.client.send_now(error_page(status, detail, own, close=close, head=request.method == "HEAD"))
 
     def _mid_body_failure(self, reason: str, detail: str) -> None:
-        route, version = self.route.ex.route, self.route.ex.version
-        self.server.metrics.upstream_errors.labels(route, version, reason).inc()
-        log.warning(
-            "upstream %s broke mid-body (%s: %s); aborting the client connection", version, reason, detail
-        )
+        count_broken(self.server.metrics, self.ex, reason, detail)
         self.client.abort()
         self.close_after = True
         self._resolve(None)
@@ -569,11 +484,6 @@ class Cycle:
 
     # -- timeouts -------------------------------------------------------------------------
 
-    def _arm_timer(self, timeout: float) -> None:
-        self.timeout = timeout
-        self.last_activity = time.monotonic()
-        self.watching = True
-
     def check_timeout(self, now: float) -> None:
         """No response head, or no body data, for ``upstream-timeout``: 504 or an abort."""
         timeout = self.timeout
@@ -581,10 +491,8 @@ class Cycle:
             return
         self.watching = False
         self._drop_upstream()
-        if self.route.ex.started:
+        if self.ex.started:
             self._mid_body_failure("timeout", f"no data for {timeout:g}s")
         else:
-            self._resolve(self._failure(504, "timeout", f"no response within {timeout:g}s"))
-
-    def _cancel_timer(self) -> None:
-        self.watching = False
+            detail = f"no response within {timeout:g}s"
+            self._resolve(counted(self.server.metrics, self.ex, 504, "timeout", detail))

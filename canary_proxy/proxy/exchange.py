@@ -1,19 +1,21 @@
-"""The records of one request's exchange, the Cycle's view of its client connection, and the
-pure steps of routing it: which route's runtime takes it, which version, and the headers the
-proxy adds to its response. No I/O here."""
+"""The records of one request's exchange, the Cycle's two views (of its client connection,
+of the server), and the pure steps of routing it: which route's runtime takes it, which
+version, and the headers the proxy adds to its response. No I/O here."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..config import Config
-from ..metrics import RouteSeries
-from ..router import CANARY, DEFAULT_ROUTE, UNROUTED, Decision, decide
+from ..metrics import Metrics, RouteSeries
+from ..router import CANARY, DEFAULT_ROUTE, STABLE, UNROUTED, Decision, decide
 from ..routes import RouteTable, request_host, request_path
-from .headers import Peer, cookie_value, new_request_id, request_target
+from .headers import Peer, cookie_value, new_request_id, request_target, valid_request_id
+from .mirror import Mirrors
 from .outlier import OutlierDetector
 from .request import Request
 from .upstream import UpstreamConnection, UpstreamPool
@@ -40,6 +42,23 @@ class Runtime:
     name: str = DEFAULT_ROUTE  # the route's, and its metrics' ``route`` label
     series: RouteSeries | None = None  # its metrics' children (ProxyServer sets them)
     outlier: OutlierDetector = field(default_factory=OutlierDetector)  # the canary's connect failures
+    body_limit: int | None = None  # an Ingress's proxy-body-size (0: none); None: the proxy's
+    # The proxy's own response fields that depend only on the config, encoded once here
+    # rather than once per response (see own_headers).
+    version_lines: dict[str, bytes] = field(init=False, repr=False, compare=False)
+    cookie_start: bytes = field(init=False, repr=False, compare=False)
+    cookie_end: bytes = field(init=False, repr=False, compare=False)
+    header_key: bytes = field(init=False, repr=False, compare=False)  # canary-by-header, lower-cased
+
+    def __post_init__(self) -> None:
+        config = self.config
+        header = config.version_header.encode()
+        lines = {v: b"%s: %s\r\n" % (header, v.encode()) if header else b"" for v in (STABLE, CANARY)}
+        object.__setattr__(self, "version_lines", lines)  # frozen: set once, here
+        object.__setattr__(self, "cookie_start", b"Set-Cookie: %s=" % config.sticky_cookie.encode())
+        end = b"; Path=/; Max-Age=%d; HttpOnly; SameSite=Lax\r\n" % config.sticky_max_age
+        object.__setattr__(self, "cookie_end", end)
+        object.__setattr__(self, "header_key", (config.canary_by_header or "").lower().encode())
 
     def pool(self, version: str) -> UpstreamPool:
         return self.canary if version == CANARY else self.stable
@@ -65,16 +84,6 @@ class Exchange:
     started: bool = False  # response headers sent to the client
 
 
-@dataclass(slots=True)
-class Routed:
-    """What routing decided for one request, set once by ``Cycle._route``."""
-
-    runtime: Runtime
-    decision: Decision
-    ex: Exchange
-    pool: UpstreamPool  # the routed pool; its ``active`` counts this request
-
-
 class Client(Protocol):
     """What a Cycle needs of its client connection."""
 
@@ -88,9 +97,41 @@ class Client(Protocol):
     def flush(self) -> None: ...
     def abort(self) -> None: ...
     def close(self) -> None: ...
-    def cycle_done(self, *, close: bool) -> None: ...
+    def cycle_done(self, close: bool) -> None: ...
     def pause_reading(self, reason: str) -> None: ...
     def resume_reading(self, reason: str) -> None: ...
+
+
+class Session(Protocol):
+    """What the server keeps of a Cycle: accounted once done; told to go if a WebSocket."""
+
+    ex: Exchange
+
+    def account(self) -> None: ...
+    def go_away(self, to_client: bytes, to_upstream: bytes) -> None: ...
+
+
+class Proxy(Protocol):
+    """What a Cycle needs of the server: the config, the pools, accounting and batching."""
+
+    table: RouteTable[Runtime] | None  # None until a config is loaded
+    fallback: Runtime | None  # --default-backend: takes what no route matches
+    metrics: Metrics
+    mirrors: Mirrors
+    draw: Callable[[], int]
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+    def hold_upstream(self, upstream: UpstreamConnection, head: bytes) -> None: ...
+    def account_later(self, cycle: Session) -> None: ...
+    def enter(self, ex: Exchange) -> None: ...
+    def move(self, ex: Exchange, version: str, rule: str) -> None: ...
+    def leave(self, ex: Exchange) -> None: ...
+    def canary_ejected(self, runtime: Runtime) -> bool: ...
+    def canary_failed(self, runtime: Runtime) -> None: ...
+    def reject(self, ex: Exchange) -> None: ...
+    def websocket_opened(self, cycle: Session) -> None: ...
+    def websocket_closed(self, cycle: Session) -> None: ...
 
 
 def unrouted(request: Request | None, client: str, *, status: int, rule: str) -> Exchange:
@@ -108,6 +149,18 @@ def unrouted(request: Request | None, client: str, *, status: int, rule: str) ->
     )
 
 
+def routed(request: Request, runtime: Runtime, decision: Decision, client: str) -> Exchange:
+    """The Exchange of a request ``runtime`` took: its X-Request-Id if valid, else a new one."""
+    rid = request.lookup.get(b"x-request-id")
+    request_id = rid.decode("ascii") if rid is not None and valid_request_id(rid) else new_request_id()
+    # Positional: Exchange's field order (start, method, path, client, version, rule,
+    # request_id, route, series); keywords would cost more than the record itself.
+    return Exchange(
+        time.monotonic(), request.method, request.url.decode("latin-1"), client,
+        decision.version, decision.rule, request_id, runtime.name, runtime.series,
+    )  # fmt: skip
+
+
 def pick(request: Request, table: RouteTable[Runtime], fallback: Runtime | None) -> Runtime | None:
     """The runtime of the route for this request's Host and path (see routes.py), or the
     default backend's, or None: no route."""
@@ -116,14 +169,17 @@ def pick(request: Request, table: RouteTable[Runtime], fallback: Runtime | None)
     return found[1] if found is not None else fallback
 
 
-def decision_for(request: Request, config: Config, draw: Callable[[], int]) -> Decision:
+def decision_for(request: Request, runtime: Runtime, draw: Callable[[], int]) -> Decision:
     """Stable or canary for this request, by the route's rules (see router.decide)."""
     lookup = request.lookup
-    cookies = lookup.get(b"cookie")
+    config = runtime.config
     header = None
-    if config.canary_by_header:
-        raw = lookup.get(config.canary_by_header.lower().encode())
+    if runtime.header_key:
+        raw = lookup.get(runtime.header_key)
         header = raw.decode("latin-1") if raw is not None else None
+    cookies = lookup.get(b"cookie")
+    if cookies is None:  # a first visit: no cookie to look into
+        return decide(config, header=header, cookie=None, sticky=None, draw=draw)
     return decide(
         config,
         header=header,
@@ -133,16 +189,10 @@ def decision_for(request: Request, config: Config, draw: Callable[[], int]) -> D
     )
 
 
-def own_headers(config: Config, decision: Decision, ex: Exchange) -> bytes:
-    """The fields the proxy adds to a response: the version, the request id, a sticky cookie."""
-    own = b""
-    if config.version_header:
-        own += b"%s: %s\r\n" % (config.version_header.encode(), ex.version.encode())
-    own += b"X-Request-Id: %s\r\n" % ex.request_id.encode()
+def own_headers(runtime: Runtime, decision: Decision, ex: Exchange) -> bytes:
+    """The fields the proxy adds to a response: the version (if the route's config names a
+    header for it), the request id, a sticky cookie."""
+    own = b"%sX-Request-Id: %s\r\n" % (runtime.version_lines[ex.version], ex.request_id.encode())
     if decision.set_cookie and decision.bucket is not None:
-        own += b"Set-Cookie: %s=%d; Path=/; Max-Age=%d; HttpOnly; SameSite=Lax\r\n" % (
-            config.sticky_cookie.encode(),
-            decision.bucket,
-            config.sticky_max_age,
-        )
+        own += b"%s%d%s" % (runtime.cookie_start, decision.bucket, runtime.cookie_end)
     return own

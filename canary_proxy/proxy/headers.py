@@ -74,11 +74,31 @@ def connection_tokens(headers: Headers) -> set[bytes]:
     return tokens
 
 
-def _drop(always: frozenset[bytes], headers: Headers) -> frozenset[bytes]:
-    """The header names not to forward: ``always``, plus those the Connection header names.
-    Most messages name none, so the common case builds no new set."""
-    tokens = connection_tokens(headers)
-    return always | tokens if tokens - always else always
+def _forward(headers: Headers, always: frozenset[bytes], parts: list[bytes]) -> bytes | None:
+    """Append to ``parts`` the fields of ``headers`` to forward: not in ``always`` (which holds
+    Connection), nor named by a Connection field; return the last Content-Length value, which
+    is never appended. One pass: only a Connection field that names a field outside
+    ``always`` costs a second one (most say keep-alive, one token in ``always``)."""
+    start = len(parts)
+    length = None
+    connection = False
+    for name, value in headers:
+        low = name.lower()
+        if low in always:
+            connection = connection or (low == b"connection" and value.lower() not in always)
+        elif low == b"content-length":
+            length = value
+        else:
+            parts += [name, b": ", value, b"\r\n"]
+    if connection:
+        named = connection_tokens(headers) - always
+        if named:
+            del parts[start:]
+            for name, value in headers:
+                low = name.lower()
+                if low not in always and low not in named and low != b"content-length":
+                    parts += [name, b": ", value, b"\r\n"]
+    return length
 
 
 def header(headers: Headers, name: bytes) -> bytes:
@@ -104,11 +124,11 @@ def request_target(url: bytes) -> bytes:
     return url[slash:]
 
 
-def invalid_head(
-    *, version: str, method: str, url: bytes, lookup: Mapping[bytes, bytes], repeated: bool
-) -> int:
+def invalid_head(version: str, method: str, url: bytes, lookup: Mapping[bytes, bytes], repeated: bool) -> int:
     """The status for a request head that is no valid HTTP/1.x request, or 0 (RFC 9112).
-    ``lookup`` maps lower-case names to values; ``repeated``: a field of SINGLE came twice."""
+    ``lookup`` maps lower-case names to values; ``repeated``: a field of SINGLE came twice.
+    Positional, like the head builders below: they run once per request, and a call by
+    keyword costs more than the rest of such a check."""
     if version != "1.1" and version != "1.0":
         return 400 if version == "0.9" else 505  # llhttp knows 0.9 (no version at all) and 2.0
     if repeated:  # two Host or Transfer-Encoding fields: which one would a peer use?
@@ -208,7 +228,6 @@ def forwarding(headers: Headers, peer: Peer, host: bytes | None) -> bytes:
 
 
 def upstream_head(
-    *,
     method: str,
     url: bytes,
     headers: Headers,
@@ -216,19 +235,16 @@ def upstream_head(
     default_host: bytes,
     peer: Peer,
     request_id: str,
-    upgrade: bytes | None = None,
     framing: bytes | None,
+    upgrade: bytes | None = None,
 ) -> bytes:
     """The request head sent upstream: hop-by-hop and client-set edge fields dropped, ours
     added. ``upgrade``: the Upgrade value of a WebSocket handshake (relayed as one).
     ``framing``: the Content-Length or Transfer-Encoding line; None leaves the head open
     (no framing, no blank line: a mirror copy adds its own)."""
-    drop = _drop(_UPSTREAM_DROP, headers)
     parts = [method.encode(), b" ", request_target(url), b" HTTP/1.1\r\n"]
     parts += [b"Host: ", host if host is not None else default_host, b"\r\n"]
-    for name, value in headers:
-        if name.lower() not in drop:
-            parts += [name, b": ", value, b"\r\n"]
+    _forward(headers, _UPSTREAM_DROP, parts)  # Content-Length is in _UPSTREAM_DROP
     if peer.trusted:
         parts.append(forwarding(headers, peer, host))
     else:
@@ -244,7 +260,7 @@ def upstream_head(
     return b"".join(parts)
 
 
-def request_framing(*, chunked: bool, content_length: int | None) -> bytes:
+def request_framing(chunked: bool, content_length: int | None) -> bytes:
     if chunked:
         return b"Transfer-Encoding: chunked\r\n"
     if content_length is not None:
@@ -253,7 +269,6 @@ def request_framing(*, chunked: bool, content_length: int | None) -> bytes:
 
 
 def client_head(
-    *,
     status: int,
     reason: bytes,
     headers: Headers,
@@ -266,16 +281,9 @@ def client_head(
     CHUNKED_BODY or UNTIL_CLOSE) and whether the client connection closes after it.
     ``close``: it must close anyway (draining, the client asked, an unfinished request body);
     ``own``: the proxy's own fields (version header, request id, sticky cookie)."""
-    drop = _drop(HOP_BY_HOP, headers)
     parts = [b"HTTP/1.1 %d " % status, reason, b"\r\n"]
-    length = None
+    length = _forward(headers, HOP_BY_HOP, parts)
     framing = NO_BODY
-    for name, value in headers:
-        low = name.lower()
-        if low == b"content-length":
-            length = value
-        elif low not in drop:
-            parts += [name, b": ", value, b"\r\n"]
     if status == 101:
         parts += [b"Connection: Upgrade\r\nUpgrade: ", header(headers, b"upgrade"), b"\r\n"]
     elif head_request or status in (204, 304) or status < 200:

@@ -16,6 +16,7 @@ class Request:
 
     __slots__ = (
         "body_done",
+        "body_limit",
         "buffer",
         "buffered",
         "chunked",
@@ -47,6 +48,7 @@ class Request:
         self.buffer: list[bytes] = []  # body read before its exchange could take it
         self.buffered = 0
         self.received = 0  # body bytes, counted only when there is a size limit to enforce
+        self.body_limit = 0  # its route's (or the proxy's) body limit in bytes; 0 = none
         self.body_done = False
         self.repeated = False  # a field that may come once (Host, Transfer-Encoding) came twice
         self.relay: BodySink | None = None  # set once the exchange takes the body as it comes

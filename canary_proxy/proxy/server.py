@@ -15,16 +15,18 @@ from collections.abc import Callable, Sequence
 from ..config import Config, Upstream, format_duration
 from ..metrics import Metrics
 from ..router import STABLE, random_bucket_source
-from ..routes import Route, RouteTable
+from ..routes import Origin, Route, RouteTable
 from ..tls import TlsError, read_ca, upstream_context
 from .accesslog import AccessLog
 from .client import ClientConnection
 from .cycle import Cycle
-from .exchange import Exchange, Runtime
+from .exchange import Exchange, Runtime, Session, pick
 from .headers import WS_CLOSE_GOING_AWAY_TO_CLIENT
 from .limits import Limits
 from .mirror import Mirrors
 from .outlier import WINDOW, OutlierDetector
+from .request import Request
+from .tally import Tally
 from .upstream import UpstreamConnection, UpstreamPool
 
 log = logging.getLogger(__name__)
@@ -69,12 +71,13 @@ class ProxyServer:
         self._trusted = tuple(ipaddress.ip_network(c, strict=False) for c in self.limits.trust_forwarded_from)
         self.tick = _tick_for(self.limits, None)
         self.table: RouteTable[Runtime] | None = None  # swapped whole by apply_routes
+        self.body_limits = False  # some route has a body limit of its own (see body_limit)
         self.fallback: Runtime | None = None  # --default-backend
         self._series: set[str] = set()  # routes whose metric series were created at zero
         self.pools: dict[str, UpstreamPool] = {}  # by URL (and CA bundle, for https)
         self._ca: dict[str, ssl.SSLContext] = {}  # upstream-ca contexts by content digest
         self.connections: set[ClientConnection] = set()
-        self.websockets: set[Cycle] = set()
+        self.websockets: set[Session] = set()
         self.mirrors = Mirrors(metrics)
         self.in_flight = 0  # requests in progress, WebSockets included
         self.closing = False
@@ -82,7 +85,8 @@ class ProxyServer:
         self._ready: list[Cycle] = []  # parsed requests, begun together once reads are done
         self._unflushed: list[ClientConnection] = []  # connections holding response bytes
         self._upstream_unflushed: list[UpstreamConnection] = []  # holding request heads
-        self._finished: list[Cycle] = []  # to account: metrics, access log, in-flight count
+        self._finished: list[Session] = []  # to account: metrics, access log, in-flight count
+        self._tally = Tally()  # the batch's in-flight changes and decisions, applied at its end
         self._batch_due = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -113,7 +117,7 @@ class ProxyServer:
             self._upstream_unflushed.append(conn)
             self._batch_soon()
 
-    def account_later(self, cycle: Cycle) -> None:
+    def account_later(self, cycle: Session) -> None:
         self._finished.append(cycle)
         self._batch_soon()
 
@@ -138,12 +142,13 @@ class ProxyServer:
                 for conn in upstream:
                     conn.flush()
                 finished, self._finished = self._finished, []
-                for cycle in finished:
+                for done in finished:
                     try:
-                        cycle.account()
+                        done.account()
                     except Exception:
                         log.exception("accounting a request failed")
         finally:
+            self._tally.apply()  # enter and leave run only in here: see Tally
             self._batch_due = False
 
     def protocol(self) -> ClientConnection:
@@ -199,13 +204,17 @@ class ProxyServer:
                 # changed rebuilds one runtime, not 1,000.
                 items.append((route, before[1]))
                 continue
-            runtime = self._runtime(route.name, route.config, before[1] if before is not None else None)
+            previous_runtime = before[1] if before is not None else None
+            runtime = self._runtime(route.name, route.config, previous_runtime, route.origin)
             if runtime is not None:
                 items.append((route, runtime))
                 if route.name not in self._series:  # once per route name: not per change
                     self._series.add(route.name)
                     self.metrics.init_data_plane(route.name)
         table = RouteTable(items).build()
+        # Only routes with a body limit of their own make a request look its route up as
+        # soon as its head is read; otherwise the proxy's limit applies, as it always did.
+        self.body_limits = any(runtime.body_limit is not None for _, runtime in items)
         self.fallback = self._runtime("default-backend", fallback, None) if fallback is not None else None
         configs = [runtime.config for _, runtime in table.items]
         self.tick = min((_tick_for(self.limits, c) for c in configs), default=_tick_for(self.limits, None))
@@ -216,7 +225,17 @@ class ProxyServer:
         for key in [k for k, p in self.pools.items() if id(p) not in used]:
             self.pools.pop(key).retire()
 
-    def _runtime(self, name: str, config: Config, previous: Runtime | None) -> Runtime | None:
+    def body_limit(self, request: Request) -> int:
+        """The body limit of the route this request will take: its own (an Ingress's
+        proxy-body-size) or the proxy's ``--max-body-size``; 0 = none."""
+        runtime = pick(request, self.table, self.fallback) if self.table is not None else None
+        if runtime is not None and runtime.body_limit is not None:
+            return runtime.body_limit
+        return self.limits.max_body_size
+
+    def _runtime(
+        self, name: str, config: Config, previous: Runtime | None, origin: Origin | None = None
+    ) -> Runtime | None:
         try:
             ca = self._upstream_ca(config)
         except TlsError as exc:  # validated before, so only if the file changed since
@@ -229,7 +248,9 @@ class ProxyServer:
         if previous is None or previous.config.canary != config.canary or not config.canary_outlier_failures:
             outlier.reset()  # a new canary (or protection turned off) starts with a clean slate
         stable, canary = self._pool(config.stable, ca), self._pool(config.canary, ca)
-        return Runtime(config, stable, canary, name, series=self.metrics.series(name), outlier=outlier)
+        series = self.metrics.series(name, origin)  # an Ingress's route: its nginx series too
+        body_limit = origin.body_limit if origin is not None else None
+        return Runtime(config, stable, canary, name, series=series, outlier=outlier, body_limit=body_limit)
 
     def _upstream_ca(self, config: Config) -> tuple[str, ssl.SSLContext] | None:
         """The client context for https upstreams, built once per distinct CA bundle content."""
@@ -284,7 +305,7 @@ class ProxyServer:
     def enter(self, ex: Exchange) -> None:
         self.in_flight += 1
         assert ex.series is not None  # a routed exchange
-        ex.series.in_flight[ex.version].inc()
+        self._tally.in_flight(ex.series, ex.version, 1)
 
     def move(self, ex: Exchange, version: str, rule: str) -> None:
         assert ex.series is not None
@@ -301,9 +322,10 @@ class ProxyServer:
         seconds = time.monotonic() - ex.start
         series = ex.series
         assert series is not None
-        series.in_flight[ex.version].dec()
+        tally = self._tally
+        tally.in_flight(series, ex.version, -1)
         series.request(ex.version, ex.status, ex.method, seconds)
-        series.decision(ex.version, ex.rule)
+        tally.decision(series, ex.version, ex.rule)
         if self.access_log is not None:
             self.access_log.write(ex, seconds)
         self.in_flight -= 1
@@ -312,17 +334,15 @@ class ProxyServer:
     def changed(self) -> None:
         self._changed.set()
 
-    def websocket_opened(self, cycle: Cycle) -> None:
-        assert cycle.route.ex is not None
+    def websocket_opened(self, cycle: Session) -> None:
         self.websockets.add(cycle)
-        self.metrics.websockets.labels(cycle.route.ex.route, cycle.route.ex.version).inc()
+        self.metrics.websockets.labels(cycle.ex.route, cycle.ex.version).inc()
         self._changed.set()
 
-    def websocket_closed(self, cycle: Cycle) -> None:
+    def websocket_closed(self, cycle: Session) -> None:
         if cycle in self.websockets:
             self.websockets.discard(cycle)
-            assert cycle.route.ex is not None
-            self.metrics.websockets.labels(cycle.route.ex.route, cycle.route.ex.version).dec()
+            self.metrics.websockets.labels(cycle.ex.route, cycle.ex.version).dec()
             self._changed.set()
 
     # -- shutdown ---------------------------------------------------------------------------

@@ -248,7 +248,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- use --------------------------------------------------------------------------------
 
-    def start(self, sink: ResponseSink, *, framing: int, upgrade: bool = False) -> None:
+    def start(self, sink: ResponseSink, framing: int, upgrade: bool = False) -> None:
         """Serve one request: its head announces ``framing`` (a Content-Length, CHUNKED, or 0
         for no body); ``upgrade`` if it asks to switch protocols (a 101 is expected)."""
         self.sink = sink
@@ -309,9 +309,6 @@ class UpstreamConnection(asyncio.Protocol):
         """The response ended where llhttp did not see its end (a HEAD's head, or a body
         relayed past the parser): the next response needs a parser in step."""
         self.parser = httptools.HttpResponseParser(self)
-
-    def reusable(self) -> bool:
-        return reuse_refusal(self) is None
 
     def close(self) -> None:
         self.closed = True
@@ -393,7 +390,8 @@ class UpstreamPool:
     def leave(self) -> None:
         """A request (or a mirror copy) is done with this pool."""
         self.active -= 1
-        self._close_if_retired()
+        if self.retired:  # checked here first: this runs once per request
+            self._close_if_retired()
 
     def retire(self) -> None:
         """No longer in the config: closes once the requests still using it are done."""
@@ -438,7 +436,7 @@ class UpstreamPool:
         """Done with ``conn``, whatever happened: back to the pool if ``reuse_refusal`` allows,
         else closed. The only way into the pool."""
         conn.sink = None
-        if self.retired or not conn.reusable() or len(self.idle) >= MAX_IDLE:
+        if self.retired or reuse_refusal(conn) is not None or len(self.idle) >= MAX_IDLE:
             conn.close()
             return
         transport = conn.transport

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from ..config import format_duration
+from ..values import format_duration
 
 Result = Literal["pass", "fail", "inconclusive"]
 PASS: Result = "pass"

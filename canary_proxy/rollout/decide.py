@@ -28,8 +28,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 
-from ..config import format_duration
 from ..runner import Exit
+from ..values import format_duration
 from .analysis import (
     INCONCLUSIVE,
     PASS,

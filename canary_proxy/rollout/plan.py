@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from ..config import format_duration, parse_duration
+from ..values import format_duration, parse_duration
 
 PROMOTED_PERCENT = 100.0
 

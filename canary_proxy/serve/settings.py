@@ -31,6 +31,7 @@ class Settings:
     tls_cert: str | None = None  # with tls_key: the public port speaks TLS; reloaded on change
     tls_key: str | None = None
     default_backend: str | None = None  # --default-backend URL: takes what no route matches
+    nginx_metrics: bool = False  # --nginx-metrics: ingress-nginx's families for Ingress routes
 
     def default_backend_config(self) -> Config | None:
         """The default backend as a config of its own: both versions at that URL, weight 0."""

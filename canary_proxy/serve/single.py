@@ -34,7 +34,7 @@ async def run_single(
     Raises ListenError (a port) or TlsError (the certificate pair) before serving.
     """
     registry = CollectorRegistry()
-    metrics = Metrics(registry)
+    metrics = Metrics(registry, nginx=settings.nginx_metrics)
     metrics.init_data_plane(route=None)  # each route's series come with it: ProxyServer.apply_routes
     metrics.init_control_plane()
     proxy = ProxyServer(metrics=metrics, access_log=access_log_for(settings), limits=settings.limits)

@@ -60,7 +60,8 @@ async def _read_configs(
 
 async def run_worker(settings: Settings, status_fd: int) -> int:
     tls = public_tls(settings)  # the supervisor loaded this pair already: an error is a crash
-    metrics = Metrics(CollectorRegistry())  # values go to the shared multiprocess directory
+    # Values go to the shared multiprocess directory, the nginx families' too.
+    metrics = Metrics(CollectorRegistry(), nginx=settings.nginx_metrics)
     metrics.init_data_plane(route=None)  # each route's series come with it: ProxyServer.apply_routes
     proxy = ProxyServer(metrics=metrics, access_log=access_log_for(settings), limits=settings.limits)
     async with Lifecycle() as life:

@@ -26,12 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..ingress import (
     DEFAULT_CLASS,
-    DEFAULT_PREFIX,
     IngressRoute,
     IngressRoutes,
+    RouteMemo,
     claims,
     routes_from_ingresses,
 )
+from ..ingress_annotations import DEFAULT_PREFIX
 from ..routes import Origin
 from .raw import RawConfig, RawRoute
 
@@ -128,6 +129,7 @@ class IngressSource:
         self.tasks: list[Callable[[KubeClient], Coroutine[Any, Any, None]]] = []
         self.objects: dict[str, dict[Key, Obj]] = {resource: {} for resource in WATCHED}
         self._claimed: dict[Key, Obj] = {}
+        self._memo = RouteMemo()  # a rebuild after one change parses only what changed
         self._logged: set[tuple[str, ...]] = set()  # what was logged already
 
     def describe(self) -> str:
@@ -223,7 +225,9 @@ class IngressSource:
             self.objects["services"].values(),
             ingress_class=self.ingress_class,
             annotation_prefix=self.annotation_prefix,
+            parse=self._memo,
         )
+        self._memo.sweep()
         self._log_news(result)
         return raw_from_ingress_routes(result, ingress_class=self.ingress_class)
 
