@@ -10,9 +10,11 @@ another on one keep-alive connection. For each change it times:
 - **seen -> applied**: from the poll that saw the change to the proxy's ``config loaded``
   log line, which is written right after the new route table was swapped in. The poll does
   not log; the directory is watched with inotify instead (in a process of its own, so that
-  this busy one does not delay its clock readings): each poll opens the directory to glob
-  it, and the proxy's reading of the route files opens those. The poll that saw the change
-  is the third directory open before the first file read (see ``DirectoryOpens.seen``);
+  this busy one does not delay its clock readings): a poll stats the directory (which
+  inotify does not see) and, when its mtime moved, lists it at once (an open), and the
+  proxy's reading of a route file opens that. The poll that saw the change is the last
+  directory open before the first file read (see ``DirectoryOpens.seen``); between them is
+  the wait for the file to be 50 ms old (``SETTLE``), if it was not yet;
 - **seen -> answered**: from that poll to the first probe answer from the new version;
 - **write -> answered**: from the rename to that answer, which also holds the wait for the
   next poll (every ``POLL_INTERVAL``).
@@ -44,7 +46,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from canary_proxy.sources.file import POLL_INTERVAL, SETTLE
+from canary_proxy.sources.file import POLL_INTERVAL
 from tests.conftest import Backend, ProxyProcess, start_backend, start_proxy, stop_proxy
 
 PROBE = "probe.bench.test"
@@ -117,17 +119,16 @@ class DirectoryOpens:
     def seen(self, after: float) -> tuple[float, float]:
         """(when the poll saw a change made at ``after``, the start of the read it caused).
 
-        ``watch_dir`` globs the directory three times per change: the poll that sees it,
-        the listing again after ``SETTLE``, and ``load_dir`` before it reads the files. So
-        the poll is the third directory open before the first read. A poll whose glob began
-        just before the write, and whose stats came after it, saw it at the write.
+        ``watch_dir`` stats the directory each poll and lists it (an open) as soon as its
+        mtime moved, then reads the changed file: the poll is the last directory open before
+        that read. A listing whose open came just before the write, and whose stats came
+        after it, saw it at the write.
         """
         read = next((t for t in self.reads if t >= after), None)
         opens = [t for t in self.listings if t < (read or 0)]
-        # The settle sleep parts the first two (less a timer's and a clock reading's slack).
-        if read is None or len(opens) < 3 or opens[-2] - opens[-3] < 0.8 * SETTLE:
-            raise SystemExit(f"not the poll, settle, read sequence: opens {opens[-3:]}, read {read}")
-        return max(opens[-3], after), read
+        if read is None or not opens:
+            raise SystemExit(f"not the poll, read sequence: opens {opens[-2:]}, read {read}")
+        return max(opens[-1], after), read
 
 
 # -- routes and traffic ----------------------------------------------------------------------

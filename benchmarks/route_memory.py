@@ -3,8 +3,10 @@
 For each setup it starts the real proxy (``serve --config-dir``, one file per route), reads
 its RSS once it is ready, then sends one request per route and version (``X-Canary:
 always`` and ``never``, so every route has both versions' metric series and has used both
-its pools) and reads the RSS again, after two /stats samples (the sampler reads every
-series once a second). Setups:
+its pools) and reads the RSS again; then reads ``/stats`` once a second, as the dashboard
+does, and reads the RSS after three of the sampler's snapshots (a proxy with more than 20
+routes takes none until ``/stats`` is read; one with a few takes them from the start).
+Setups:
 
 - **1 route**: the reference;
 - **N routes, shared upstreams**: N routes over H hosts, all pointing at one stable/canary
@@ -35,6 +37,7 @@ from benchmarks.idle_connections import rss_mib
 from tests.conftest import ProxyProcess, peak_rss_mib, start_proxy, stop_proxy
 
 STATS_SETTLE = 2.5  # seconds: two of the sampler's once-a-second reads of every series
+WATCHED = 3  # /stats reads, one a second, before the RSS "with the dashboard open"
 
 
 class Upstream(asyncio.Protocol):
@@ -101,8 +104,20 @@ async def one_request_each(proxy: ProxyProcess, targets: list[tuple[str, str]]) 
     return failed
 
 
-async def measure(setup: Setup, ports: tuple[int, int], tmp: Path) -> tuple[float, float, float, int]:
-    """(RSS ready, RSS after one request per route and version, peak RSS, failed requests)."""
+Measured = tuple[float, float, float, float, int]
+
+
+async def watched(proxy: ProxyProcess) -> float:
+    """The RSS after ``/stats`` was read once a second ``WATCHED`` times, as the dashboard does."""
+    for _ in range(WATCHED):
+        await proxy.admin_json("/stats")
+        await asyncio.sleep(1.0)
+    return rss_mib(proxy.pid)
+
+
+async def measure(setup: Setup, ports: tuple[int, int], tmp: Path) -> Measured:
+    """(RSS ready, RSS after one request per route and version, RSS with /stats read, peak RSS,
+    failed requests)."""
     folder = tmp / f"routes-{setup.routes}-{setup.own_upstreams}"
     folder.mkdir()
 
@@ -119,7 +134,8 @@ async def measure(setup: Setup, ports: tuple[int, int], tmp: Path) -> tuple[floa
         ready = rss_mib(proxy.pid)
         failed = await one_request_each(proxy, targets)
         await asyncio.sleep(STATS_SETTLE)
-        return ready, rss_mib(proxy.pid), peak_rss_mib(proxy.pid), failed
+        after = rss_mib(proxy.pid)
+        return ready, after, await watched(proxy), peak_rss_mib(proxy.pid), failed
     finally:
         await stop_proxy(proxy)
 
@@ -150,7 +166,7 @@ async def main(args: argparse.Namespace) -> None:
     if args.own_upstreams:
         setups.append(Setup(f"{many}, own upstreams", args.routes, args.hosts, True))
     tmp = Path(tempfile.mkdtemp(prefix="route-memory-"))
-    rows: list[tuple[Setup, float, float, float, int]] = []
+    rows: list[tuple[Setup, *Measured]] = []
     try:
         for setup in setups:
             rows.append((setup, *await measure(setup, ports, tmp)))
@@ -160,15 +176,18 @@ async def main(args: argparse.Namespace) -> None:
     report(rows)
 
 
-def report(rows: list[tuple[Setup, float, float, float, int]]) -> None:
+def report(rows: list[tuple[Setup, *Measured]]) -> None:
     loadavg = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     print(f"RSS of the proxy (--workers 1, VmRSS), MiB; load average at the end {loadavg}\n")
-    print("| routes | ready | after 1 request per route and version | peak (VmHWM) | failed |")
-    print("|---|--:|--:|--:|--:|")
-    base = rows[0][2]
-    for setup, ready, after, peak, failed in rows:
+    print("| routes | ready | after 1 request per route and version | and /stats read 3 s | peak | failed |")
+    print("|---|--:|--:|--:|--:|--:|")
+    base, base_watched = rows[0][2], rows[0][3]
+    for setup, ready, after, seen, peak, failed in rows:
         extra = f" (+{after - base:.1f})" if setup.routes > 1 else ""
-        print(f"| {setup.label} | {ready:.1f} | {after:.1f}{extra} | {peak:.1f} | {failed} |")
+        more = f" (+{seen - base_watched:.1f})" if setup.routes > 1 else ""
+        print(
+            f"| {setup.label} | {ready:.1f} | {after:.1f}{extra} | {seen:.1f}{more} | {peak:.1f} | {failed} |"
+        )
 
 
 if __name__ == "__main__":

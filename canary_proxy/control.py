@@ -169,6 +169,7 @@ class ConfigControl:
         self._last: tuple[str, bool] | None = None  # the last offer's digest, and if it was taken
         self._good: dict[str, tuple[str, Route, Mapping[str, Any]]] = {}  # per route: digest, route, doc
         self._bad: dict[str, str] = {}  # per route: the digest last rejected (counted once)
+        self._ratios: dict[str, float] = {}  # per route: the weight ratio its gauge was set to
 
     @property
     def current(self) -> Config | None:
@@ -265,7 +266,10 @@ class ConfigControl:
         self.metrics.config_reloads.labels("success").inc()
         self.metrics.config_last_success.set(time.time())
         for route in routes.routes:
-            self.metrics.weight_ratio.labels(route.name).set(route.config.weight_ratio)
+            ratio = route.config.weight_ratio
+            if self._ratios.get(route.name) != ratio:  # labels() per route: 2 ms for 1,000
+                self._ratios[route.name] = ratio
+                self.metrics.weight_ratio.labels(route.name).set(ratio)
         if changed:
             for callback in self.on_change:
                 callback(routes)

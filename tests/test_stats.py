@@ -12,7 +12,9 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from canary_proxy.admin.stats import (
+    UNWATCHED_ROUTES,
     History,
+    Sampler,
     Snapshot,
     notes_rollout,
     offered_routes,
@@ -121,6 +123,14 @@ def test_the_history_keeps_points_per_route_up_to_its_size() -> None:
         history.add(snapshot(registry.collect(), float(second)))
     assert history.series("shop")["time"] == [3.0, 4.0, 5.0]
     assert all(len(column) == 3 for column in history.charts["shop"].values())
+
+
+def test_many_routes_are_sampled_only_once_stats_is_read() -> None:
+    sampler = Sampler(CollectorRegistry())
+    assert sampler.due(UNWATCHED_ROUTES)  # a few routes: charted from the start
+    assert not sampler.due(UNWATCHED_ROUTES + 1)  # many: a snapshot costs a share of a core
+    sampler.watched()
+    assert sampler.due(1000)
 
 
 def test_offered_routes_are_the_served_ones_then_labels_that_served() -> None:

@@ -68,7 +68,13 @@ def admin_app(state: AdminState) -> web.Application:
 async def _sampling(app: web.Application) -> AsyncIterator[None]:
     """Snapshot the collectors once a second for /stats while the admin port is up."""
     control = app[ADMIN_STATE].control
-    task = asyncio.create_task(app[STATS].run(lambda: control.current_raw, lambda: control.rollout_notes))
+
+    def routes() -> int:
+        return len(control.routes.routes) if control.routes is not None else 0
+
+    task = asyncio.create_task(
+        app[STATS].run(lambda: control.current_raw, lambda: control.rollout_notes, routes)
+    )
     yield
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)

@@ -374,14 +374,15 @@ def _dir_source(directory: str) -> Source:
     then followed as they come, change and go."""
     from ..config import ConfigError
     from ..control import load
-    from ..sources.file import load_dir, watch_dir
+    from ..sources.file import Cache, load_dir, watch_dir
 
-    initial = load_dir(directory)
+    cache: Cache = {}  # what was read: the watch reads again only the files that change
+    initial = load_dir(directory, cache=cache)
     try:
         load(initial, origin=directory)
     except ConfigError as exc:
         raise Fatal(Exit.USAGE, *exc.errors) from None
-    return initial, lambda: watch_dir(directory, initial=initial), directory
+    return initial, lambda: watch_dir(directory, initial=initial, cache=cache), directory
 
 
 def _file_source(path: str) -> Source:

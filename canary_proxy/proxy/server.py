@@ -198,16 +198,25 @@ class ProxyServer:
         """Serve ``routes`` from now on: one table, swapped in one assignment. A route whose
         upstreams did not change keeps its pools (pools are shared by URL) and its outlier
         state; no other route's are touched."""
-        previous = {runtime.name: runtime for _, runtime in self.table.items} if self.table else {}
+        previous = (
+            {runtime.name: (route, runtime) for route, runtime in self.table.items} if self.table else {}
+        )
         items = []
         for route in routes:
-            runtime = self._runtime(route.name, route.config, previous.get(route.name), route.origin)
+            before = previous.get(route.name)
+            if before is not None and before[0] == route and route.config.upstream_ca is None:
+                # Unchanged (a CA file is read again, as on every change): one of 1,000 routes
+                # changed rebuilds one runtime, not 1,000.
+                items.append((route, before[1]))
+                continue
+            previous_runtime = before[1] if before is not None else None
+            runtime = self._runtime(route.name, route.config, previous_runtime, route.origin)
             if runtime is not None:
                 items.append((route, runtime))
                 if route.name not in self._series:  # once per route name: not per change
                     self._series.add(route.name)
                     self.metrics.init_data_plane(route.name)
-        table = RouteTable(items)
+        table = RouteTable(items).build()
         # Only routes with a body limit of their own make a request look its route up as
         # soon as its head is read; otherwise the proxy's limit applies, as it always did.
         self.body_limits = any(runtime.body_limit is not None for _, runtime in items)
