@@ -38,6 +38,7 @@ from .failures import (
     error_page,
     no_route_page,
     open_upstream,
+    redirect_page,
     retryable,
 )
 from .headers import (
@@ -156,29 +157,26 @@ class Cycle:
 
     def _no_route(self) -> None:
         """No route matches and there is no default backend: 404, counted unrouted."""
-        request = self.request
-        self.close_after = request.has_body and not request.body_done
-        self.server.reject(unrouted(request, self.client.peer.client, status=404, rule="no-route"))
-        close = self.close_after or self.client.draining or not request.keep_alive
-        self.client.send_now(no_route_page(request, close=close))
-        self._finish()
+        self._answer_unrouted(404, "no-route", None)
 
     def _to_https(self) -> bool:
         """A plain-HTTP request to a TLS host: 308 to https, counted unrouted. False: none due."""
+        location = https_location(self.request, self.client.peer)
+        if location is not None:
+            self._answer_unrouted(308, "https-redirect", location)
+        return location is not None
+
+    def _answer_unrouted(self, status: int, rule: str, location: bytes | None) -> None:
+        """The proxy's own answer, which no upstream sees: a 404, or a 308 to ``location``."""
         request = self.request
-        location = https_location(request, self.client.peer)
-        if location is None:
-            return False
         self.close_after = request.has_body and not request.body_done
-        self.server.reject(unrouted(request, self.client.peer.client, status=308, rule="https-redirect"))
+        self.server.reject(unrouted(request, self.client.peer.client, status=status, rule=rule))
         close = self.close_after or self.client.draining or not request.keep_alive
-        extra = b"Location: %s\r\n" % location
-        body = b"308: %s\n" % location
-        self.client.send_now(
-            simple_response(308, body, extra=extra, close=close, head=request.method == "HEAD")
-        )
+        if location is None:
+            self.client.send_now(no_route_page(request, close=close))
+        else:
+            self.client.send_now(redirect_page(request, location, close=close))
         self._finish()
-        return True
 
     def _route(self, runtime: Runtime) -> None:
         request, server = self.request, self.server

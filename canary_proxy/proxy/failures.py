@@ -115,3 +115,11 @@ def no_route_page(request: Request, *, close: bool) -> bytes:
     host = (request.lookup.get(b"host") or b"").decode("latin-1")
     body = f"404: no route for host {host or '(none)'} path {request.url.decode('latin-1')}\n"
     return simple_response(404, body.encode(), close=close, head=request.method == "HEAD")
+
+
+def redirect_page(request: Request, location: bytes, *, close: bool) -> bytes:
+    """308 to ``location`` (https), as ingress-nginx's ssl-redirect answers."""
+    extra = b"Location: %s\r\n" % location
+    return simple_response(
+        308, b"308: %s\n" % location, extra=extra, close=close, head=request.method == "HEAD"
+    )
