@@ -617,13 +617,15 @@ def _proxy_builds() -> Iterator[Path]:
 
 
 def test_proxy_is_in_base_and_demo() -> None:
+    """Every build that runs the proxy gets test_proxy_deployment's checks."""
     assert {p.relative_to(DEPLOY).as_posix() for p in _proxy_builds()} == {
         "base",
         "examples/demo-app",
+        "ingress-mode",
     }
 
 
-@pytest.mark.parametrize("directory", ["base", "examples/demo-app"])
+@pytest.mark.parametrize("directory", ["base", "examples/demo-app", "ingress-mode"])
 def test_proxy_deployment(directory: str) -> None:
     docs = built(DEPLOY / directory)
     deployment = find(docs, "Deployment", "canary-proxy")
@@ -634,7 +636,8 @@ def test_proxy_deployment(directory: str) -> None:
     [container] = pod["containers"]
     args, env = container["args"], container.get("env", [])
     assert args[0] == "serve"
-    assert flag(args, env, "configmap", "") == "canary-proxy"
+    source = "ingress-class" if directory == "ingress-mode" else "configmap"
+    assert flag(args, env, source, "") == "canary-proxy"
 
     drain = seconds(flag(args, env, "drain-delay", DEFAULT_DRAIN_DELAY))
     shutdown = seconds(flag(args, env, "shutdown-timeout", DEFAULT_SHUTDOWN_TIMEOUT))
@@ -875,3 +878,27 @@ async def test_every_metric_the_dashboard_and_alerts_query_is_really_exported(
     used = promql_metric_names()
     assert used, "no metric names found in the dashboard and rules"
     assert used <= exported, f"queried but not exported: {sorted(used - exported)}"
+
+
+def test_ingress_mode_runs_the_proxy_as_the_clusters_ingress() -> None:
+    """deploy/ingress-mode is deploy/base switched to serve --ingress-class: HTTPS on 443,
+    a LoadBalancer whose address the leader publishes, and the public ports open."""
+    docs = built(DEPLOY / "ingress-mode")
+    deployment = find(docs, "Deployment", "canary-proxy")
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    args, env = container["args"], container.get("env", [])
+    assert args[0] == "serve" and flag(args, env, "ingress-class", "") == "canary-proxy"
+    assert not any(a.startswith("--configmap") for a in args)
+    namespace = deployment["metadata"]["namespace"]
+    assert flag(args, env, "publish-service", "") == f"{namespace}/canary-proxy"
+    tls_port = int(flag(args, env, "tls-listen", "").rsplit(":", 1)[1])
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["https"] == tls_port and ports["http"] == 8080
+    service = find(docs, "Service", "canary-proxy")
+    assert service["spec"]["type"] == "LoadBalancer"
+    by_name = {p["name"]: p for p in service["spec"]["ports"]}
+    assert (by_name["https"]["port"], by_name["https"]["targetPort"]) == (443, "https")
+    assert by_name["http"]["port"] == 80
+    policy = find(docs, "NetworkPolicy", "canary-proxy")
+    public = {p["port"] for p in policy["spec"]["ingress"][0]["ports"]}
+    assert public == {"http", "https"}
