@@ -120,6 +120,30 @@ class _Seen:
         return tuple(found)
 
 
+class OutageLog:
+    """``on_status`` for a config source: warn once when the API becomes unavailable, not on
+    each retry (the watch loop logs those), saying what keeps serving; and say when it
+    answers again."""
+
+    def __init__(self, what: str, *, keeping: str = "the last good config") -> None:
+        self.what = what
+        self.keeping = keeping
+        self.down = False
+
+    def __call__(self, status: WatchStatus) -> None:
+        if status.state == "retrying" and not self.down:
+            self.down = True
+            logger.warning(
+                "Kubernetes API unavailable for %s; keeping %s",
+                self.what,
+                self.keeping,
+                extra={"error": str(status.error)},
+            )
+        elif status.state in ("listed", "watching") and self.down:
+            self.down = False
+            logger.info("Kubernetes API available again for %s", self.what)
+
+
 async def watch_objects(
     client: KubeClient,
     selector: Selector,

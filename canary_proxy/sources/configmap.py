@@ -21,7 +21,7 @@ from ..annotations import recorded
 from .raw import RawConfig, RawRoute
 
 if TYPE_CHECKING:
-    from ..k8s import Backoff, WatchStatus
+    from ..k8s import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -58,32 +58,11 @@ def _same(a: RawConfig, b: RawConfig) -> bool:
     return a.digest == b.digest and notes[0] == notes[1]
 
 
-class _OutageLog:
-    """``on_status`` for a source: warn once when the API becomes unavailable, not on each
-    retry (the watch loop logs those), and say when it answers again."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.down = False
-
-    def __call__(self, status: WatchStatus) -> None:
-        if status.state == "retrying" and not self.down:
-            self.down = True
-            log.warning(
-                "Kubernetes API unavailable for %s; keeping the last good config",
-                self.what,
-                extra={"error": str(status.error)},
-            )
-        elif status.state in ("listed", "watching") and self.down:
-            self.down = False
-            log.info("Kubernetes API available again for %s", self.what)
-
-
 async def follow_configmap(ref: str, *, kubeconfig: str | None) -> AsyncIterator[RawConfig]:
     """Yield the ConfigMap's ``data`` and rollout annotations each time either changes, forever
     (until cancelled). A change to the annotations alone keeps the digest, so the consumer
     (``control.ConfigControl``) updates the rollout it shows without reloading the config."""
-    from ..k8s import KubeClient, load_config, parse_ref, watch_configmap
+    from ..k8s import KubeClient, OutageLog, load_config, parse_ref, watch_configmap
 
     namespace, name = parse_ref(ref)
     config = await load_config(kubeconfig)
@@ -91,7 +70,7 @@ async def follow_configmap(ref: str, *, kubeconfig: str | None) -> AsyncIterator
 
     last: RawConfig | None = None
     async with KubeClient(config) as client:
-        on_status = _OutageLog(f"configmap {namespace}/{name}")
+        on_status = OutageLog(f"configmap {namespace}/{name}")
         events = watch_configmap(client, namespace, name, on_status=on_status)
         async with contextlib.aclosing(events):
             async for event in events:
@@ -125,6 +104,7 @@ async def follow_configmap_selector(
     from ..k8s import (
         DEFAULT_BACKOFF,
         KubeClient,
+        OutageLog,
         Selector,
         check_label_selector,
         load_config,
@@ -137,7 +117,7 @@ async def follow_configmap_selector(
     last: RawConfig | None = None
     async with KubeClient(config) as client:
         batches = watch_configmaps(
-            client, where, backoff=backoff or DEFAULT_BACKOFF, on_status=_OutageLog(str(where))
+            client, where, backoff=backoff or DEFAULT_BACKOFF, on_status=OutageLog(str(where))
         )
         async with contextlib.aclosing(batches):
             async for batch in batches:

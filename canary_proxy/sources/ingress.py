@@ -37,7 +37,7 @@ from ..routes import Origin
 from .raw import RawConfig, RawRoute
 
 if TYPE_CHECKING:
-    from ..k8s import Backoff, KubeClient, ObjectBatch, WatchStatus
+    from ..k8s import Backoff, KubeClient, ObjectBatch
 
 log = logging.getLogger(__name__)
 
@@ -83,26 +83,6 @@ def raw_from_ingress_routes(result: IngressRoutes, *, ingress_class: str) -> Raw
     }
     digest = _digest([[r.name, list(r.order), r.digest] for r in routes] + [notes])
     return RawConfig(digest, None, routes=tuple(routes), notes=notes)
-
-
-class _OutageLog:
-    """Warn once when the API becomes unavailable for a watch, and say when it is back."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.down = False
-
-    def __call__(self, status: WatchStatus) -> None:
-        if status.state == "retrying" and not self.down:
-            self.down = True
-            log.warning(
-                "Kubernetes API unavailable for %s; keeping the last good routes",
-                self.what,
-                extra={"error": str(status.error)},
-            )
-        elif status.state in ("listed", "watching") and self.down:
-            self.down = False
-            log.info("Kubernetes API available again for %s", self.what)
 
 
 class IngressSource:
@@ -159,11 +139,14 @@ class IngressSource:
     async def _pump(
         self, client: KubeClient, resource: str, queue: asyncio.Queue[tuple[str, ObjectBatch] | BaseException]
     ) -> None:
-        from ..k8s import DEFAULT_BACKOFF, Selector, watch_objects
+        from ..k8s import DEFAULT_BACKOFF, OutageLog, Selector, watch_objects
 
         selector = Selector(self.namespace, resource=resource)
         batches = watch_objects(
-            client, selector, backoff=self.backoff or DEFAULT_BACKOFF, on_status=_OutageLog(str(selector))
+            client,
+            selector,
+            backoff=self.backoff or DEFAULT_BACKOFF,
+            on_status=OutageLog(str(selector), keeping="the last good routes"),
         )
         try:
             async with contextlib.aclosing(batches):
