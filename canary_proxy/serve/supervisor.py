@@ -95,16 +95,17 @@ class Supervisor:
             self._send_tls(worker)
 
     def _send_tls(self, worker: Worker) -> None:
-        stdin = worker.process.stdin
-        if stdin is not None and not stdin.is_closing():
-            stdin.write(json.dumps({"tls": self.tls_wire}, separators=(",", ":")).encode() + b"\n")
+        self._write(worker, {"tls": self.tls_wire})
 
     def _send(self, worker: Worker) -> None:
+        self._write(worker, {"generation": self.generation, "routes": self.wire})
+
+    @staticmethod
+    def _write(worker: Worker, message: dict[str, Any]) -> None:
+        """One JSON line on the worker's stdin, the wire it reads routes and certificates from."""
         stdin = worker.process.stdin
         if stdin is not None and not stdin.is_closing():
-            message = {"generation": self.generation, "routes": self.wire}
-            line = json.dumps(message, separators=(",", ":"))
-            stdin.write(line.encode() + b"\n")
+            stdin.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
 
     def _applied(self, worker: Worker, generation: int) -> None:
         worker.applied = generation
