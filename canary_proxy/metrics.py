@@ -10,10 +10,12 @@ else (docs/metrics.md gives the count per route).
 
 from __future__ import annotations
 
+import threading
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
-from typing import Final
+from typing import Final, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
@@ -38,6 +40,9 @@ KNOWN_METHODS: Final = frozenset(
 MIRROR_SKIP_REASONS: Final = ("body-too-large", "in-flight-limit")
 
 
+_C = TypeVar("_C", "_Count", "_Observed")
+
+
 def method_label(method: str) -> str:
     return method if method in KNOWN_METHODS else "OTHER"
 
@@ -50,6 +55,7 @@ class Metrics:
     """
 
     def __init__(self, registry: CollectorRegistry, *, nginx: bool = False) -> None:
+        registry.register(_FlushFirst(self))  # first: a collect flushes, then reads the families
         # Ingress mode's ingress-nginx-compatible families (``serve --nginx-metrics``), for
         # the routes that come from an Ingress; None: not exported at all.
         self.nginx = NginxMetrics(registry) if nginx else None
@@ -167,9 +173,12 @@ class Metrics:
             namespace=NAMESPACE,
             registry=registry,
         )
-        # labels() takes a lock and builds a tuple each call: the per-request path finds a
-        # route's children once (RouteSeries), keyed by label values (no client input).
+        # One route's per-request values, built once per route name and kept: see RouteSeries.
         self._series: dict[str, RouteSeries] = {}
+        # With --workers, values go to files the supervisor reads: each worker flushes the
+        # series its batch touched at the batch's end (ProxyServer), not at collect time.
+        self.shared: bool = getattr(values.ValueClass, "_multiprocess", False)
+        self._flushing = threading.Lock()  # one flush at a time: /metrics and /stats may overlap
 
     def init_data_plane(self, route: str | None = DEFAULT_ROUTE) -> None:
         """Create a route's per-version series at zero so rate() works from the first scrape
@@ -178,9 +187,9 @@ class Metrics:
             self.mirror_skipped.labels(reason)
         if route is None:
             return
+        if route not in self._series:  # its in-flight and duration children, by version
+            self._series[route] = RouteSeries(self, route)
         for version in VERSIONS:
-            self.duration.labels(route, version)
-            self.in_flight.labels(route, version)
             self.websockets.labels(route, version)
             self.decisions.labels(route, version, "weight")
         self.outlier_ejections.labels(route)
@@ -191,14 +200,32 @@ class Metrics:
             self.config_reloads.labels(result)
 
     def series(self, route: str, origin: Origin | None = None) -> RouteSeries:
-        """One route's per-request children, built once per route name; a route read from an
+        """One route's per-request values, built once per route name; a route read from an
         Ingress (``origin``) also counts in the ingress-nginx families when they are on."""
-        if origin is not None and self.nginx is not None:
-            return self.nginx.series(self, route, origin)
         found = self._series.get(route)
         if found is None:
             found = self._series[route] = RouteSeries(self, route)
+        nginx = self.nginx
+        if nginx is None or origin is None:
+            found.nginx = None
+        elif found.nginx is None or found.nginx.origin_labels != _origin_labels(origin):
+            found.nginx = NginxRouteSeries(nginx, origin)
         return found
+
+    def flush(self, series: Iterable[RouteSeries] | None = None) -> None:
+        """Hand what the data path counted to the prometheus_client children: every route's
+        (the registry's collect does, first), or only ``series`` (a worker, at the end of a
+        batch). Safe from any thread: the data path only ever adds to the values it keeps,
+        and each flush sends the difference since the last."""
+        with self._flushing:
+            if series is not None:
+                for one in series:
+                    one.flush()
+                return
+            for one in list(self._series.values()):  # one C call: the loop may add a route
+                one.flush(nginx=False)
+            if self.nginx is not None:
+                self.nginx.flush()  # every label set's, those of an Ingress's old labels too
 
     def count_request(self, route: str, version: str, code: int, method: str, seconds: float) -> None:
         self.series(route).request(version, code, method, seconds)
@@ -216,40 +243,121 @@ class Metrics:
         self.mirror_duration.labels(route).observe(seconds)
 
 
-class RouteSeries:
-    """One route's series for the per-request path, found without building label tuples:
-    in flight and duration by version, requests by (version, code, method label), decisions
-    by (version, rule). The caches are keyed by label values, so client input cannot grow
-    them."""
+class _FlushFirst:
+    """Registered before every family, so that any collect of the registry (a scrape, /stats,
+    ``get_sample_value``) first has the data path's values handed to the children."""
 
-    __slots__ = ("_decisions", "_metrics", "_requests", "duration", "in_flight", "route")
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return []  # no names of its own; and registering it must not flush
+
+    def collect(self) -> Iterator[Metric]:
+        self._metrics.flush()
+        return iter(())
+
+
+class _Count:
+    """One counter or gauge child's value as the data path keeps it: a plain number, handed
+    to the child (its lock; with --workers, its file) only by ``flush``."""
+
+    __slots__ = ("child", "flushed", "n")
+
+    def __init__(self, child: Counter | Gauge) -> None:
+        self.child = child
+        self.n = 0  # written by the event loop only
+        self.flushed = 0
+
+    def flush(self) -> None:
+        n = self.n  # read once: what the loop adds meanwhile goes with the next flush
+        if n != self.flushed:
+            self.child.inc(n - self.flushed)
+            self.flushed = n
+
+
+class _Observed:
+    """One histogram child's observations as the data path keeps them, in one list: a count
+    per bucket (each bucket's own, not cumulative), the +Inf bucket's, and last the sum."""
+
+    __slots__ = ("child", "counts", "flushed")
+
+    def __init__(self, child: Histogram, buckets: int) -> None:
+        self.child = child
+        self.counts: list[float] = [0] * (buckets + 1) + [0.0]
+        self.flushed = self.counts.copy()
+
+    def flush(self) -> None:
+        now = self.counts.copy()  # one C call: a consistent copy from whatever thread
+        flushed = self.flushed
+        if now == flushed:
+            return
+        # prometheus_client has no public call that adds n observations to one bucket;
+        # test_metrics.py checks these two attributes against Histogram.observe.
+        buckets = self.child._buckets
+        for i in range(len(now) - 1):
+            if now[i] != flushed[i]:
+                buckets[i].inc(now[i] - flushed[i])
+        self.child._sum.inc(now[-1] - flushed[-1])
+        self.flushed = now
+
+
+class RouteSeries:
+    """One route's per-request values: in flight and duration by version, requests by
+    (version, code, method label), decisions by (version, rule), and its ingress-nginx
+    histogram (``nginx``, for a route read from an Ingress).
+
+    The data path only adds to plain numbers here, and ``Metrics.flush`` hands them to the
+    children. A child's ``inc`` is a lock and several calls, and with traffic spread over
+    1,000 routes each route's ~70 children (each value with its own lock) were cold in the
+    cache on every request: that was most of what 1,000 routes cost over one. The caches
+    are keyed by label values, so client input cannot grow them."""
+
+    __slots__ = ("_decisions", "_durations", "_metrics", "_requests", "cells", "in_flight", "nginx", "route")
 
     def __init__(self, metrics: Metrics, route: str) -> None:
         self._metrics = metrics
         self.route = route
-        self.in_flight = {v: metrics.in_flight.labels(route, v) for v in VERSIONS}
-        self.duration = {v: metrics.duration.labels(route, v) for v in VERSIONS}
-        self._requests: dict[tuple[str, int, str], Counter] = {}
-        self._decisions: dict[tuple[str, str], Counter] = {}
+        self.cells: list[_Count | _Observed] = []  # appended to by the loop only
+        self.in_flight = {v: self._add(_Count(metrics.in_flight.labels(route, v))) for v in VERSIONS}
+        self._durations = {
+            v: self._add(_Observed(metrics.duration.labels(route, v), len(DURATION_BUCKETS))).counts
+            for v in VERSIONS
+        }
+        self._requests: dict[tuple[str, int, str], _Count] = {}
+        self._decisions: dict[tuple[str, str], _Count] = {}
+        self.nginx: NginxRouteSeries | None = None
+
+    def _add(self, cell: _C) -> _C:
+        self.cells.append(cell)
+        return cell
 
     def request(self, version: str, code: int, method: str, seconds: float) -> None:
-        key = (version, code, method if method in KNOWN_METHODS else "OTHER")
-        child = self._requests.get(key)
-        if child is None:
-            child = self._requests[key] = self._metrics.requests.labels(
-                self.route, version, str(code), key[2]
-            )
-        child.inc()
-        self.duration[version].observe(seconds)
+        label = method if method in KNOWN_METHODS else "OTHER"
+        key = (version, code, label)
+        counted = self._requests.get(key)
+        if counted is None:
+            child = self._metrics.requests.labels(self.route, version, str(code), label)
+            counted = self._requests[key] = self._add(_Count(child))
+        counted.n += 1
+        counts = self._durations[version]
+        counts[bisect_left(DURATION_BUCKETS, seconds)] += 1  # the first bucket with seconds <= le
+        counts[-1] += seconds
+        if self.nginx is not None:
+            self.nginx.request(version, code, label, seconds)
 
-    def decision(self, version: str, rule: str, count: int = 1) -> None:
-        """``count`` decisions (the proxy sums a batch's: see proxy/tally.py)."""
+    def decision(self, version: str, rule: str) -> None:
         decided = self._decisions.get((version, rule))
         if decided is None:
-            decided = self._decisions[(version, rule)] = self._metrics.decisions.labels(
-                self.route, version, rule
-            )
-        decided.inc(count)
+            child = self._metrics.decisions.labels(self.route, version, rule)
+            decided = self._decisions[(version, rule)] = self._add(_Count(child))
+        decided.n += 1
+
+    def flush(self, *, nginx: bool = True) -> None:
+        for cell in self.cells[:]:  # a copy in one C call: the loop may add a cell meanwhile
+            cell.flush()
+        if nginx and self.nginx is not None:
+            self.nginx.flush()
 
 
 # -- ingress-nginx-compatible metrics (Ingress mode) -----------------------------------------
@@ -286,23 +394,28 @@ class NginxMetrics:
             buckets=NGINX_BUCKETS,
             registry=registry,
         )
-        self._series: dict[str, NginxRouteSeries] = {}
+        # Every label set's observations, kept across an Ingress's changes of labels.
+        self._observed: dict[tuple[str, ...], _Observed] = {}
 
-    def series(self, metrics: Metrics, route: str, origin: Origin) -> NginxRouteSeries:
-        """The route's children, rebuilt only when its labels change (a canary Ingress came
-        or went, a backend Service changed): not on every weight patch."""
-        found = self._series.get(route)
-        if found is None or found.origin_labels != _origin_labels(origin):
-            found = self._series[route] = NginxRouteSeries(metrics, route, self, origin)
+    def observed(self, labels: tuple[str, ...]) -> _Observed:
+        found = self._observed.get(labels)
+        if found is None:
+            child = self.response_duration.labels(*labels)
+            found = self._observed[labels] = _Observed(child, len(NGINX_BUCKETS))
         return found
+
+    def flush(self) -> None:
+        for observed in list(self._observed.values()):
+            observed.flush()
 
 
 def _origin_labels(origin: Origin) -> tuple[str, ...]:
     return (origin.namespace, origin.ingress, origin.service, origin.host, origin.path, origin.canary)
 
 
-class NginxRouteSeries(RouteSeries):
-    """A route read from an Ingress: its canary-proxy series, and its ingress-nginx ones.
+class NginxRouteSeries:
+    """A route read from an Ingress: its ingress-nginx histogram, by its Ingress's labels
+    (rebuilt when they change: a canary Ingress came or went, a backend Service changed).
 
     As ingress-nginx labels a request: ``ingress``, ``service``, ``host`` and ``path`` are the
     main Ingress's rule (a canary request too: ingress-nginx serves it from the main
@@ -310,26 +423,31 @@ class NginxRouteSeries(RouteSeries):
     ``NAMESPACE-SERVICE-PORT`` for the canary. ``status`` is the status sent to the client.
     """
 
-    __slots__ = ("_canary", "_nginx", "_nginx_children", "origin_labels")
+    __slots__ = ("_canary", "_counts", "_nginx", "_observed", "origin_labels")
 
-    def __init__(self, metrics: Metrics, route: str, nginx: NginxMetrics, origin: Origin) -> None:
-        super().__init__(metrics, route)
+    def __init__(self, nginx: NginxMetrics, origin: Origin) -> None:
         self._nginx = nginx
         self.origin_labels = _origin_labels(origin)
         # ingress-nginx's ``canary``: the alternative upstream's name, "" for the main one.
         self._canary = {version: origin.canary if version == CANARY else "" for version in VERSIONS}
         # None at zero: ingress-nginx has no series before a request (Flagger: "no values").
-        self._nginx_children: dict[tuple[str, int, str], Histogram] = {}
+        self._counts: dict[tuple[str, int, str], list[float]] = {}
+        self._observed: list[_Observed] = []
 
-    def request(self, version: str, code: int, method: str, seconds: float) -> None:
-        RouteSeries.request(self, version, code, method, seconds)
-        key = (version, code, method if method in KNOWN_METHODS else "OTHER")
-        child = self._nginx_children.get(key)
-        if child is None:
+    def request(self, version: str, code: int, method_label: str, seconds: float) -> None:
+        counts = self._counts.get((version, code, method_label))
+        if counts is None:
             namespace, ingress, service, host, path, _ = self.origin_labels
-            values = (str(code), key[2], path, namespace, ingress, service, self._canary[version], host)
-            child = self._nginx_children[key] = self._nginx.response_duration.labels(*values)
-        child.observe(seconds)
+            labels = (str(code), method_label, path, namespace, ingress, service, self._canary[version], host)
+            observed = self._nginx.observed(labels)
+            self._observed.append(observed)
+            counts = self._counts[(version, code, method_label)] = observed.counts
+        counts[bisect_left(NGINX_BUCKETS, seconds)] += 1
+        counts[-1] += seconds
+
+    def flush(self) -> None:
+        for observed in self._observed[:]:
+            observed.flush()
 
 
 def exposition(registry: Collector) -> bytes:

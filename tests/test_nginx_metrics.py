@@ -496,11 +496,13 @@ from canary_proxy.metrics import Metrics
 from canary_proxy.routes import Origin
 
 origin = Origin(*sys.argv[2:7], canary=sys.argv[7])
-series = Metrics(CollectorRegistry(), nginx=True).series("shop/web", origin)
+metrics = Metrics(CollectorRegistry(), nginx=True)
+series = metrics.series("shop/web", origin)
 for _ in range(int(sys.argv[1])):
     series.request("canary", 200, "GET", 0.1)
 series.request("canary", 503, "GET", 0.3)
 series.request("stable", 200, "GET", 0.1)
+metrics.flush([series])  # as a worker does at the end of each batch
 """
 
 

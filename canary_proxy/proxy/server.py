@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from ..config import Config, Upstream, format_duration
-from ..metrics import Metrics
+from ..metrics import Metrics, RouteSeries
 from ..router import STABLE, random_bucket_source
 from ..routes import Origin, Route, RouteTable
 from ..tls import TlsError, read_ca, upstream_context
@@ -26,7 +26,6 @@ from .limits import Limits
 from .mirror import Mirrors
 from .outlier import WINDOW, OutlierDetector
 from .request import Request
-from .tally import Tally
 from .upstream import UpstreamConnection, UpstreamPool
 
 log = logging.getLogger(__name__)
@@ -86,7 +85,8 @@ class ProxyServer:
         self._unflushed: list[ClientConnection] = []  # connections holding response bytes
         self._upstream_unflushed: list[UpstreamConnection] = []  # holding request heads
         self._finished: list[Session] = []  # to account: metrics, access log, in-flight count
-        self._tally = Tally()  # the batch's in-flight changes and decisions, applied at its end
+        # With --workers: the series this batch counted in, flushed to their files at its end.
+        self._touched: set[RouteSeries] | None = set() if metrics.shared else None
         self._batch_due = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -148,7 +148,10 @@ class ProxyServer:
                     except Exception:
                         log.exception("accounting a request failed")
         finally:
-            self._tally.apply()  # enter and leave run only in here: see Tally
+            touched = self._touched
+            if touched:  # enter and leave run only in here: a batch is never half flushed
+                self.metrics.flush(touched)
+                touched.clear()
             self._batch_due = False
 
     def protocol(self) -> ClientConnection:
@@ -313,14 +316,20 @@ class ProxyServer:
 
     def enter(self, ex: Exchange) -> None:
         self.in_flight += 1
-        assert ex.series is not None  # a routed exchange
-        self._tally.in_flight(ex.series, ex.version, 1)
+        series = ex.series
+        assert series is not None  # a routed exchange
+        series.in_flight[ex.version].n += 1
+        if self._touched is not None:
+            self._touched.add(series)
 
     def move(self, ex: Exchange, version: str, rule: str) -> None:
-        assert ex.series is not None
-        ex.series.in_flight[ex.version].dec()
+        series = ex.series
+        assert series is not None
+        series.in_flight[ex.version].n -= 1
         ex.version, ex.rule = version, rule
-        ex.series.in_flight[version].inc()
+        series.in_flight[version].n += 1
+        if self._touched is not None:
+            self._touched.add(series)
 
     def reject(self, ex: Exchange) -> None:
         self.metrics.count_rejected(ex.status, ex.method)
@@ -331,10 +340,11 @@ class ProxyServer:
         seconds = time.monotonic() - ex.start
         series = ex.series
         assert series is not None
-        tally = self._tally
-        tally.in_flight(series, ex.version, -1)
+        series.in_flight[ex.version].n -= 1
         series.request(ex.version, ex.status, ex.method, seconds)
-        tally.decision(series, ex.version, ex.rule)
+        series.decision(ex.version, ex.rule)
+        if self._touched is not None:
+            self._touched.add(series)
         if self.access_log is not None:
             self.access_log.write(ex, seconds)
         self.in_flight -= 1
