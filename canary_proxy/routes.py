@@ -18,9 +18,13 @@ matched without its port and without regard to case.
 Two routes with the same host, path and path type conflict: the one created first wins
 (its ``order``), the other is reported and not served.
 
-Lookup cost: the table is precomputed at load. One dict lookup finds the request's host
-(or its wildcard suffix, or the any-host list), then a scan of that host's candidates, in
-precedence order, stops at the first match: nothing grows with the total number of routes.
+Lookup cost: the table is precomputed at load into two dicts (exact and prefix routes) keyed
+by host and path together. A request probes its host's key for its whole path, then for
+each shorter prefix that ends at a ``/`` (only as long as the table's longest prefix path),
+then its root; then the wildcard's key the same way, then the any-host key. Each probe is
+one dict lookup, and nothing grows with the total number of routes: with traffic spread
+over 1,000 routes, a scan through each host's candidates touched three objects a candidate,
+each cold in the cache (see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -232,14 +236,17 @@ def request_path(target: bytes) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class _Entry(Generic[T]):
+    """A candidate, as ``explain`` lists them: the matching rule written out, one route at a
+    time (``lookup`` finds the same route by probing keys; test_routes checks they agree)."""
+
     path: bytes
     exact: bool
     route: Route
     value: T
     # What a longer path must start with to match a prefix route: the path and a "/", or
-    # anything for "/" (b""); None for an exact route. Precomputed: lookup runs per request.
+    # anything for "/" (b""); None for an exact route.
     prefix: bytes | None
-    found: tuple[Route, T]  # what lookup returns, built once
+    found: tuple[Route, T]
 
     @classmethod
     def of(cls, route: Route, value: T) -> _Entry[T]:
@@ -279,11 +286,42 @@ class RouteTable(Generic[T]):
         return tuple(route for route, _ in self.items)
 
     def build(self) -> RouteTable[T]:
-        """Build the lookup index now (the data path does, before it swaps the table in);
-        else the first lookup does. A table only asked for its routes and conflicts (the
-        control's, on each change) never builds it: for 1,000 routes that is 6 ms."""
-        self._index  # noqa: B018 - computed and kept on first access
+        """Build the lookup keys now (the data path does, before it swaps the table in); else
+        the first lookup does. A table only asked for its routes and conflicts (the control's,
+        on each change) never builds them."""
+        self._keys  # noqa: B018 - computed and kept on first access
         return self
+
+    @cached_property
+    def _keys(self) -> _Keys[T]:
+        exact: dict[bytes, tuple[Route, T]] = {}
+        prefix: dict[bytes, tuple[Route, T]] = {}
+        longest = 0
+        for route, value in self.items:
+            path = route.path.encode()
+            key = _key(route.host.encode(), path)
+            if route.path_type == EXACT:
+                exact[key] = (route, value)
+            else:
+                prefix[key] = (route, value)
+                longest = max(longest, len(path))
+        wildcard = any(route.host.startswith("*.") for route, _ in self.items)
+        any_host = any(not route.host for route, _ in self.items)
+        return _Keys(exact, prefix, longest, wildcard, any_host)
+
+    def lookup(self, host: bytes, path: bytes) -> tuple[Route, T] | None:
+        """The route for a request (``host`` as ``request_host`` gives it, ``path`` as
+        ``request_path`` does), or None: no route matches. The host's own routes first, then
+        its wildcard's, then those for any host (see the module's docstring)."""
+        keys = self._keys
+        found = keys.probe(host + SEPARATOR, path)
+        if found is None and keys.wildcard:
+            dot = host.find(b".")
+            if dot > 0:
+                found = keys.probe(b"*" + host[dot:] + SEPARATOR, path)
+        if found is None and keys.any_host and host:  # no host: the first probe was this one
+            found = keys.probe(SEPARATOR, path)
+        return found
 
     @cached_property
     def _index(self) -> _Index[T]:
@@ -299,23 +337,15 @@ class RouteTable(Generic[T]):
             else:
                 exact.setdefault(route.host.encode(), []).append((_EXACT_HOST, entry))
         # Each host's candidates, in precedence order, include the wildcard and any-host
-        # routes that also cover it: one list to scan per request.
+        # routes that also cover it.
         return _Index(
             {host: _ordered(own + wildcard.get(_suffix(host), []) + any_host) for host, own in exact.items()},
             {suffix: _ordered(own + any_host) for suffix, own in wildcard.items()},
             _ordered(any_host),
         )
 
-    def lookup(self, host: bytes, path: bytes) -> tuple[Route, T] | None:
-        """The route for a request (``host`` as ``request_host`` gives it, ``path`` as
-        ``request_path`` does), or None: no route matches. ``_Entry.matches`` inlined: this
-        runs per request, and a call per candidate was half its cost."""
-        for entry in self.candidates(host):
-            if path == entry.path or (entry.prefix is not None and path.startswith(entry.prefix)):
-                return entry.found
-        return None
-
     def candidates(self, host: bytes) -> list[_Entry[T]]:
+        """The routes ``host`` may get, in the order ``lookup`` prefers them: for ``explain``."""
         index = self._index
         entries = index.exact.get(host)
         if entries is not None:
@@ -328,7 +358,8 @@ class RouteTable(Generic[T]):
         return index.any_host
 
     def explain(self, host: bytes, path: bytes) -> list[str]:
-        """Why ``lookup`` picks what it picks: each candidate in order, and whether it matched."""
+        """Why ``lookup`` picks what it picks: each candidate in order, and whether it matched
+        (test_routes checks the two agree)."""
         lines = []
         for entry in self.candidates(host):
             route = entry.route
@@ -337,6 +368,53 @@ class RouteTable(Generic[T]):
             if verdict == "matches":
                 break
         return lines
+
+
+# Between a host and a path in a lookup key: a route's host never holds it, and neither can a
+# request's Host (llhttp ends a header at a line feed), so no host and path run together
+# into another's ("a.example/b" + "/c" is not "a.example" + "/b/c").
+SEPARATOR: Final = b"\n"
+
+
+def _key(host: bytes, path: bytes) -> bytes:
+    return host + SEPARATOR + path
+
+
+@dataclass(frozen=True, slots=True)
+class _Keys(Generic[T]):
+    """The lookup's dicts: each route by its host (as written: "", "*.example.com" or an
+    exact name) and path together."""
+
+    exact: dict[bytes, tuple[Route, T]]
+    prefix: dict[bytes, tuple[Route, T]]
+    longest: int  # the longest prefix path: no shorter probe can match past it
+    wildcard: bool  # some route has a wildcard host
+    any_host: bool  # some route is for any host
+
+    def probe(self, host: bytes, path: bytes) -> tuple[Route, T] | None:
+        """The route of one host key (with its SEPARATOR) for ``path``: an exact route for the
+        whole path; else the longest prefix route whose path is the whole path, or a part of it
+        that ends at a ``/``; else the host's ``/`` prefix route."""
+        exact, prefix = self.exact, self.prefix
+        if exact:
+            found = exact.get(host + path)
+            if found is not None:
+                return found
+        if not prefix:
+            return None
+        longest = self.longest
+        if len(path) <= longest:
+            found = prefix.get(host + path)
+            if found is not None:
+                return found
+        # Each "/" at i >= 1 ends a prefix path[:i] that matches path by whole segments.
+        cut = path.rfind(b"/", 1, longest + 1)
+        while cut > 0:
+            found = prefix.get(host + path[:cut])
+            if found is not None:
+                return found
+            cut = path.rfind(b"/", 1, cut)
+        return prefix.get(host + b"/")
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from canary_proxy.config import ConfigError
 from canary_proxy.routes import (
@@ -150,3 +152,32 @@ def test_the_labels_the_proxy_uses_itself_are_no_route_names() -> None:
     for name in ("none", "default-backend"):
         with pytest.raises(ConfigError, match="reserved"):
             parse_route({**UPSTREAMS, "name": name}, name="file.yaml")
+
+
+HOSTS = ["", "a.ex", "b.ex", "*.ex", "x.a.ex", "*.a.ex"]
+PATHS = ["/", "/a", "/a/", "/ab", "/a/b", "/a/b/", "/a/b/c", "/b"]
+REQUEST_HOSTS = ["", "a.ex", "b.ex", "c.ex", "x.a.ex", "y.a.ex", "*.ex", "ex", "a.ex/a", ".ex"]
+REQUEST_PATHS = ["/", "//", "/a", "/a/", "/a//", "/ab", "/a/b", "/a/bc", "/a/b/c/d", "/b/a", "/c", "/a/b/"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(HOSTS), st.sampled_from(PATHS), st.sampled_from(["prefix", "exact"])),
+        max_size=12,
+    ),
+    st.sampled_from(REQUEST_HOSTS),
+    st.sampled_from(REQUEST_PATHS),
+)
+def test_lookup_agrees_with_the_rules_written_out(
+    specs: list[tuple[str, str, str]], host: str, path: str
+) -> None:
+    """``lookup`` probes keys; ``explain`` walks the candidates in precedence order, the rules
+    as the module states them. Both must pick the same route for every table and request,
+    trailing slashes (an Ingress's prefix path keeps its own) and wildcards included."""
+    config = route("x").config
+    routes = [Route(f"r{k}", h, p, t, config, (k,)) for k, (h, p, t) in enumerate(specs)]
+    t = table(*routes)
+    wanted = host.encode(), path.encode()
+    expected = next((e.found for e in t.candidates(wanted[0]) if e.matches(wanted[1])), None)
+    assert t.lookup(*wanted) == expected
