@@ -91,11 +91,11 @@ def test_a_collect_in_another_thread_loses_no_count() -> None:
         thread.start()
     try:
         for n in range(200_000):
-            series.in_flight["canary"].n += 1
+            series.enter("canary")
             series.request("canary", 200, "GET", 0.001 * (n % 7))
             series.decision("canary", "weight")
             if n % 2:
-                series.in_flight["canary"].n -= 1
+                series.leave("canary", "sticky", 200, "POST", 0.5)
     finally:
         stop.set()
         for thread in scrapers:
@@ -106,8 +106,11 @@ def test_a_collect_in_another_thread_loses_no_count() -> None:
         return registry.get_sample_value(name, {"route": "default", "version": "canary", **labels})
 
     assert value("canary_proxy_requests_total", code="200", method="GET") == 200_000
-    assert value("canary_proxy_request_duration_seconds_count") == 200_000
+    assert value("canary_proxy_requests_total", code="200", method="POST") == 100_000
+    assert value("canary_proxy_request_duration_seconds_count") == 300_000
     fast = sum(1 for n in range(200_000) if 0.001 * (n % 7) <= 0.005)
     assert value("canary_proxy_request_duration_seconds_bucket", le="0.005") == fast
+    assert value("canary_proxy_request_duration_seconds_bucket", le="0.5") == 300_000
     assert value("canary_proxy_routing_decisions_total", rule="weight") == 200_000
+    assert value("canary_proxy_routing_decisions_total", rule="sticky") == 100_000
     assert value("canary_proxy_in_flight_requests") == 100_000

@@ -318,16 +318,15 @@ class ProxyServer:
         self.in_flight += 1
         series = ex.series
         assert series is not None  # a routed exchange
-        series.in_flight[ex.version].n += 1
+        series.enter(ex.version)
         if self._touched is not None:
             self._touched.add(series)
 
     def move(self, ex: Exchange, version: str, rule: str) -> None:
         series = ex.series
         assert series is not None
-        series.in_flight[ex.version].n -= 1
+        series.move(ex.version, version)
         ex.version, ex.rule = version, rule
-        series.in_flight[version].n += 1
         if self._touched is not None:
             self._touched.add(series)
 
@@ -340,9 +339,7 @@ class ProxyServer:
         seconds = time.monotonic() - ex.start
         series = ex.series
         assert series is not None
-        series.in_flight[ex.version].n -= 1
-        series.request(ex.version, ex.status, ex.method, seconds)
-        series.decision(ex.version, ex.rule)
+        series.leave(ex.version, ex.rule, ex.status, ex.method, seconds)
         if self._touched is not None:
             self._touched.add(series)
         if self.access_log is not None:
