@@ -22,9 +22,10 @@ rule routed it, so the user keeps their bucket from then on.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from .config import BUCKETS, Config
 
@@ -51,8 +52,26 @@ def parse_bucket(value: str | None) -> int | None:
     return int(value)
 
 
+class Rules(Protocol):
+    """What ``decide`` reads of a route's config: a Config, or the data path's Runtime, which
+    keeps copies of these side by side (see proxy/exchange.Runtime)."""
+
+    @property
+    def sticky_cookie(self) -> str: ...
+    @property
+    def canary_buckets(self) -> int: ...
+    @property
+    def canary_by_header(self) -> str | None: ...
+    @property
+    def canary_by_header_value(self) -> str | None: ...
+    @property
+    def header_regex(self) -> re.Pattern[str] | None: ...
+    @property
+    def canary_by_cookie(self) -> str | None: ...
+
+
 def decide(
-    config: Config,
+    config: Rules,
     *,
     header: str | None,
     cookie: str | None,
@@ -100,7 +119,7 @@ def mirrored(config: Config, decision: Decision, draw: Callable[[], int]) -> boo
     )
 
 
-def _forced(config: Config, header: str | None, cookie: str | None) -> tuple[str, str] | None:
+def _forced(config: Rules, header: str | None, cookie: str | None) -> tuple[str, str] | None:
     if config.canary_by_header is not None and header is not None:
         if config.canary_by_header_value is not None:
             if header == config.canary_by_header_value:

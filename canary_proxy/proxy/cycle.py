@@ -180,9 +180,8 @@ class Cycle:
 
     def _route(self, runtime: Runtime) -> None:
         request, server = self.request, self.server
-        config = runtime.config
         self.decision = decision = decision_for(request, runtime, server.draw)
-        if config.canary_outlier_failures and self._ejected(runtime, decision):
+        if runtime.canary_outlier_failures and self._ejected(runtime, decision):
             self.decision = decision = replace(decision, version=STABLE, rule="failover")
         self.ex = ex = routed(request, runtime, decision, self.client.peer.client)
         server.enter(ex)
@@ -190,7 +189,7 @@ class Cycle:
         self.pool = pool = runtime.pool(decision.version)
         self.routed = True
         pool.active += 1
-        if config.mirror_buckets and mirrored(config, decision, server.draw) and not request.upgrade:
+        if runtime.mirror_buckets and mirrored(runtime.config, decision, server.draw) and not request.upgrade:
             self._start_mirror(runtime)
 
     def _ejected(self, runtime: Runtime, decision: Decision) -> bool:
@@ -307,7 +306,7 @@ class Cycle:
         if self.body is not None:
             self.body.attach(upstream, reused=reused, retried=self.retried)
             self.client.resume_reading("body")
-        self.timeout = self.runtime.config.upstream_timeout  # the clock: see check_timeout
+        self.timeout = self.runtime.upstream_timeout  # the clock: see check_timeout
         self.last_activity = time.monotonic()
         self.watching = True
 

@@ -5,15 +5,16 @@ version, and the headers the proxy adds to its response. No I/O here."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Final, Protocol
 
 from ..config import Config
 from ..metrics import Metrics, RouteSeries
 from ..router import CANARY, DEFAULT_ROUTE, STABLE, UNROUTED, Decision, decide
-from ..routes import RouteTable, request_host, request_path
+from ..routes import RouteTable
 from .headers import Peer, cookie_value, new_request_id, request_target, valid_request_id
 from .mirror import Mirrors
 from .outlier import OutlierDetector
@@ -29,6 +30,22 @@ class UpstreamFailure(Exception):
         self.status = status
         self.reason = reason
         self.counted = counted  # already in upstream_errors_total and the log
+
+
+_SHARED: dict[Any, Any] = {}  # derived from configs only: bounded by the routes' values
+
+
+def _shared(key: Any, value: Any = None) -> Any:
+    """One object for each value (``value``, or ``key`` itself), whichever route asks."""
+    if len(_SHARED) > 10_000:  # config churn over a long life: start over rather than grow
+        _SHARED.clear()
+    return _SHARED.setdefault(key, key if value is None else value)
+
+
+_COPIED: Final = (
+    "sticky_cookie", "canary_buckets", "canary_by_header", "canary_by_header_value", "header_regex",
+    "canary_by_cookie", "canary_outlier_failures", "mirror_buckets", "upstream_timeout",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,16 +67,33 @@ class Runtime:
     cookie_start: bytes = field(init=False, repr=False, compare=False)
     cookie_end: bytes = field(init=False, repr=False, compare=False)
     header_key: bytes = field(init=False, repr=False, compare=False)  # canary-by-header, lower-cased
+    # The config values each request reads (router.Rules, and _route's), copied here: with
+    # traffic over 1,000 routes the route's objects are cold on every request, and the
+    # Config's values are spread over several more cache lines than these.
+    sticky_cookie: str = field(init=False, repr=False, compare=False)
+    canary_buckets: int = field(init=False, repr=False, compare=False)
+    canary_by_header: str | None = field(init=False, repr=False, compare=False)
+    canary_by_header_value: str | None = field(init=False, repr=False, compare=False)
+    header_regex: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
+    canary_by_cookie: str | None = field(init=False, repr=False, compare=False)
+    canary_outlier_failures: int = field(init=False, repr=False, compare=False)
+    mirror_buckets: int = field(init=False, repr=False, compare=False)
+    upstream_timeout: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         config = self.config
         header = config.version_header.encode()
         lines = {v: b"%s: %s\r\n" % (header, v.encode()) if header else b"" for v in (STABLE, CANARY)}
-        object.__setattr__(self, "version_lines", lines)  # frozen: set once, here
-        object.__setattr__(self, "cookie_start", b"Set-Cookie: %s=" % config.sticky_cookie.encode())
+        # frozen: set once, here. Shared by every route that derives the same value (most
+        # keep the default header and cookie names): with traffic over 1,000 routes, each
+        # object of the route's own is a cache miss on every request.
+        object.__setattr__(self, "version_lines", _shared(("lines", header), lines))
+        object.__setattr__(self, "cookie_start", _shared(b"Set-Cookie: %s=" % config.sticky_cookie.encode()))
         end = b"; Path=/; Max-Age=%d; HttpOnly; SameSite=Lax\r\n" % config.sticky_max_age
-        object.__setattr__(self, "cookie_end", end)
-        object.__setattr__(self, "header_key", (config.canary_by_header or "").lower().encode())
+        object.__setattr__(self, "cookie_end", _shared(end))
+        object.__setattr__(self, "header_key", _shared((config.canary_by_header or "").lower().encode()))
+        for name in _COPIED:
+            object.__setattr__(self, name, getattr(config, name))
 
     def pool(self, version: str) -> UpstreamPool:
         return self.canary if version == CANARY else self.stable
@@ -165,9 +199,10 @@ def routed(request: Request, runtime: Runtime, decision: Decision, client: str) 
 def pick(request: Request, table: RouteTable[Runtime], fallback: Runtime | None) -> Runtime | None:
     """The runtime of the route for this request's Host and path (see routes.py), or the
     default backend's, or None: no route."""
-    host = request_host(request.lookup.get(b"host"))
-    found = table.lookup(host, request_path(request_target(request.url)))
-    return found[1] if found is not None else fallback
+    url = request.url
+    target = url if url[:1] == b"/" else request_target(url)
+    found = table.value_for(request.lookup.get(b"host"), target)
+    return found if found is not None else fallback
 
 
 def https_location(request: Request, peer: Peer) -> bytes | None:
@@ -192,19 +227,18 @@ def https_location(request: Request, peer: Peer) -> bytes | None:
 def decision_for(request: Request, runtime: Runtime, draw: Callable[[], int]) -> Decision:
     """Stable or canary for this request, by the route's rules (see router.decide)."""
     lookup = request.lookup
-    config = runtime.config
     header = None
     if runtime.header_key:
         raw = lookup.get(runtime.header_key)
         header = raw.decode("latin-1") if raw is not None else None
     cookies = lookup.get(b"cookie")
     if cookies is None:  # a first visit: no cookie to look into
-        return decide(config, header=header, cookie=None, sticky=None, draw=draw)
+        return decide(runtime, header=header, cookie=None, sticky=None, draw=draw)
     return decide(
-        config,
+        runtime,
         header=header,
-        cookie=cookie_value(cookies, config.canary_by_cookie) if config.canary_by_cookie else None,
-        sticky=cookie_value(cookies, config.sticky_cookie),
+        cookie=cookie_value(cookies, runtime.canary_by_cookie) if runtime.canary_by_cookie else None,
+        sticky=cookie_value(cookies, runtime.sticky_cookie),
         draw=draw,
     )
 
