@@ -181,3 +181,38 @@ def test_lookup_agrees_with_the_rules_written_out(
     wanted = host.encode(), path.encode()
     expected = next((e.found for e in t.candidates(wanted[0]) if e.matches(wanted[1])), None)
     assert t.lookup(*wanted) == expected
+
+
+RAW_HOSTS = [
+    None,
+    b"",
+    b"a.ex",
+    b"A.Ex:8080",
+    b"x.a.ex:1",
+    b"[::1]:8080",
+    b"[::1]",
+    b"c.ex:",
+    b"*.ex",
+    b"B.EX",
+]
+TARGETS = [b"/", b"/a", b"/a?x=1", b"/a/b?", b"?q", b"/a#frag", b"/a/b/c?x#y", b"", b"*", b"/A/b"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(HOSTS), st.sampled_from(PATHS), st.sampled_from(["prefix", "exact"])),
+        max_size=12,
+    ),
+    st.sampled_from(RAW_HOSTS),
+    st.sampled_from(TARGETS),
+)
+def test_the_data_paths_lookup_agrees_with_lookup(
+    specs: list[tuple[str, str, str]], host: bytes | None, target: bytes
+) -> None:
+    """``value_for`` (the data path's: raw Host and target, request_host's and request_path's
+    rules inlined) finds the value of the route ``lookup`` finds."""
+    config = route("x").config
+    t = table(*[Route(f"r{k}", h, p, kind, config, (k,)) for k, (h, p, kind) in enumerate(specs)])
+    found = t.lookup(request_host(host), request_path(target))
+    assert t.value_for(host, target) == (found[1] if found is not None else None)
