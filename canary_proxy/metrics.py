@@ -294,7 +294,7 @@ class _Observed:
         if now == flushed:
             return
         # prometheus_client has no public call that adds n observations to one bucket;
-        # test_metrics.py checks these two attributes against Histogram.observe.
+        # test_metrics_flush.py checks these two attributes against Histogram.observe.
         buckets = self.child._buckets
         for i in range(len(now) - 1):
             if now[i] != flushed[i]:
@@ -410,7 +410,7 @@ class RouteSeries:
         elif slot < _FIXED:
             version, bucket = divmod(slot - _FIRST_BUCKET[0], _BUCKETS)
             # prometheus_client has no public call that adds n observations to one bucket;
-            # test_metrics_flush checks this attribute and _sum against Histogram.observe.
+            # test_metrics_flush.py checks this attribute and _sum against Histogram.observe.
             self._duration[version]._buckets[bucket].inc(delta)
         else:
             child = self._children.get(slot)

@@ -156,16 +156,18 @@ def test_the_labels_the_proxy_uses_itself_are_no_route_names() -> None:
 
 HOSTS = ["", "a.ex", "b.ex", "*.ex", "x.a.ex", "*.a.ex"]
 PATHS = ["/", "/a", "/a/", "/ab", "/a/b", "/a/b/", "/a/b/c", "/b"]
+# Tables of up to 12 routes: (host, path, path type) each.
+SPECS = st.lists(
+    st.tuples(st.sampled_from(HOSTS), st.sampled_from(PATHS), st.sampled_from(["prefix", "exact"])),
+    max_size=12,
+)
 REQUEST_HOSTS = ["", "a.ex", "b.ex", "c.ex", "x.a.ex", "y.a.ex", "*.ex", "ex", "a.ex/a", ".ex"]
 REQUEST_PATHS = ["/", "//", "/a", "/a/", "/a//", "/ab", "/a/b", "/a/bc", "/a/b/c/d", "/b/a", "/c", "/a/b/"]
 
 
 @settings(max_examples=400, deadline=None)
 @given(
-    st.lists(
-        st.tuples(st.sampled_from(HOSTS), st.sampled_from(PATHS), st.sampled_from(["prefix", "exact"])),
-        max_size=12,
-    ),
+    SPECS,
     st.sampled_from(REQUEST_HOSTS),
     st.sampled_from(REQUEST_PATHS),
 )
@@ -200,10 +202,7 @@ TARGETS = [b"/", b"/a", b"/a?x=1", b"/a/b?", b"?q", b"/a#frag", b"/a/b/c?x#y", b
 
 @settings(max_examples=300, deadline=None)
 @given(
-    st.lists(
-        st.tuples(st.sampled_from(HOSTS), st.sampled_from(PATHS), st.sampled_from(["prefix", "exact"])),
-        max_size=12,
-    ),
+    SPECS,
     st.sampled_from(RAW_HOSTS),
     st.sampled_from(TARGETS),
 )
