@@ -188,8 +188,7 @@ class Metrics:
             self.mirror_skipped.labels(reason)
         if route is None:
             return
-        if route not in self._series:  # its in-flight and duration children, by version
-            self._series[route] = RouteSeries(self, route)
+        self._route_series(route)  # its in-flight and duration children, by version
         for version in VERSIONS:
             self.websockets.labels(route, version)
             self.decisions.labels(route, version, "weight")
@@ -203,14 +202,18 @@ class Metrics:
     def series(self, route: str, origin: Origin | None = None) -> RouteSeries:
         """One route's per-request values, built once per route name; a route read from an
         Ingress (``origin``) also counts in the ingress-nginx families when they are on."""
-        found = self._series.get(route)
-        if found is None:
-            found = self._series[route] = RouteSeries(self, route)
+        found = self._route_series(route)
         nginx = self.nginx
         if nginx is None or origin is None:
             found.nginx = None
         elif found.nginx is None or found.nginx.origin_labels != _origin_labels(origin):
             found.nginx = NginxRouteSeries(nginx, origin)
+        return found
+
+    def _route_series(self, route: str) -> RouteSeries:
+        found = self._series.get(route)
+        if found is None:
+            found = self._series[route] = RouteSeries(self, route)
         return found
 
     def slot(self, labels: tuple[str, int, str] | tuple[str, str]) -> int:
@@ -247,10 +250,10 @@ class Metrics:
                 self.nginx.flush()  # every label set's, those of an Ingress's old labels too
 
     def count_request(self, route: str, version: str, code: int, method: str, seconds: float) -> None:
-        self.series(route).request(version, code, method, seconds)
+        self._route_series(route).request(version, code, method, seconds)
 
     def count_decision(self, route: str, version: str, rule: str) -> None:
-        self.series(route).decision(version, rule)
+        self._route_series(route).decision(version, rule)
 
     def count_rejected(self, code: int, method: str) -> None:
         """A request answered before a route took it (malformed, too large, no route):
