@@ -20,7 +20,7 @@ Two routes with the same host, path and path type conflict: the one created firs
 
 Lookup cost: the table is precomputed at load into two dicts (exact and prefix routes) keyed
 by host and path together. A request probes its host's key for its whole path, then for
-each shorter prefix that ends at a ``/`` (only as long as the table's longest prefix path),
+each shorter prefix that ends at a ``/`` (only those as long as some prefix route's path),
 then its root; then the wildcard's key the same way, then the any-host key. Each probe is
 one dict lookup, and nothing grows with the total number of routes: with traffic spread
 over 1,000 routes, a scan through each host's candidates touched three objects a candidate,
@@ -382,7 +382,8 @@ class _Keys(Generic[V]):
 
     exact: dict[bytes, V]
     prefix: dict[bytes, V]
-    longest: int  # the longest prefix path: no shorter probe can match past it
+    longest: int  # the longest prefix path: no probe can match past it
+    lengths: frozenset[int]  # the prefix paths' lengths: a probe of another length cannot match
     wildcard: bool  # some route has a wildcard host
     any_host: bool  # some route is for any host
 
@@ -390,7 +391,8 @@ class _Keys(Generic[V]):
     def of(cls, items: Iterable[tuple[Route, T]], give: Callable[[Route, T], V]) -> _Keys[V]:
         exact: dict[bytes, V] = {}
         prefix: dict[bytes, V] = {}
-        longest, wildcard, any_host = 0, False, False
+        wildcard, any_host = False, False
+        lengths: set[int] = set()
         for route, value in items:
             path = route.path.encode()
             key = route.host.encode() + SEPARATOR + path
@@ -398,10 +400,10 @@ class _Keys(Generic[V]):
                 exact[key] = give(route, value)
             else:
                 prefix[key] = give(route, value)
-                longest = max(longest, len(path))
+                lengths.add(len(path))
             wildcard = wildcard or route.host.startswith("*.")
             any_host = any_host or not route.host
-        return cls(exact, prefix, longest, wildcard, any_host)
+        return cls(exact, prefix, max(lengths, default=0), frozenset(lengths), wildcard, any_host)
 
     def find(self, host: bytes, path: bytes) -> V | None:
         """The host's own routes first, then its wildcard's, then those for any host (see
@@ -426,19 +428,21 @@ class _Keys(Generic[V]):
                 return found
         if not prefix:
             return None
-        longest = self.longest
-        if len(path) <= longest:
+        lengths = self.lengths
+        if len(path) in lengths:
             found = prefix.get(host + path)
             if found is not None:
                 return found
-        # Each "/" at i >= 1 ends a prefix path[:i] that matches path by whole segments.
-        cut = path.rfind(b"/", 1, longest + 1)
+        # Each "/" at i >= 1 ends a prefix path[:i] that matches path by whole segments; only
+        # the lengths some route has are probed, so a path of many "/" costs no more.
+        cut = path.rfind(b"/", 1, self.longest + 1)
         while cut > 0:
-            found = prefix.get(host + path[:cut])
-            if found is not None:
-                return found
+            if cut in lengths:
+                found = prefix.get(host + path[:cut])
+                if found is not None:
+                    return found
             cut = path.rfind(b"/", 1, cut)
-        return prefix.get(host + b"/")
+        return prefix.get(host + b"/") if 1 in lengths else None
 
 
 @dataclass(frozen=True, slots=True)
