@@ -37,9 +37,10 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
 import yaml
@@ -302,17 +303,34 @@ def loadavg() -> str:
 
 
 def report(args: argparse.Namespace, changes: list[Change], load: Load, probed: int, seconds: float) -> None:
-    print(f"{args.routes:,} routes over {args.hosts} hosts in a --config-dir; {len(changes)} changes of one "
-          f"route's weight (0 <-> 100); load average at the start {args.loadavg}, "
-          f"at the end {loadavg()}\n")  # fmt: skip
-    print(f"| ms, over {len(changes)} changes | p50 | p99 | max |")
-    print("|---|--:|--:|--:|")
     rows: list[tuple[str, Callable[[Change], float]]] = [
         ("seen -> applied (poll that saw it -> `config loaded`)", lambda c: c.seen_applied),
         ("  of which: read start -> applied", lambda c: c.read_applied),
         ("seen -> first answer from the new version", lambda c: c.seen_answered),
         ("write -> first answer (includes the wait for the poll)", lambda c: c.write_answered),
     ]
+    print_report(args, " in a --config-dir", changes, rows, load, probed, seconds)
+
+
+T = TypeVar("T")  # what one change records
+
+
+def print_report(
+    args: argparse.Namespace,
+    source: str,
+    changes: Sequence[T],
+    rows: list[tuple[str, Callable[[T], float]]],
+    load: Load,
+    probed: int,
+    seconds: float,
+) -> None:
+    """The table of latencies (p50, p99, max of each row over the changes) and the background
+    load's line, as both change-latency benchmarks print them."""
+    print(f"{args.routes:,} routes over {args.hosts} hosts{source}; {len(changes)} changes of one "
+          f"route's weight (0 <-> 100); load average at the start {args.loadavg}, "
+          f"at the end {loadavg()}\n")  # fmt: skip
+    print(f"| ms, over {len(changes)} changes | p50 | p99 | max |")
+    print("|---|--:|--:|--:|")
     for label, get in rows:
         print(f"| {label} | {quantiles([get(c) for c in changes])} |")
     print(f"\nBackground: {load.sent:,} requests on {args.load_routes} routes at concurrency "
@@ -322,11 +340,13 @@ def report(args: argparse.Namespace, changes: list[Change], load: Load, probed: 
         print(f"  failed: {error}")
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--routes", type=int, default=1000, help="route files, the probe's included (1000)")
+def parse_arguments(description: str, routes_help: str, changes: int) -> argparse.Namespace:
+    """Both change-latency benchmarks' command line."""
+    parser = argparse.ArgumentParser(description=description)
+    routes = f"{routes_help}, the probe's included (1000)"
+    parser.add_argument("--routes", type=int, default=1000, help=routes)
     parser.add_argument("--hosts", type=int, default=200, help="hosts they spread over (200)")
-    parser.add_argument("--changes", type=int, default=50, help="weight changes to time (50)")
+    parser.add_argument("--changes", type=int, default=changes, help=f"weight changes to time ({changes})")
     parser.add_argument("--load-routes", type=int, default=8, help="routes with background traffic (8)")
     parser.add_argument("--concurrency", type=int, default=8, help="background requests in flight (8)")
     parser.add_argument(
@@ -334,4 +354,8 @@ if __name__ == "__main__":
     )
     arguments = parser.parse_args()
     arguments.loadavg = loadavg()
-    asyncio.run(main(arguments))
+    return arguments
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parse_arguments(__doc__.splitlines()[0], "route files", 50)))

@@ -26,12 +26,21 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.route_change_latency import PROBE, Load, Probe, hosts_of, loadavg, log_time, quantiles
+from benchmarks.route_change_latency import (
+    PROBE,
+    Load,
+    Probe,
+    hosts_of,
+    log_time,
+    parse_arguments,
+    print_report,
+)
 from tests import fakekube
 from tests.conftest import Backend, start_backend, start_proxy, stop_proxy
 
@@ -127,30 +136,12 @@ async def main(args: argparse.Namespace) -> None:
 def report(
     args: argparse.Namespace, changes: list[tuple[float, float]], load: Load, probed: int, seconds: float
 ) -> None:
-    print(f"{args.routes:,} routes over {args.hosts} hosts, one labelled ConfigMap each; {len(changes)} "
-          f"changes of one route's weight (0 <-> 100); load average at the start {args.loadavg}, "
-          f"at the end {loadavg()}\n")  # fmt: skip
-    print(f"| ms, over {len(changes)} changes | p50 | p99 | max |")
-    print("|---|--:|--:|--:|")
-    print(f"| watch event sent -> applied (`config loaded`) | {quantiles([c[0] for c in changes])} |")
-    print(f"| watch event sent -> first answer from the new version | {quantiles([c[1] for c in changes])} |")
-    print(f"\nBackground: {load.sent:,} requests on {args.load_routes} routes at concurrency "
-          f"{args.concurrency} ({load.sent / seconds:,.0f}/s), {load.failed} failed. The probe: {probed:,} "
-          f"requests, one at a time.")  # fmt: skip
-    for error in load.errors:
-        print(f"  failed: {error}")
+    rows: list[tuple[str, Callable[[tuple[float, float]], float]]] = [
+        ("watch event sent -> applied (`config loaded`)", lambda c: c[0]),
+        ("watch event sent -> first answer from the new version", lambda c: c[1]),
+    ]
+    print_report(args, ", one labelled ConfigMap each", changes, rows, load, probed, seconds)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--routes", type=int, default=1000, help="ConfigMaps, the probe's included (1000)")
-    parser.add_argument("--hosts", type=int, default=200, help="hosts they spread over (200)")
-    parser.add_argument("--changes", type=int, default=30, help="weight changes to time (30)")
-    parser.add_argument("--load-routes", type=int, default=8, help="routes with background traffic (8)")
-    parser.add_argument("--concurrency", type=int, default=8, help="background requests in flight (8)")
-    parser.add_argument(
-        "--load-limit", type=int, default=200_000, help="background requests at most, in all (200000)"
-    )
-    arguments = parser.parse_args()
-    arguments.loadavg = loadavg()
-    asyncio.run(main(arguments))
+    asyncio.run(main(parse_arguments(__doc__.splitlines()[0], "ConfigMaps", 30)))
