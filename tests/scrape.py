@@ -6,11 +6,14 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import ProxyProcess
+
+T = TypeVar("T")
 
 PREFIX = "canary_proxy_"
 
@@ -128,10 +131,12 @@ async def wait_metric(
         await asyncio.sleep(0.05)
 
 
-async def eventually(check: Callable[[], bool], *, timeout: float = 5.0, what: str = "") -> None:
-    """Poll a cheap in-process condition (e.g. a backend's hit count), bounded."""
+async def eventually(check: Callable[[], T], *, timeout: float = 5.0, what: str = "") -> T:
+    """Poll a cheap in-process condition (e.g. a backend's hit count, the fake API's state),
+    bounded; what it returned once true."""
     deadline = time.monotonic() + timeout
-    while not check():
+    while not (result := check()):
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met in {timeout}s: {what}")
         await asyncio.sleep(0.005)
+    return result

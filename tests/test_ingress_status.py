@@ -25,6 +25,7 @@ from canary_proxy.k8s import Backoff, KubeClient, load_config
 from canary_proxy.k8s.lease import LeaseRef, LeaseTiming
 from tests.conftest import Backend, ProxyProcess, start_proxy, stop_proxy
 from tests.fakekube import FakeKube
+from tests.scrape import eventually
 from tests.test_ingress_mode import answered
 from tests.test_ingress_mode import service as app_service
 
@@ -152,16 +153,6 @@ def status_of(fake: FakeKube, name: str, namespace: str = "default") -> list[dic
     return list(((obj["status"] or {}).get("loadBalancer") or {}).get("ingress") or [])
 
 
-async def until(check: Callable[[], Any], timeout: float = WAIT, *, what: str = "condition") -> Any:
-    """Poll ``check`` (the fake API's state, every 20 ms) until true, bounded."""
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        await asyncio.sleep(0.02)
-    return result
-
-
 Start = Callable[..., Awaitable[tuple[StatusWriter, asyncio.Task[None]]]]
 
 
@@ -204,7 +195,7 @@ async def test_claimed_ingresses_get_the_address_and_others_are_untouched(
     fake_kube.put_object("ingresses", ingress("web"))
     fake_kube.put_object("ingresses", ingress("other", status=[{"ip": "192.0.2.1"}]))
     writer, _ = await start(PublishAddress(parse_publish_address("203.0.113.7")), {("default", "web")})
-    await until(lambda: status_of(fake_kube, "web") == IP, what="web's status")
+    await eventually(lambda: status_of(fake_kube, "web") == IP, timeout=WAIT, what="web's status")
     assert status_of(fake_kube, "other") == [{"ip": "192.0.2.1"}]
 
     # A newly claimed Ingress is written too; one claimed already right is not.
@@ -212,7 +203,7 @@ async def test_claimed_ingresses_get_the_address_and_others_are_untouched(
     fake_kube.put_object("ingresses", ingress("right", status=IP))
     version = fake_kube.get_object("ingresses", "right")["metadata"]["resourceVersion"]  # type: ignore[index]
     writer.claimed(frozenset({("default", "web"), ("default", "new"), ("default", "right")}))
-    await until(lambda: writer.writes == 2, what="new's status")
+    await eventually(lambda: writer.writes == 2, timeout=WAIT, what="new's status")
     assert status_of(fake_kube, "new") == IP
     assert fake_kube.get_object("ingresses", "right")["metadata"]["resourceVersion"] == version  # type: ignore[index]
     assert writer.writes == 2
@@ -221,7 +212,7 @@ async def test_claimed_ingresses_get_the_address_and_others_are_untouched(
 async def test_it_writes_only_when_different(fake_kube: FakeKube, start: Start) -> None:
     fake_kube.put_object("ingresses", ingress("web"))
     writer, _ = await start(PublishAddress(parse_publish_address("203.0.113.7")), {("default", "web")})
-    await until(lambda: writer.writes == 1, what="the first write")
+    await eventually(lambda: writer.writes == 1, timeout=WAIT, what="the first write")
     # Changes that leave the address as it is: the spec, the claimed set, other Ingresses.
     relabelled = ingress("web")
     relabelled["metadata"]["labels"] = {"team": "a"}
@@ -230,7 +221,7 @@ async def test_it_writes_only_when_different(fake_kube: FakeKube, start: Start) 
     writer.claimed(frozenset({("default", "web"), ("default", "gone")}))
     # Proof that the writer is alive and has had time to see it all: the Lease is renewed.
     renewals = fake_kube.requests["update"]
-    await until(lambda: fake_kube.requests["update"] >= renewals + 3, what="renewals")
+    await eventually(lambda: fake_kube.requests["update"] >= renewals + 3, timeout=WAIT, what="renewals")
     assert writer.writes == 1
     assert fake_kube.get_object("ingresses", "web")["metadata"]["resourceVersion"] == version  # type: ignore[index]
     assert status_of(fake_kube, "unclaimed") is None
@@ -241,13 +232,13 @@ async def test_a_status_overwritten_by_someone_else_is_written_back_with_backoff
 ) -> None:
     fake_kube.put_object("ingresses", ingress("web"))
     writer, _ = await start(PublishAddress(parse_publish_address("203.0.113.7")), {("default", "web")})
-    await until(lambda: status_of(fake_kube, "web") == IP, what="written")
-    await until(lambda: writer.writes == 1, what="the write answered")
+    await eventually(lambda: status_of(fake_kube, "web") == IP, timeout=WAIT, what="written")
+    await eventually(lambda: writer.writes == 1, timeout=WAIT, what="the write answered")
     for fight in range(3):  # a fight: each overwrite is answered, never in a tight loop
         fake_kube.patch_object(
             "ingresses", "web", {"status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.1"}]}}}
         )
-        await until(lambda: writer.writes == 2 + fight, what="written back")  # noqa: B023 -- awaited here
+        await eventually(lambda: writer.writes == 2 + fight, timeout=WAIT, what="written back")  # noqa: B023 -- awaited here
         assert status_of(fake_kube, "web") == IP
 
 
@@ -255,27 +246,31 @@ async def test_a_conflict_is_read_again_and_retried(fake_kube: FakeKube, start: 
     fake_kube.put_object("ingresses", ingress("web"))
     fake_kube.fail_next(1, status=409, verb="update", resource="ingresses")  # the first status write
     await start(PublishAddress(parse_publish_address("203.0.113.7")), {("default", "web")})
-    await until(lambda: status_of(fake_kube, "web") == IP, what="written after the conflict")
+    await eventually(
+        lambda: status_of(fake_kube, "web") == IP, timeout=WAIT, what="written after the conflict"
+    )
     assert fake_kube.responses[409] == 1 and not fake_kube._failures
 
 
 async def test_the_publish_service_is_followed_live(fake_kube: FakeKube, start: Start) -> None:
     fake_kube.put_object("ingresses", ingress("web"))
     writer, _ = await start(PublishService("default", "lb"), {("default", "web")})
-    await until(lambda: writer.is_leader, what="leading")
+    await eventually(lambda: writer.is_leader, timeout=WAIT, what="leading")
     # No Service yet: nothing is written (nor cleared).
     fake_kube.put_object("services", lb_service())  # pending: no address yet, none written
-    await until(lambda: fake_kube.requests["update"] >= 3, what="renewals")
+    await eventually(lambda: fake_kube.requests["update"] >= 3, timeout=WAIT, what="renewals")
     assert status_of(fake_kube, "web") is None
     fake_kube.put_object("services", lb_service(ips=["203.0.113.7"]))
-    await until(lambda: status_of(fake_kube, "web") == IP, what="the balancer's IP")
+    await eventually(lambda: status_of(fake_kube, "web") == IP, timeout=WAIT, what="the balancer's IP")
     fake_kube.put_object("services", lb_service(ips=["198.51.100.2", "203.0.113.7"]))
-    await until(lambda: status_of(fake_kube, "web") == [{"ip": "198.51.100.2"}, *IP], what="both IPs")
+    await eventually(
+        lambda: status_of(fake_kube, "web") == [{"ip": "198.51.100.2"}, *IP], timeout=WAIT, what="both IPs"
+    )
     fake_kube.delete_object("services", "lb")  # gone: the status stays as it was
     fake_kube.put_object("ingresses", ingress("web2"))
     writer.claimed(frozenset({("default", "web"), ("default", "web2")}))
     renewals = fake_kube.requests["update"]
-    await until(lambda: fake_kube.requests["update"] >= renewals + 3, what="renewals")
+    await eventually(lambda: fake_kube.requests["update"] >= renewals + 3, timeout=WAIT, what="renewals")
     assert (
         status_of(fake_kube, "web") == [{"ip": "198.51.100.2"}, *IP] and status_of(fake_kube, "web2") is None
     )
@@ -287,7 +282,9 @@ async def test_clear_on_shutdown_empties_what_it_wrote(fake_kube: FakeKube, star
     claimed = {("default", "web"), ("default", "theirs")}
     publish = PublishAddress(parse_publish_address("203.0.113.7"))
     _, task = await start(publish, claimed, clear_on_shutdown=True)
-    await until(lambda: status_of(fake_kube, "web") == IP and status_of(fake_kube, "theirs") == IP)
+    await eventually(
+        lambda: status_of(fake_kube, "web") == IP and status_of(fake_kube, "theirs") == IP, timeout=WAIT
+    )
     fake_kube.patch_object(
         "ingresses", "theirs", {"status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.1"}]}}}
     )
@@ -305,7 +302,7 @@ async def test_two_replicas_one_writer_and_a_failover(fake_kube: FakeKube, start
     for _ in range(2):
         writer, task = await start(PublishService("default", "lb"), {("default", "web")})
         replicas[writer.identity] = (writer, task)
-    await until(lambda: sum(w.writes for w, _ in replicas.values()) == 1, what="written")
+    await eventually(lambda: sum(w.writes for w, _ in replicas.values()) == 1, timeout=WAIT, what="written")
     assert status_of(fake_kube, "web") == IP
     holder = fake_kube.get_object("leases", REF.name)["spec"]["holderIdentity"]  # type: ignore[index]
     (leader, leader_task), [(other, _)] = replicas[holder], [r for k, r in replicas.items() if k != holder]
@@ -315,7 +312,9 @@ async def test_two_replicas_one_writer_and_a_failover(fake_kube: FakeKube, start
     leader_task.cancel()
     await asyncio.gather(leader_task, return_exceptions=True)
     fake_kube.put_object("services", lb_service(ips=["198.51.100.2"]))
-    await until(lambda: other.writes == 1, timeout=SHORT.lease_duration + 2, what="the new leader writes")
+    await eventually(
+        lambda: other.writes == 1, timeout=SHORT.lease_duration + 2, what="the new leader writes"
+    )
     assert status_of(fake_kube, "web") == [{"ip": "198.51.100.2"}]
     assert other.is_leader and leader.writes == 1
 
@@ -369,7 +368,7 @@ async def test_two_serve_replicas_one_writer_and_failover_on_kill_and_on_stop(
             await replica(name)
         for proxy in replicas.values():  # all replicas serve
             await answered(proxy.url, "web.example.com", stable.name, timeout=5)
-        await until(lambda: status_of(fake_kube, "web") == IP, what="the status written")
+        await eventually(lambda: status_of(fake_kube, "web") == IP, timeout=WAIT, what="the status written")
         first = leader()
         await replicas[first].wait_log(lambda e: "status: default/web" in str(e.get("msg")), timeout=5)
         assert writers() == {first}, "only the leader writes"
@@ -378,11 +377,13 @@ async def test_two_serve_replicas_one_writer_and_failover_on_kill_and_on_stop(
         killed = time.monotonic()
         await stop_proxy(replicas[first])
         second = "b" if first == "a" else "a"
-        await until(lambda: leader() == second, timeout=LEASE + 3, what="takeover after kill -9")
+        await eventually(lambda: leader() == second, timeout=LEASE + 3, what="takeover after kill -9")
         assert time.monotonic() - killed < LEASE + 1.5
         fake_kube.put_object("services", lb_service(ips=["198.51.100.2"]))
-        await until(
-            lambda: status_of(fake_kube, "web") == [{"ip": "198.51.100.2"}], what="the new leader writes"
+        await eventually(
+            lambda: status_of(fake_kube, "web") == [{"ip": "198.51.100.2"}],
+            timeout=WAIT,
+            what="the new leader writes",
         )
         await replicas[second].wait_log(lambda e: "status: default/web" in str(e.get("msg")), timeout=5)
         assert writers() == {first, second}  # the killed one, then this one
@@ -392,10 +393,12 @@ async def test_two_serve_replicas_one_writer_and_failover_on_kill_and_on_stop(
         stopping = time.monotonic()
         assert await replicas[second].terminate() == 0  # every log line read by then
         assert any(str(e.get("msg", "")).endswith(": released") for e in replicas[second].logs)
-        await until(lambda: leader() == "c", timeout=LEASE, what="takeover after a clean stop")
+        await eventually(lambda: leader() == "c", timeout=LEASE, what="takeover after a clean stop")
         assert time.monotonic() - stopping < LEASE
         fake_kube.put_object("services", lb_service(ips=["192.0.2.9"]))
-        await until(lambda: status_of(fake_kube, "web") == [{"ip": "192.0.2.9"}], what="c writes")
+        await eventually(
+            lambda: status_of(fake_kube, "web") == [{"ip": "192.0.2.9"}], timeout=WAIT, what="c writes"
+        )
     finally:
         for proxy in replicas.values():
             await stop_proxy(proxy)

@@ -24,6 +24,7 @@ from canary_proxy.k8s.lease import (
     released,
 )
 from tests.fakekube import FakeKube
+from tests.scrape import eventually
 
 ME, OTHER = "pod-a_1", "pod-b_2"
 T0, T1 = "2026-01-01T00:00:00.000001Z", "2026-01-01T00:00:05.000001Z"
@@ -141,16 +142,6 @@ FAST = Backoff(base=0.01, cap=0.05)
 WAIT = 10.0
 
 
-async def until(check: Callable[[], Any], timeout: float = WAIT, *, what: str = "condition") -> Any:
-    """Poll ``check`` (every 20 ms, bounded) until it returns something true."""
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        await asyncio.sleep(0.02)
-    return result
-
-
 def holder(fake: FakeKube) -> str:
     obj = fake.get_object("leases", REF.name, namespace=REF.namespace)
     return str((obj or {}).get("spec", {}).get("holderIdentity") or "")
@@ -185,17 +176,19 @@ async def test_one_of_two_leads_and_the_other_takes_over_when_it_stops(
     fake_kube: FakeKube, start: Start
 ) -> None:
     electors = {"a": await start("a"), "b": await start("b")}
-    first = await until(lambda: holder(fake_kube), what="a leader")
+    first = await eventually(lambda: holder(fake_kube), timeout=WAIT, what="a leader")
     (leader, leader_task), (other, _) = electors[first], electors["b" if first == "a" else "a"]
-    await until(lambda: leader.is_leader, what="leading")
+    await eventually(lambda: leader.is_leader, timeout=WAIT, what="leading")
     renewals = fake_kube.requests["update"]
-    await until(lambda: fake_kube.requests["update"] >= renewals + 3, what="three renewals")
+    await eventually(
+        lambda: fake_kube.requests["update"] >= renewals + 3, timeout=WAIT, what="three renewals"
+    )
     assert not other.is_leader and holder(fake_kube) == first  # the other stayed a candidate
     assert other.leader == first  # it knows who leads
 
     stopped = time.monotonic()
     leader_task.cancel()
-    await until(lambda: other.is_leader, what="takeover")
+    await eventually(lambda: other.is_leader, timeout=WAIT, what="takeover")
     # Released on a clean stop: taken at the next attempt, not a lease duration later.
     assert time.monotonic() - stopped < SHORT.lease_duration
     spec = fake_kube.get_object("leases", REF.name)["spec"]  # type: ignore[index]
@@ -207,15 +200,15 @@ async def test_a_leader_that_cannot_renew_steps_down_before_the_lease_expires(
     fake_kube: FakeKube, start: Start
 ) -> None:
     electors = [await start("a"), await start("b")]
-    await until(lambda: holder(fake_kube), what="a leader")
+    await eventually(lambda: holder(fake_kube), timeout=WAIT, what="a leader")
     leader = next(e for e, _ in electors if e.identity == holder(fake_kube))
-    await until(lambda: leader.is_leader, what="leading")
+    await eventually(lambda: leader.is_leader, timeout=WAIT, what="leading")
     fake_kube.fail_next(10_000, status=500, verb="update")  # nobody can write the Lease
     failing = time.monotonic()
-    await until(lambda: not leader.is_leader, what="stepping down")
+    await eventually(lambda: not leader.is_leader, timeout=WAIT, what="stepping down")
     # Stepped down within the renew deadline (and one attempt), before others may take over.
     assert time.monotonic() - failing < SHORT.renew_deadline + 2 * SHORT.retry_period
     assert not any(e.is_leader for e, _ in electors)
     fake_kube._failures.clear()
-    await until(lambda: any(e.is_leader for e, _ in electors), what="a new leader")
+    await eventually(lambda: any(e.is_leader for e, _ in electors), timeout=WAIT, what="a new leader")
     assert sum(e.is_leader for e, _ in electors) == 1
