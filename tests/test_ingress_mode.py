@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import pytest
 
 from .conftest import Backend, ProxyProcess, start_proxy, stop_proxy
 from .fakekube import FakeKube
+from .test_cli import cli
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ingress"
 P = "nginx.ingress.kubernetes.io/"
@@ -365,12 +365,8 @@ async def test_usage_errors(tmp_path: Path) -> None:
         ),
         (["--config", "x.yaml", "--namespace", "a"], "--namespace goes with"),
     ]:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "canary_proxy", "serve", *args,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        _, err = await process.communicate()
-        assert process.returncode == 2 and message in err.decode(), (args, err)
+        result = await asyncio.to_thread(cli, "serve", *args)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
 
 
 async def test_workers_serve_ingress_routes_with_their_origin(

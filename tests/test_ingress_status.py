@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -26,6 +25,7 @@ from canary_proxy.k8s.lease import LeaseRef, LeaseTiming
 from tests.conftest import Backend, ProxyProcess, start_proxy, stop_proxy
 from tests.fakekube import FakeKube
 from tests.scrape import eventually
+from tests.test_cli import cli
 from tests.test_ingress_mode import answered
 from tests.test_ingress_mode import service as app_service
 
@@ -414,9 +414,5 @@ async def test_usage_errors(fake_kube: FakeKube) -> None:
         ([*kube, "--publish-service", "lb", "--election-id", "ns/lease"], "the proxy's own namespace"),
         ([*kube, "--publish-service", "lb", "--leader-elect-renew-deadline", "20s"], "longer than the renew"),
     ]:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "canary_proxy", "serve", *args,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        _, err = await process.communicate()
-        assert process.returncode == 2 and message in err.decode(), (args, err)
+        result = await asyncio.to_thread(cli, "serve", *args)  # the fake API stays served meanwhile
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
