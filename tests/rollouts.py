@@ -17,7 +17,9 @@ from typing import Any
 import aiohttp
 import yaml
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+
+from canary_proxy.metrics import exposition
 
 from .conftest import Backend, ProxyFactory, ProxyProcess, base_config
 
@@ -211,13 +213,16 @@ def rollout_args(proxy: ProxyProcess, steps: str, *extra: str) -> list[str]:
 
 
 @contextlib.asynccontextmanager
-async def metrics_page(registry: CollectorRegistry, before: Callable[[], None]) -> AsyncIterator[int]:
-    """A /metrics page on a free loopback port (yielded) from ``registry``, calling ``before``
-    at each scrape: a proxy's real exposition that grows as a scraper watches it."""
+async def metrics_page(
+    registry: CollectorRegistry, before: Callable[[], None] = lambda: None
+) -> AsyncIterator[int]:
+    """A /metrics page on a free loopback port (yielded) from ``registry``, written as the
+    admin port writes it (``exposition``), calling ``before`` at each scrape: a proxy's real
+    exposition that grows as a scraper watches it."""
 
     async def page(request: web.Request) -> web.Response:
         before()
-        return web.Response(body=generate_latest(registry), content_type="text/plain")
+        return web.Response(body=exposition(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
     app.router.add_get("/metrics", page)

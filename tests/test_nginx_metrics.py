@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, multiprocess
+from prometheus_client import CollectorRegistry, multiprocess
 
 from canary_proxy.address import Address
 from canary_proxy.metrics import NGINX_BUCKETS, Metrics, exposition
@@ -29,6 +29,7 @@ from canary_proxy.serve.public import serve_public
 
 from .conftest import stop_proxy
 from .fakekube import FakeKube
+from .rollouts import metrics_page
 from .scrape import wait_metric
 from .test_ingress_mode import P, ingress, route_weight, serve_ingresses, service
 from .test_rollout_prometheus import run_prometheus
@@ -155,19 +156,10 @@ async def serving(routes: Sequence[Route], *, nginx: bool = True) -> AsyncIterat
     proxy = ProxyServer(metrics=metrics, access_log=None)
     proxy.apply_routes(routes)
     public = await serve_public(proxy, Address("127.0.0.1", 0))
-
-    async def page(request: web.Request) -> web.Response:
-        return web.Response(body=exposition(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    app = web.Application()
-    app.router.add_get("/metrics", page)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
     try:
-        yield Running(f"http://{public.address}", f"127.0.0.1:{runner.addresses[0][1]}", registry)
+        async with metrics_page(registry) as port:
+            yield Running(f"http://{public.address}", f"127.0.0.1:{port}", registry)
     finally:
-        await runner.cleanup()
         public.server.close()
         await proxy.close()
         await public.server.wait_closed()
